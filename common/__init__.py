@@ -1,0 +1,1 @@
+"""Shared layer: flags, data, model loading, PEFT configs, training plumbing."""

@@ -1,0 +1,410 @@
+"""Question-answering data: load from the hub, a local file or the bundled sample, detect the
+schema, normalise every row to `question` / `answer` / `aliases`, and format prompts.
+
+Every problem with the data is raised as a UsageError naming the file (and the line or row),
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from common.args import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = {"triviaqa-sample": REPO_ROOT / "data" / "triviaqa_sample"}
+HUB_ALIASES = {"triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext")}
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+SCHEMAS = {
+    "triviaqa": "hub TriviaQA: `question` + `answer` {`value`, `aliases`}",
+    "triviaqa-official": "TriviaQA release JSON: `Data` list of {`Question`, `Answer` {`Value`, `Aliases`}}",
+    "qa": "flat `question` + `answer` (optional `aliases` list)",
+    "prompt-completion": "`prompt` + `completion`",
+}
+
+
+@dataclass
+class QAData:
+    train: Any  # datasets.Dataset with question / answer / aliases
+    eval: Any  # same, or None
+    schema: str
+    source: str
+
+
+# Split specs ---------------------------------------------------------------------------------
+
+_SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def parse_split(spec: str, flag: str = "dataset_split") -> tuple[str, Optional[str], Optional[str]]:
+    match = _SPLIT_RE.match(spec)
+    if not match:
+        raise UsageError(f"`--{flag}` {spec!r} is not a split; write e.g. `train`, `train[:1000]` or `train[10%:]`.")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _bound(text: Optional[str], n: int) -> Optional[int]:
+    if text is None:
+        return None
+    if text.endswith("%"):
+        return round(n * int(text[:-1]) / 100)
+    return int(text)
+
+
+def select_split(splits: dict, spec: str, source: str, flag: str):
+    name, start, end = parse_split(spec, flag)
+    if name not in splits:
+        raise UsageError(
+            f"`--{flag}` {spec!r}: {source} has no split {name!r}; available: {', '.join(sorted(splits))}."
+        )
+    ds = splits[name]
+    n = len(ds)
+    lo, hi = _bound(start, n), _bound(end, n)
+    if lo is not None or hi is not None:
+        ds = ds.select(range(*slice(lo, hi).indices(n)))
+    return ds
+
+
+# Loading -------------------------------------------------------------------------------------
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are `name` or `owner/name`; anything else with a slash or a data suffix is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in LOCAL_SUFFIXES
+
+
+def resolve_source(dataset_name: str) -> tuple[str, str]:
+    """-> (kind, location): kind is 'local' or 'hub'. Raises if a local path is missing."""
+    if dataset_name in BUNDLED:
+        return "local", str(BUNDLED[dataset_name])
+    path = os.path.expanduser(dataset_name)
+    if os.path.exists(path):
+        return "local", path
+    if _looks_like_path(dataset_name):
+        raise UsageError(f"`--dataset_name`: {dataset_name!r} not found; give an existing file or directory, "
+                         f"`triviaqa-sample` (bundled) or a hub dataset id.")
+    return "hub", dataset_name
+
+
+def _first_bad_jsonl_line(path: str) -> Optional[tuple[int, str]]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return number, exc.msg
+            if not isinstance(obj, dict):
+                return number, "each line must be a JSON object"
+    return None
+
+
+def _is_json_lines(path: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first = ""
+        for line in fh:
+            if line.strip():
+                first = line
+                break
+    try:
+        return isinstance(json.loads(first), dict) and not _is_whole_document(path, first)
+    except json.JSONDecodeError:
+        return False
+
+
+def _is_whole_document(path: str, first_line: str) -> bool:
+    # A one-line JSON file holding a dict with a `Data` list is the TriviaQA release format.
+    obj = json.loads(first_line)
+    return "Data" in obj and isinstance(obj["Data"], list)
+
+
+def _official_rows(records: list) -> list[dict]:
+    rows = []
+    for rec in records:
+        if not isinstance(rec, dict):
+            rows.append({"Question": rec, "Answer": None})
+            continue
+        rows.append({"Question": rec.get("Question"), "QuestionId": rec.get("QuestionId"), "Answer": rec.get("Answer")})
+    return rows
+
+
+def _load_json_document(path: str) -> dict:
+    from datasets import Dataset
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save the file as UTF-8 JSON.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("Data"), list):
+        records = _official_rows(obj["Data"])
+    elif isinstance(obj, list):
+        records = obj
+    elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        lengths = {len(v) for v in obj.values()}
+        if len(lengths) != 1:
+            raise UsageError(f"{path}: the column lists have different lengths {sorted(lengths)}.")
+        return {"train": Dataset.from_dict(obj)}
+    else:
+        raise UsageError(f"{path}: expected a list of records, a TriviaQA `Data` list or JSON lines.")
+    if not all(isinstance(r, dict) for r in records):
+        bad = next(i for i, r in enumerate(records) if not isinstance(r, dict))
+        raise UsageError(f"{path}: record {bad} is not a JSON object.")
+    return {"train": _from_records(records, path)}
+
+
+def _from_records(records: list[dict], path: str):
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_list(records)
+    except Exception as exc:  # arrow cannot unify the row types
+        raise UsageError(f"{path}: rows have inconsistent types ({str(exc).splitlines()[0][:200]}).") from None
+
+
+def _load_jsonl(path: str) -> dict:
+    from datasets import load_dataset
+
+    bad = _first_bad_jsonl_line(path)
+    if bad:
+        raise UsageError(f"{path}: line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line.")
+    try:
+        return dict(load_dataset("json", data_files={"train": path}))
+    except Exception:
+        # arrow's schema inference failed (mixed types across rows): load row by row instead
+        with open(path, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+        return {"train": _from_records(records, path)}
+
+
+def _load_local(path: str) -> dict:
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
+            loaded = load_from_disk(path)
+            return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
+        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)
+        if not files:
+            raise UsageError(f"`--dataset_name` {path}: directory holds no .json/.jsonl/.parquet/.csv files "
+                             f"and is not a saved dataset.")
+        splits: dict = {}
+        for file in files:
+            split = file.stem.split("-")[0].split(".")[0]
+            part = _load_local(str(file))["train"]
+            if split in splits:
+                from datasets import concatenate_datasets
+
+                part = concatenate_datasets([splits[split], part])
+            splits[split] = part
+        return splits
+    suffix = Path(path).suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise UsageError(f"`--dataset_name` {path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet "
+                         f"or .csv.")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: the file is empty.")
+    if suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path)):
+        return _load_jsonl(path)
+    if suffix == ".json":
+        return _load_json_document(path)
+    try:
+        return dict(load_dataset(LOCAL_SUFFIXES[suffix], data_files={"train": path}))
+    except Exception as exc:
+        raise UsageError(f"{path}: could not be read as {suffix[1:]} ({str(exc).splitlines()[0][:200]}).") from None
+
+
+def _load_hub(name: str, config: Optional[str]) -> dict:
+    from datasets import load_dataset
+
+    repo, default_config = HUB_ALIASES.get(name, (name, None))
+    try:
+        return dict(load_dataset(repo, config or default_config))
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"`--dataset_name {name}`: could not load hub dataset {repo!r} ({first}). Without network, pass a "
+            f"local file or directory, `triviaqa-sample`, or set HF_DATASETS_OFFLINE=1 to use a cached copy."
+        ) from None
+
+
+def load_splits(dataset_name: str, dataset_config: Optional[str] = None) -> tuple[dict, str]:
+    kind, location = resolve_source(dataset_name)
+    if kind == "local":
+        return _load_local(location), location
+    return _load_hub(location, dataset_config), f"hub dataset {HUB_ALIASES.get(location, (location,))[0]}"
+
+
+# Schemas -------------------------------------------------------------------------------------
+
+def detect_schema(ds, source: str) -> str:
+    cols = set(ds.column_names)
+    if {"question", "answer"} <= cols:
+        return "triviaqa" if len(ds) and isinstance(ds[0]["answer"], dict) else "qa"
+    if {"Question", "Answer"} <= cols:
+        return "triviaqa-official"
+    if {"prompt", "completion"} <= cols:
+        return "prompt-completion"
+    accepted = "; ".join(SCHEMAS.values())
+    raise UsageError(f"{source}: columns {sorted(cols)} match no known schema. Accepted: {accepted}.")
+
+
+def _text(value: Any, what: str, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        kind = "missing" if value is None else f"a {type(value).__name__}, not text"
+        raise UsageError(f"{where}: `{what}` is {kind}; fix or remove that row.")
+    text = str(value).strip()
+    if not text:
+        raise UsageError(f"{where}: `{what}` is empty; fix or remove that row.")
+    return text
+
+
+def _aliases(value: Any, answer: str, what: str, where: str) -> list[str]:
+    out = [answer]
+    if value is None:
+        return out
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{where}: `{what}` must be a list of strings.")
+    for item in value:
+        if not isinstance(item, str):
+            raise UsageError(f"{where}: `{what}` must be a list of strings (found {type(item).__name__}).")
+        if item.strip() and item.strip() not in out:
+            out.append(item.strip())
+    return out
+
+
+def normalise_row(row: dict, schema: str, where: str) -> dict:
+    """One raw row -> {question, answer, aliases}. Raises UsageError naming the problem."""
+    if schema == "prompt-completion":
+        prompt = row.get("prompt")
+        completion = row.get("completion")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"{where}: `prompt` is {'empty' if isinstance(prompt, str) else 'not text'}; "
+                             f"fix or remove that row.")
+        if not isinstance(completion, str) or not completion.strip():
+            raise UsageError(f"{where}: `completion` is {'empty' if isinstance(completion, str) else 'not text'}; "
+                             f"fix or remove that row.")
+        return {"question": prompt, "answer": completion, "aliases": [completion.strip()]}
+    if schema == "triviaqa-official":
+        question = _text(row.get("Question"), "Question", where)
+        answer = row.get("Answer")
+        if not isinstance(answer, dict):
+            raise UsageError(f"{where}: `Answer` must be an object with `Value` and `Aliases`.")
+        value = _text(answer.get("Value"), "Answer.Value", where)
+        return {"question": question, "answer": value, "aliases": _aliases(answer.get("Aliases"), value,
+                                                                             "Answer.Aliases", where)}
+    question = _text(row.get("question"), "question", where)
+    answer = row.get("answer")
+    if isinstance(answer, dict):  # hub TriviaQA
+        value = _text(answer.get("value"), "answer.value", where)
+        return {"question": question, "answer": value,
+                "aliases": _aliases(answer.get("aliases"), value, "answer.aliases", where)}
+    value = _text(answer, "answer", where)
+    return {"question": question, "answer": value, "aliases": _aliases(row.get("aliases"), value, "aliases", where)}
+
+
+def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
+    """Dataset of any accepted schema -> Dataset(question, answer, aliases), cached by `datasets`."""
+
+    def convert(batch: dict, indices: list[int]) -> dict:
+        keys = list(batch)
+        out: dict[str, list] = {"question": [], "answer": [], "aliases": []}
+        for i, idx in enumerate(indices):
+            row = {k: batch[k][i] for k in keys}
+            norm = normalise_row(row, schema, f"{source}: row {idx}")
+            for k in out:
+                out[k].append(norm[k])
+        return out
+
+    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=num_proc, desc="Reading rows")
+
+
+def load_qa_data(args, need_eval: bool) -> QAData:
+    """Loads, slices and normalises the train split and, where asked, the held-out split."""
+    splits, source = load_splits(args.dataset_name, args.dataset_config)
+    train = select_split(splits, args.dataset_split, source, "dataset_split")
+    schema = detect_schema(train, source)
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
+    train = normalise(train, schema, source, args.dataset_num_proc)
+    eval_ds = None
+    spec = args.eval_split
+    if spec.lower() == "auto":
+        spec = "validation" if ("validation" in splits and need_eval) else "none"
+    if need_eval and spec.lower() != "none":
+        eval_ds = select_split(splits, spec, source, "eval_split")
+        if args.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+        if len(eval_ds) == 0:
+            raise UsageError(f"`--eval_split {spec}` of {source} is empty.")
+        eval_ds = normalise(eval_ds, detect_schema(eval_ds, source), source, args.dataset_num_proc)
+    elif need_eval:
+        raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
+                         f"set `--eval_split` (e.g. `train[-200:]`).")
+    return QAData(train=train, eval=eval_ds, schema=schema, source=source)
+
+
+# Formatting ----------------------------------------------------------------------------------
+
+@dataclass
+class PromptFormat:
+    template: str = "Question: {question}\nAnswer:"
+    use_chat: bool = False
+    system_prompt: Optional[str] = None
+    raw: bool = False  # prompt-completion data: the prompt is used verbatim
+
+
+def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
+    choice = args.use_chat_template
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if choice == "true" and not has_template:
+        raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
+    use_chat = has_template if choice == "auto" else choice == "true"
+    system = args.system_prompt if args.system_prompt and args.system_prompt.lower() != "none" else None
+    return PromptFormat(template=args.prompt_template, use_chat=use_chat, system_prompt=system,
+                        raw=schema == "prompt-completion")
+
+
+def _messages(question: str, fmt: PromptFormat) -> list[dict]:
+    messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def prompt_text(question: str, fmt: PromptFormat) -> str:
+    return question if fmt.raw else fmt.template.replace("{question}", question)
+
+
+def sft_example(question: str, answer: str, fmt: PromptFormat) -> dict:
+    """The prompt/completion pair TRL trains on (EOS is appended by the trainer)."""
+    if fmt.use_chat:
+        return {"prompt": _messages(question, fmt),
+                "completion": [{"role": "assistant", "content": answer}]}
+    if fmt.raw:
+        return {"prompt": question, "completion": answer}
+    return {"prompt": prompt_text(question, fmt), "completion": " " + answer}
+
+
+def generation_prompt(question: str, fmt: PromptFormat, tokenizer) -> str:
+    """The exact text a model sees at inference, matching training."""
+    if fmt.use_chat:
+        return tokenizer.apply_chat_template(_messages(question, fmt), tokenize=False, add_generation_prompt=True)
+    return prompt_text(question, fmt)
+
+
+def to_sft_dataset(ds, fmt: PromptFormat, num_proc: Optional[int] = None):
+    def convert(batch: dict) -> dict:
+        rows = [sft_example(q, a, fmt) for q, a in zip(batch["question"], batch["answer"])]
+        return {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
+
+    return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Formatting")

@@ -1,0 +1,162 @@
+"""Batched greedy answering and TriviaQA scoring, shared by evaluate.py and in-training EM."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from common.data import PromptFormat, generation_prompt
+from common.metrics import extract_answer, score
+
+
+def generate_answers(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
+                     max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers, batched with left padding and the KV cache, stopped at newline or EOS."""
+    import torch
+
+    prompts = [generation_prompt(q, fmt, tokenizer) for q in questions]
+    # Sort by length so that each batch pads little; answers are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[Optional[str]] = [None] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="Answering", unit="q")
+    try:
+        for idx in batches:
+            add_special = not fmt.use_chat  # a chat template already writes its own BOS
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
+                                     stop_strings=["\n"], tokenizer=tokenizer)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = extract_answer(text)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        tokenizer.padding_side = side
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return [a or "" for a in answers]
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16, max_new_tokens: int = 16,
+                progress: bool = False) -> tuple[dict, list[dict]]:
+    """rows: dataset/list with question, aliases. -> (summary metrics, one record per example)."""
+    questions = [r["question"] for r in rows]
+    aliases = [r["aliases"] for r in rows]
+    start = time.perf_counter()
+    predictions = generate_answers(model, tokenizer, questions, fmt, batch_size, max_new_tokens, progress)
+    elapsed = time.perf_counter() - start
+    records = []
+    for q, gold, pred in zip(questions, aliases, predictions):
+        s = score(pred, gold)
+        records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s})
+    n = len(records)
+    summary = {
+        "n": n,
+        "exact_match": sum(r["em"] for r in records) / n if n else 0.0,
+        "f1": sum(r["f1"] for r in records) / n if n else 0.0,
+        "time_s": round(elapsed, 2),
+        "samples_per_s": round(n / elapsed, 2) if elapsed else None,
+    }
+    return summary, records
+
+
+# evaluate.py -----------------------------------------------------------------------------------
+
+def make_parser():
+    from common.args import DataArguments, EvalArguments, FlagParser, ModelArguments, QuantizationArguments
+
+    return FlagParser([ModelArguments, QuantizationArguments, DataArguments, EvalArguments], prog="evaluate.py",
+                      defaults={"dataset_split": "validation", "dataset_name": "triviaqa"},
+                      description="TriviaQA exact match and F1 of a model or of an adapter from any of these "
+                                  "scripts, scored like the official TriviaQA evaluation script.")
+
+
+# Flags that an adapter's own run_config.json supplies unless given on the command line: the
+# prompt must be formatted exactly as in training.
+_INHERITED = ("prompt_template", "use_chat_template", "system_prompt")
+
+
+def run_evaluate(args) -> dict:
+    import json
+    import os
+    from pathlib import Path
+
+    from common import data as qa
+    from common.args import UsageError
+    from common.model import load_for_inference, resolve_model, saved_run_config, select_precision
+
+    if not args.model_id:
+        raise UsageError("`--model_id` is required: a hub id, a local model dir or an adapter dir.")
+    if args.load_in_4bit and args.load_in_8bit:
+        raise UsageError("`--load_in_4bit` and `--load_in_8bit` cannot both be set; pick one.")
+    for name in ("batch_size", "max_new_tokens", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"`--{name}` must be > 0 (got {value}).")
+    out = Path(args.output_dir or "outputs/eval")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
+    source = resolve_model(args.model_id)
+    trained = saved_run_config(source).get("flags", {})
+    for name in _INHERITED:
+        if name not in args.explicit and name in trained:
+            args.set(name, trained[name])
+    args.set("max_train_samples", args.max_samples)
+    data = qa.load_qa_data(args, need_eval=False)  # the split to score is --dataset_split
+
+    model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
+    fmt = qa.prompt_format(args, tokenizer, data.schema)
+    summary, records = evaluate_qa(model, tokenizer, data.train, fmt, args.batch_size, args.max_new_tokens,
+                                   progress=True)
+    summary.update({"model_id": args.model_id, "dataset": data.source, "split": args.dataset_split,
+                    "chat_template": fmt.use_chat})
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "predictions.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / "predictions.jsonl")
+    (out / "eval_results.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(out / "eval_results.json.tmp", out / "eval_results.json")
+    print(f"\nTriviaQA  n={summary['n']}  EM={summary['exact_match']:.4f}  F1={summary['f1']:.4f}  "
+          f"time={summary['time_s']:.1f}s  ({summary['samples_per_s']} samples/s)\n"
+          f"written to {out.resolve()}/eval_results.json and predictions.jsonl", flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from common.args import UsageError
+    from common.training import setup_logging
+
+    setup_logging("evaluate.py")
+    try:
+        run_evaluate(make_parser().parse(argv))
+    except UsageError as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

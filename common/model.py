@@ -1,0 +1,254 @@
+"""Model & tokenizer loading: hub id, local model dir or adapter dir; precision; bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from common.args import UsageError
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class ModelSource:
+    base: str  # hub id or local dir of the base model
+    adapter_dir: Optional[str] = None  # set when --model_id is an adapter written by one of our scripts
+    adapter_config: Optional[dict] = None
+
+    @property
+    def adapter_type(self) -> Optional[str]:
+        return (self.adapter_config or {}).get("peft_type")
+
+
+def resolve_model(model_id: str) -> ModelSource:
+    """--model_id -> where the base model and the adapter (if any) are. No heavy imports."""
+    path = os.path.expanduser(model_id)
+    if os.path.isdir(path):
+        adapter_cfg = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(adapter_cfg):
+            with open(adapter_cfg, encoding="utf-8") as fh:
+                config = json.load(fh)
+            base = config.get("base_model_name_or_path")
+            if not base:
+                raise UsageError(f"`--model_id` {model_id}: adapter_config.json names no base model "
+                                 f"(`base_model_name_or_path`); fix the file or pass the base model.")
+            # A relative base path is relative to where the run was launched; try the adapter's
+            # own location too so that moved run directories still load.
+            if not os.path.isabs(base) and not os.path.isdir(base) and os.path.isdir(os.path.join(path, base)):
+                base = os.path.join(path, base)
+            if (base.startswith((".", "/", "~")) or base.count("/") > 1) and not os.path.isdir(os.path.expanduser(base)):
+                raise UsageError(f"`--model_id` {model_id}: its base model {base!r} is not there any more; "
+                                 f"edit `base_model_name_or_path` in adapter_config.json.")
+            return ModelSource(base=os.path.expanduser(base), adapter_dir=path, adapter_config=config)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource(base=path)
+        raise UsageError(f"`--model_id` {model_id}: directory holds neither a model (config.json) nor an adapter "
+                         f"(adapter_config.json).")
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # hub ids are `name` or `owner/name`
+        raise UsageError(f"`--model_id` {model_id}: no such directory; give a local model dir or a hub id.")
+    return ModelSource(base=model_id)
+
+
+# Precision -----------------------------------------------------------------------------------
+
+@dataclass
+class Precision:
+    mode: str  # "bf16" | "fp16" | "fp32"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.mode]
+
+
+def select_precision(args, warn=log.warning) -> Precision:
+    import torch
+
+    if args.use_bfloat16:
+        if torch.cuda.is_available():
+            if torch.cuda.is_bf16_supported():
+                return Precision("bf16")
+            warn("`--use_bfloat16`: this GPU has no bfloat16 support (e.g. T4); training in float16 instead.")
+            return Precision("fp16")
+        warn("`--use_bfloat16`: no CUDA GPU; training in float32 on the CPU.")
+        return Precision("fp32")
+    if args.fp16:
+        if torch.cuda.is_available():
+            return Precision("fp16")
+        warn("`--fp16`: no CUDA GPU; training in float32 on the CPU.")
+    return Precision("fp32")
+
+
+# Quantization --------------------------------------------------------------------------------
+
+def get_quantization_config(args, precision: Precision):
+    """-> BitsAndBytesConfig, or None when the model is loaded unquantized."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = args.bnb_4bit_compute_dtype
+    compute_dtype = precision.torch_dtype if compute == "auto" else getattr(torch, compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,  # matching storage lets FSDP shard 4-bit weights
+    )
+
+
+def _device_map(quantized: bool):
+    """Each process of a multi-process launch loads onto its own device."""
+    if not quantized:
+        return None  # the Trainer places the model
+    import torch
+
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def _hub_error(model_id: str, exc: Exception) -> UsageError:
+    text = str(exc)
+    if "trust_remote_code" in text:
+        return UsageError(f"`--model_id` {model_id} ships its own Python code; pass `--trust_remote_code True` "
+                          f"only if you trust that repository.")
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    return UsageError(f"`--model_id` {model_id}: could not load ({first}). Without network, use a local model "
+                      f"directory or set HF_HUB_OFFLINE=1 to use the local cache.")
+
+
+# Tokenizer -----------------------------------------------------------------------------------
+
+def load_tokenizer(source: ModelSource, args):
+    from transformers import AutoTokenizer
+
+    # An adapter dir written by our scripts also holds the tokenizer it was trained with.
+    where = source.adapter_dir if source.adapter_dir and os.path.isfile(
+        os.path.join(source.adapter_dir, "tokenizer_config.json")) else source.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=None if where != source.base else args.revision,
+                                                  trust_remote_code=args.trust_remote_code)
+    except Exception as exc:  # OSError (missing), ValueError (remote code), network errors
+        raise _hub_error(args.model_id, exc) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Pick a pad token distinct from EOS where the vocabulary has one.
+
+    Reusing EOS for padding is what makes fine-tuned models never stop when a collator masks
+    labels by token id; our collator masks by length, and a distinct pad token keeps the
+    EOS label intact with any collator.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    candidates = [t for t in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|reserved_special_token_0|>")
+                  if t in vocab]
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        candidates.append(tokenizer.unk_token)
+    if candidates:
+        tokenizer.pad_token = candidates[0]
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# Model ---------------------------------------------------------------------------------------
+
+def load_model(source: ModelSource, args, precision: Precision, training: bool = True):
+    """The base model (without the adapter), quantized if asked, ready for PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    quant = get_quantization_config(args, precision)
+    kwargs: dict[str, Any] = {
+        "dtype": precision.torch_dtype if quant is None or precision.mode != "fp32" else None,
+        "trust_remote_code": args.trust_remote_code,
+        "revision": args.revision,
+        "device_map": _device_map(quant is not None),
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.base, **{k: v for k, v in kwargs.items() if v is not None})
+    except ImportError as exc:
+        raise UsageError(f"loading {source.base}: {str(exc).splitlines()[0][:300]}") from None
+    except Exception as exc:
+        raise _hub_error(args.model_id, exc) from None
+
+    use_cache = args.use_cache
+    if training and args.gradient_checkpointing:
+        use_cache = False
+    elif use_cache is None:
+        use_cache = not training
+    model.config.use_cache = use_cache
+    if training and quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit weights at their real size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def load_for_inference(args, precision: Precision):
+    """(model, tokenizer, source) for generation: base model, plus the adapter if --model_id is one."""
+    source = resolve_model(args.model_id)
+    tokenizer = load_tokenizer(source, args)
+    model = load_model(source, args, precision, training=False)
+    if source.adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter_dir)
+    if not is_quantized(model):
+        import torch
+
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+    model.eval()
+    return model, tokenizer, source
+
+
+def saved_run_config(source: ModelSource) -> dict:
+    """run_config.json of the run that wrote an adapter dir ({} for anything else)."""
+    if not source.adapter_dir:
+        return {}
+    path = os.path.join(source.adapter_dir, "run_config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return {}

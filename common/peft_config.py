@@ -1,0 +1,143 @@
+"""PEFT configs built from flags. `build_peft_config(technique, args, model)` is pure: it reads
+the model's structure and returns a PeftConfig; nothing is attached here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common.args import UsageError
+
+log = logging.getLogger("finetune")
+
+LORA_FAMILY = ("lora", "dora", "qlora")
+PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
+PEFT_TYPES = {"PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning", "PROMPT_TUNING": "prompt_tuning",
+              "LORA": "lora"}
+
+# One attention-input projection under its different names: fused q/k/v or split.
+_QKV_FUSED = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "qkv")
+_QKV_SPLIT = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the layers LoRA can adapt (Linear, GPT-2's Conv1D, bitsandbytes layers)."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf not in ("lm_head", "score") and "lora_" not in full:
+                names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(model, requested: str, warn=log.warning) -> Any:
+    """`--target_modules` -> what LoraConfig gets, translating fused/split q/k/v names."""
+    if requested.strip() == "all-linear":
+        return "all-linear"
+    wanted = [n.strip() for n in requested.split(",") if n.strip()]
+    present = linear_module_names(model)
+    out: list[str] = []
+    missing: list[str] = []
+    translated: list[str] = []
+    for name in wanted:
+        if name in present:
+            out.append(name)
+            continue
+        fused = [n for n in _QKV_FUSED if n in present]
+        split = [n for n in ("q_proj", "k_proj", "v_proj", "query", "key", "value") if n in present]
+        mapped = (fused[:1] or split) if name in _QKV_FUSED + _QKV_SPLIT else []
+        if not mapped:
+            missing.append(name)
+            continue
+        translated.append(name)
+        out.extend(m for m in mapped if m not in out)
+    if translated and not missing:
+        attention = [m for m in out if m in _QKV_FUSED + _QKV_SPLIT]
+        warn(f"`--target_modules`: this model has no {', '.join(translated)}; using its attention projection(s) "
+             f"{', '.join(attention)} instead.")
+    if missing:
+        raise UsageError(f"`--target_modules`: {', '.join(missing)} not in this model; its linear modules are: "
+                         f"{', '.join(present)} (or use `all-linear`).")
+    return out
+
+
+def model_dims(model) -> dict[str, int]:
+    """token_dim / num_layers / num_attention_heads / num_transformer_submodules of a causal LM."""
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+
+    def first(*keys):
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if value is not None:
+                return value
+        return None
+
+    return {
+        "token_dim": first("hidden_size", "n_embd", "d_model"),
+        "num_layers": first("num_hidden_layers", "n_layer", "num_layers"),
+        "num_attention_heads": first("num_attention_heads", "n_head", "num_heads"),
+        "num_transformer_submodules": 2 if getattr(cfg, "is_encoder_decoder", False) else 1,
+    }
+
+
+def _dims(args, model) -> dict[str, int]:
+    dims = model_dims(model)
+    for key, inferred in dims.items():
+        given = getattr(args, key)
+        if given is not None and inferred is not None and given != inferred:
+            raise UsageError(f"`--{key} {given}` contradicts the model, which has {key}={inferred}; drop the flag "
+                             f"(it is inferred) or pass {inferred}.")
+    return dims
+
+
+def build_peft_config(technique: str, args, model, tokenizer_path: str | None = None):
+    """-> a PeftConfig for `technique` (lora, dora, qlora, prefix_tuning, p_tuning, prompt_tuning)."""
+    import peft
+
+    if technique in LORA_FAMILY:
+        runtime = peft.LoraRuntimeConfig(ephemeral_gpu_offload=args.dora_ephemeral_gpu_offload)
+        modules_to_save = [m.strip() for m in args.modules_to_save.split(",")] if args.modules_to_save else None
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            bias=args.lora_bias,
+            target_modules=resolve_target_modules(model, args.target_modules),
+            modules_to_save=modules_to_save,
+            use_rslora=args.use_rslora,
+            use_dora=technique == "dora" or args.use_dora,
+            # GPT-2-style Conv1D layers store weights transposed
+            fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()),
+            runtime_config=runtime,
+        )
+    dims = _dims(args, model)
+    common: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": args.num_virtual_tokens, **dims}
+    if technique == "prefix_tuning":
+        return peft.PrefixTuningConfig(
+            prefix_projection=args.prefix_projection,
+            encoder_hidden_size=args.encoder_hidden_size or dims["token_dim"],
+            **common,
+        )
+    if technique == "p_tuning":
+        return peft.PromptEncoderConfig(
+            encoder_reparameterization_type=args.encoder_reparameterization_type,
+            encoder_hidden_size=args.encoder_hidden_size or dims["token_dim"],
+            encoder_num_layers=args.encoder_num_layers,
+            encoder_dropout=args.encoder_dropout,
+            **common,
+        )
+    if technique == "prompt_tuning":
+        text = args.prompt_tuning_init == "TEXT"
+        return peft.PromptTuningConfig(
+            prompt_tuning_init=args.prompt_tuning_init,
+            prompt_tuning_init_text=args.prompt_tuning_init_text if text else None,
+            tokenizer_name_or_path=tokenizer_path if text else None,
+            **common,
+        )
+    raise ValueError(f"unknown technique {technique!r}")

@@ -1,0 +1,413 @@
+"""What every training script shares around its trainer: output-dir safety, reporters,
+the trainer config, resuming, saving atomically, run_config.json and the closing summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from common.args import ParsedArgs, UsageError, reporters
+
+log = logging.getLogger("finetune")
+
+RUN_CONFIG = "run_config.json"
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password)$", re.IGNORECASE)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def setup_logging(script: str) -> None:
+    level = logging.INFO if is_main_process() else logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{script}: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+# Output directory ----------------------------------------------------------------------------
+
+def is_finished_run(path: str) -> bool:
+    """A finished run has its final adapter (or model) and run_config.json in place."""
+    p = Path(path)
+    return (p / RUN_CONFIG).is_file() and ((p / "adapter_config.json").is_file() or (p / "config.json").is_file())
+
+
+def prepare_output_dir(args: ParsedArgs, default: str) -> str:
+    out = args.output_dir or default
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
+    if is_finished_run(out) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise UsageError(f"`--output_dir` {out} already holds a finished run; pass `--overwrite_output_dir True` "
+                         f"to replace it or choose another directory.")
+    return out
+
+
+def clear_previous_run(out: str) -> None:
+    """With --overwrite_output_dir: remove what an earlier run left, never unrelated files."""
+    p = Path(out)
+    if not p.is_dir() or not ((p / RUN_CONFIG).exists() or any(p.glob("checkpoint-*"))):
+        return
+    for child in p.iterdir():
+        if child.name.startswith(("checkpoint-", "adapter_", "tokenizer", "special_tokens", "chat_template",
+                                  "training_args", "trainer_state", "all_results", "train_results",
+                                  "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final")):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value.lower() in ("auto", "true", "latest"):
+        ckpt = last_complete_checkpoint(out)
+        if ckpt is None:
+            log.info("`--resume_from_checkpoint auto`: no checkpoint in %s yet; starting from scratch.", out)
+        else:
+            log.info("resuming from %s", ckpt)
+        return ckpt
+    if not os.path.isdir(value):
+        raise UsageError(f"`--resume_from_checkpoint` {value}: no such checkpoint directory; use `auto` for the "
+                         f"latest one in --output_dir.")
+    return value
+
+
+def last_complete_checkpoint(out: str) -> Optional[str]:
+    """Newest checkpoint-N whose trainer state was written (a checkpoint cut off mid-write has none)."""
+    p = Path(out)
+    if not p.is_dir():
+        return None
+    steps = []
+    for child in p.glob("checkpoint-*"):
+        suffix = child.name.split("-", 1)[1]
+        if suffix.isdigit() and (child / "trainer_state.json").is_file():
+            try:
+                json.loads((child / "trainer_state.json").read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            steps.append((int(suffix), str(child)))
+    return max(steps)[1] if steps else None
+
+
+# Reporting -----------------------------------------------------------------------------------
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def setup_reporting(args: ParsedArgs, out: str) -> list[str]:
+    """-> `report_to` for the trainer. wandb without credentials or network runs offline, never prompts."""
+    if args.hub_token:
+        os.environ["HF_TOKEN"] = args.hub_token
+    chosen = [r for r in reporters(args.report_to) if r != "none"]
+    if "wandb" in chosen:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("`--report_to wandb`: the wandb package is not installed; `pip install wandb`.") from None
+        os.environ.setdefault("WANDB_DIR", os.path.abspath(out))  # absolute: the wandb service has its own cwd
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        if mode not in ("offline", "disabled", "dryrun"):
+            if not _wandb_credentials():
+                os.environ["WANDB_MODE"] = "offline"
+                log.warning("wandb: no credentials (WANDB_API_KEY or `wandb login`); logging offline to %s/wandb. "
+                            "Upload later with `wandb sync %s/wandb/offline-run-*`.", out, out)
+            elif not _reachable("api.wandb.ai"):
+                os.environ["WANDB_MODE"] = "offline"
+                log.warning("wandb: api.wandb.ai is unreachable; logging offline to %s/wandb. Upload later with "
+                            "`wandb sync %s/wandb/offline-run-*`.", out, out)
+        elif mode in ("offline", "dryrun"):
+            log.info("wandb: offline mode; runs are written to %s/wandb.", out)
+    return chosen or ["none"]
+
+
+# Trainer config ------------------------------------------------------------------------------
+
+def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: list[str],
+                   has_eval: bool) -> dict[str, Any]:
+    """Our flags -> keyword arguments shared by TRL's configs (SFTConfig, DPOConfig, ...)."""
+    warmup = args.warmup_steps if args.warmup_steps > 0 else args.warmup_ratio
+    kwargs: dict[str, Any] = dict(
+        output_dir=out,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        optim=args.optimizer,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        warmup_steps=warmup,
+        lr_scheduler_type=args.lr_scheduler_type,
+        logging_steps=args.logging_steps,
+        save_strategy=args.save_strategy,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy=args.eval_strategy if has_eval else "no",
+        eval_steps=args.eval_steps or args.logging_steps,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=precision_mode == "bf16",
+        fp16=precision_mode == "fp16",
+        report_to=report_to,
+        run_name=args.run_name or Path(out).name,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        hub_token=None,  # taken from HF_TOKEN: the trainer pickles its arguments into every checkpoint
+        use_liger_kernel=args.use_liger_kernel,
+        neftune_noise_alpha=args.neftune_noise_alpha,
+        dataloader_num_workers=args.dataloader_num_workers,
+        ddp_find_unused_parameters=args.ddp_find_unused_parameters,
+        train_sampling_strategy=args.train_sampling_strategy,
+        save_only_model=False,
+        disable_tqdm=not is_main_process(),
+        dataloader_pin_memory=_cuda(),
+    )
+    return kwargs
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Callbacks -----------------------------------------------------------------------------------
+
+def nan_guard_callback():
+    """Stops the run when the loss turns NaN/inf instead of training on garbage."""
+    from transformers import TrainerCallback
+
+    class NanGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"the training loss became {loss} at step {state.global_step}; lower `--learning_rate`, keep "
+                    f"`--max_grad_norm` on, or use `--use_bfloat16` instead of fp16."
+                )
+
+    return NanGuard()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def exact_match_callback(rows, fmt, tokenizer, batch_size: int):
+    """Scores TriviaQA EM/F1 by greedy generation on held-out rows at each evaluation; `score()`
+    is also called once at the end of training. Results go to the reporter and the final metrics."""
+    from transformers import TrainerCallback
+
+    from common.evaluation import evaluate_qa
+
+    class ExactMatch(TrainerCallback):
+        trainer = None
+
+        def score(self, model) -> dict:
+            summary, _ = evaluate_qa(model, tokenizer, rows, fmt, batch_size=batch_size)
+            return {"eval_em": summary["exact_match"], "eval_f1": summary["f1"]}
+
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            result = self.score(model)
+            if metrics is not None:
+                metrics.update(result)
+            if self.trainer is not None:
+                self.trainer.log(result)
+
+    return ExactMatch()
+
+
+# Saving --------------------------------------------------------------------------------------
+
+def redact(value: Any, secret_keys: set[str]) -> Any:
+    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
+
+    def scrub(v: Any, key: str = "") -> Any:
+        if isinstance(v, dict):
+            return {k: scrub(x, k) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [scrub(x, key) for x in v]
+        if v is not None and (key in secret_keys or _SECRET_KEY.search(key)):
+            return "***"
+        if isinstance(v, str):
+            for s in secrets:
+                if s and s in v:
+                    v = v.replace(s, "***")
+        return v
+
+    return scrub(value)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_config(args: ParsedArgs, technique: str, extra: dict[str, Any]) -> dict[str, Any]:
+    argv = [a for a in sys.argv]
+    return redact({
+        "script": args.script,
+        "technique": technique,
+        "flags": args.to_dict(),
+        "explicit_flags": sorted(args.explicit),
+        "command": argv,
+        "versions": library_versions(),
+        **extra,
+    }, args.secret_fields())
+
+
+def save_final(trainer, tokenizer, out: str, config: dict[str, Any]) -> None:
+    """Writes adapter + tokenizer + run_config.json so that a crash never leaves a directory that
+    looks finished: everything goes to a temporary folder first, adapter_config.json last."""
+    final = Path(out)
+    staging = final / ".final.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(staging))
+        _absolute_base_path(staging)
+        write_json(staging / RUN_CONFIG, config)
+        names = sorted(p.name for p in staging.iterdir())
+        last = [n for n in (RUN_CONFIG, "adapter_config.json") if n in names]
+        for name in [n for n in names if n not in last] + last:
+            target = final / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _absolute_base_path(folder: Path) -> None:
+    """Record a local base model by absolute path, so the adapter loads from any working dir."""
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base and os.path.isdir(base) and not os.path.isabs(base):
+        cfg["base_model_name_or_path"] = os.path.abspath(base)
+        write_json(cfg_path, cfg)
+
+
+def finish_reporting(report_to: list[str]) -> None:
+    """Close the wandb run so that the next run in this process (tests, chained runs) starts its own."""
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()  # settings (WANDB_DIR, mode) are read again by the next run
+
+
+def write_plots(out: str) -> None:
+    """Training curves into out/plots; a plotting problem never fails a finished run."""
+    if not is_main_process():
+        return
+    try:
+        from common.plotting import plot_run
+
+        paths = plot_run(out)
+        if paths:
+            log.info("plots: %s", ", ".join(str(p) for p in paths))
+    except Exception as exc:  # matplotlib missing or a backend problem
+        log.warning("could not draw the training curves (%s); `python -m common.plotting %s` retries.", exc, out)
+
+
+# Summary -------------------------------------------------------------------------------------
+
+def peak_memory() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (allocated)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return f"{rss_bytes / 2**30:.2f} GiB process RSS"
+
+
+def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str, Any]:
+    tokens = getattr(trainer, "_total_train_tokens", 0) or 0
+    runtime = metrics.get("train_runtime") or wall
+    info = {
+        "steps": trainer.state.global_step,
+        "train_loss": metrics.get("train_loss"),
+        "runtime_s": round(runtime, 2),
+        "tokens_trained": int(tokens),
+        "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "peak_memory": peak_memory(),
+        "output_dir": os.path.abspath(out),
+    }
+    return info
+
+
+def print_summary(info: dict[str, Any]) -> None:
+    if not is_main_process():
+        return
+    loss = info.get("train_loss")
+    lines = [
+        "",
+        "── run summary " + "─" * 40,
+        f"  steps        {info['steps']}",
+        f"  train loss   {loss:.4f}" if isinstance(loss, float) else "  train loss   n/a",
+        f"  runtime      {info['runtime_s']:.1f} s",
+        f"  tokens/s     {info['tokens_per_s']} ({info['tokens_trained']} non-padding tokens)",
+        f"  peak memory  {info['peak_memory']}",
+        f"  written to   {info['output_dir']}  (adapter, tokenizer, {RUN_CONFIG}, metrics)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.elapsed = time.perf_counter() - self.start

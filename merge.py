@@ -1,0 +1,23 @@
+"""Merge a LoRA, DoRA or QLoRA adapter into its base model and save a plain model.
+
+    python merge.py --adapter outputs/lora --output_dir outputs/lora-merged
+
+The result loads with `AutoModelForCausalLM.from_pretrained("outputs/lora-merged")`.
+"""
+
+import sys
+
+from common.merging import main as run_main
+from common.merging import make_parser as merge_parser
+
+
+def make_parser():
+    return merge_parser()
+
+
+def main(argv=None) -> int:
+    return run_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

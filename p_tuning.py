@@ -1,0 +1,28 @@
+"""P-tuning supervised fine-tuning on TriviaQA (or any question-answer data).
+
+    python p_tuning.py --model_id gpt2 --dataset_name triviaqa --output_dir outputs/p_tuning
+
+Offline, on the bundled sample and a tiny local model:
+
+    python -m common.tiny_model --output_dir models/tiny-llama
+    python p_tuning.py --model_id models/tiny-llama --dataset_name triviaqa-sample --output_dir outputs/p_tuning-demo --max_steps 20
+
+`python p_tuning.py --help` lists every flag.
+"""
+
+import sys
+
+from sft.run import main as run_main
+from sft.run import make_parser as sft_parser
+
+
+def make_parser():
+    return sft_parser("p_tuning")
+
+
+def main(argv=None) -> int:
+    return run_main("p_tuning", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

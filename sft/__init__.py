@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: one run, the technique is a parameter."""

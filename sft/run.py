@@ -1,0 +1,256 @@
+"""The one supervised fine-tuning run. The technique (lora, dora, qlora, prefix_tuning,
+p_tuning, prompt_tuning) is a parameter; the six root scripts only pick it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs,
+                         PromptLearningArguments, QuantizationArguments, TrainingArguments, UsageError,
+                         check_common, format_flags)
+from common.peft_config import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
+
+log = logging.getLogger("finetune")
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    script: str
+    title: str
+    defaults: dict
+    flags: tuple  # technique-specific flags that apply (others in LoRA/prompt groups are ignored)
+
+
+_LORA_FLAGS = tuple(f.name for f in dataclasses.fields(LoraArguments))
+_DIM_FLAGS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
+
+TECHNIQUES = {
+    "lora": Technique("lora", "lora.py", "LoRA", {}, _LORA_FLAGS),
+    "dora": Technique("dora", "dora.py", "DoRA", {"use_dora": True}, _LORA_FLAGS),
+    "qlora": Technique("qlora", "qlora.py", "QLoRA", {"load_in_4bit": True}, _LORA_FLAGS),
+    # Prompt learning trains few parameters from scratch: it wants a much higher learning rate.
+    "prefix_tuning": Technique("prefix_tuning", "prefix_tuning.py", "prefix tuning", {"learning_rate": 1e-2},
+                               _DIM_FLAGS + ("prefix_projection", "encoder_hidden_size")),
+    "p_tuning": Technique("p_tuning", "p_tuning.py", "P-tuning", {"learning_rate": 3e-3},
+                          _DIM_FLAGS + ("encoder_reparameterization_type", "encoder_hidden_size",
+                                        "encoder_num_layers", "encoder_dropout")),
+    "prompt_tuning": Technique("prompt_tuning", "prompt_tuning.py", "prompt tuning", {"learning_rate": 3e-2},
+                               _DIM_FLAGS + ("prompt_tuning_init", "prompt_tuning_init_text")),
+}
+
+_TECHNIQUE_GROUPS = _LORA_FLAGS + tuple(f.name for f in dataclasses.fields(PromptLearningArguments)
+                                        if f.name not in ("peft_type", "task_type"))
+
+ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PromptLearningArguments,
+              TrainingArguments]
+
+
+def make_parser(technique: str) -> FlagParser:
+    t = TECHNIQUES[technique]
+    return FlagParser(ARG_GROUPS, prog=t.script, defaults=t.defaults,
+                      description=f"Supervised fine-tuning with {t.title} on question-answer data (TriviaQA by "
+                                  f"default). Every SFT script accepts the same flags.")
+
+
+def effective_technique(technique: str, args: ParsedArgs) -> str:
+    """Resolve --peft_type / --use_dora / quantization against the script that was run."""
+    script = TECHNIQUES[technique].script
+    if args.peft_type:
+        wanted = PEFT_TYPES.get(args.peft_type.strip().upper())
+        if wanted is None:
+            raise UsageError(f"`--peft_type {args.peft_type}` is unknown; use one of {', '.join(PEFT_TYPES)}.")
+        if wanted != technique and not (technique in LORA_FAMILY and wanted == "lora"):
+            if technique in PROMPT_LEARNING and wanted in PROMPT_LEARNING:
+                log.info("`--peft_type %s`: running %s (its own script is %s).", args.peft_type,
+                         TECHNIQUES[wanted].title, TECHNIQUES[wanted].script)
+                return wanted
+            target = TECHNIQUES[wanted].script
+            raise UsageError(f"`--peft_type {args.peft_type}` does not fit {script}; run `{target}` instead.")
+    if technique == "dora" and not args.use_dora:
+        raise UsageError("`--use_dora False` turns dora.py into plain LoRA; run `lora.py` instead.")
+    if technique == "qlora":
+        if not (args.load_in_4bit or args.load_in_8bit):
+            raise UsageError("qlora.py trains on a quantized base: `--load_in_4bit False` leaves nothing to "
+                             "quantize; run `lora.py` for an unquantized model.")
+    if technique == "lora" and args.use_dora:
+        return "dora"
+    return technique
+
+
+def warn_ignored(technique: str, args: ParsedArgs) -> None:
+    applies = set(TECHNIQUES[technique].flags)
+    ignored = sorted(n for n in args.explicit if n in _TECHNIQUE_GROUPS and n not in applies)
+    if ignored:
+        log.warning("%s ignores flags that do not apply to %s: %s.", args.script,
+                    TECHNIQUES[technique].title, format_flags(ignored))
+
+
+def parse(technique: str, argv: Optional[list[str]]) -> tuple[str, ParsedArgs]:
+    args = make_parser(technique).parse(argv)
+    if technique == "qlora" and args.load_in_8bit and "load_in_4bit" not in args.explicit:
+        args.set("load_in_4bit", False)  # 8-bit LoRA asked for explicitly
+    check_common(args)
+    effective = effective_technique(technique, args)
+    warn_ignored(effective, args)
+    if effective == "prefix_tuning" and args.gradient_checkpointing:
+        log.warning("`--gradient_checkpointing`: prefix tuning cannot use it (PEFT refuses the combination); "
+                    "training without it.")
+        args.set("gradient_checkpointing", False)
+    return effective, args
+
+
+def train(technique: str, argv: Optional[list[str]] = None) -> "SFTResult":
+    """Parse, check and run; raises UsageError on bad input. Tests use this for the model."""
+    effective, args = parse(technique, argv)
+    return run_sft(effective, args)
+
+
+def main(technique: str, argv: Optional[list[str]] = None) -> int:
+    from common.training import setup_logging
+
+    script = TECHNIQUES[technique].script
+    setup_logging(script)
+    try:
+        train(technique, argv)
+    except UsageError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+@dataclass
+class SFTResult:
+    technique: str
+    output_dir: str
+    summary: dict
+    trainer: object  # the trained model is `trainer.model`
+
+
+def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
+    from common import data as qa
+    from common import training as tr
+    from common.model import resolve_model
+
+    # Checks that need no model: output dir, model path, data
+    out = tr.prepare_output_dir(args, default=f"outputs/{technique}")
+    source = resolve_model(args.model_id)
+    dataset = qa.load_qa_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
+    log.info("data: %d training rows from %s (schema: %s)%s", len(dataset.train), dataset.source, dataset.schema,
+             f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
+
+    # Model & tokenizer
+    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.peft_config import build_peft_config
+
+    precision = select_precision(args)
+    tokenizer = load_tokenizer(source, args)
+    fmt = qa.prompt_format(args, tokenizer, dataset.schema)
+    train_ds = qa.to_sft_dataset(dataset.train, fmt, args.dataset_num_proc)
+    eval_ds = None
+    if dataset.eval is not None and args.eval_strategy != "no":
+        eval_ds = qa.to_sft_dataset(dataset.eval, fmt, args.dataset_num_proc)
+    if args.dora_ephemeral_gpu_offload and technique in LORA_FAMILY:
+        import torch
+
+        if not torch.cuda.is_available():
+            log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
+    model = load_model(source, args, precision, training=True)
+    model = attach_adapter(technique, args, model, source, tokenizer)
+    trainable, total = count_parameters(model)
+    log.info("%s: %s trainable parameters of %s (%.4f%%)", TECHNIQUES[technique].title, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / max(total, 1))
+
+    # Training
+    from trl import SFTConfig, SFTTrainer
+
+    report_to = tr.setup_reporting(args, out)
+    if args.overwrite_output_dir:
+        tr.clear_previous_run(out)
+    config = SFTConfig(
+        **tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None),
+        max_length=args.max_seq_length,
+        completion_only_loss=args.completion_only_loss,
+        packing=args.packing,
+        dataset_num_proc=args.dataset_num_proc,
+        include_num_input_tokens_seen="non_padding",
+        trust_remote_code=args.trust_remote_code,
+    )
+    callbacks = [tr.nan_guard_callback()]
+    em = None
+    if args.eval_em_samples:
+        em_rows = dataset.eval.select(range(min(args.eval_em_samples, len(dataset.eval))))
+        em = tr.exact_match_callback(em_rows, fmt, tokenizer, args.per_device_eval_batch_size)
+        callbacks.append(em)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds,
+                         eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+                         processing_class=tokenizer, callbacks=callbacks)
+    if em is not None:
+        em.trainer = trainer
+    if is_quantized(model) and precision.mode != "bf16":
+        # TRL stores QLoRA adapters in bf16; without bf16 training (T4, CPU) keep them in fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != __import__("torch").float32:
+                param.data = param.data.float()
+    resume = tr.resolve_resume(args, out)
+    with tr.Timer() as timer:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except tr.NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
+    elif em is not None:
+        final = em.score(trainer.model)
+        trainer.log(final)
+        metrics.update(final)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    info = tr.summary(trainer, metrics, out, timer.elapsed)
+    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
+                       "quantized": is_quantized(model)},
+             "data": {"source": dataset.source, "schema": dataset.schema, "train_rows": len(dataset.train),
+                      "eval_rows": len(dataset.eval) if dataset.eval is not None else 0,
+                      "chat_template": fmt.use_chat},
+             "parameters": {"trainable": trainable, "total": total},
+             "summary": info}
+    tr.save_final(trainer, tokenizer, out, tr.run_config(args, technique, extra))
+    tr.finish_reporting(report_to)
+    tr.write_plots(out)
+    tr.print_summary(info)
+    return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)
+
+
+def attach_adapter(technique: str, args: ParsedArgs, model, source, tokenizer):
+    """A new adapter, or the adapter of --model_id continued (runs chain)."""
+    from peft import PeftModel, get_peft_model
+
+    from common.model import is_quantized
+    from common.peft_config import build_peft_config
+
+    expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
+                                                          "prompt_tuning": "PROMPT_TUNING"}[technique]
+    if source.adapter_dir:
+        if source.adapter_type == expected:
+            log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
+                     source.adapter_dir)
+            return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+        if source.adapter_type == "LORA" and not is_quantized(model):
+            log.info("merging the LoRA adapter of %s into its base before adding a new %s adapter.",
+                     source.adapter_dir, TECHNIQUES[technique].title)
+            model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
+        else:
+            raise UsageError(f"`--model_id` {source.adapter_dir} holds a {source.adapter_type} adapter, which "
+                             f"{TECHNIQUES[technique].script} cannot continue; merge it first (merge.py) or start "
+                             f"from its base model.")
+    tokenizer_path = source.adapter_dir or source.base
+    return get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path))

@@ -1,0 +1,72 @@
+"""Fixtures: tiny models built locally from a config, with a tokenizer trained on the bundled
+sample. Nothing touches the network."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# No hub, no wandb account, no telemetry: tests must behave like an offline user machine.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("WANDB_MODE", None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory):
+    """Like an instruct model: ships a chat template."""
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-chat"), "llama", chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def gpt2_base_shaped(tmp_path_factory):
+    """GPT-2 base's shape (768 wide, 12 layers, 12 heads) with a small vocabulary and MLP, for the
+    seed commands that pass those dimensions explicitly."""
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "gpt2-shaped"), "gpt2",
+                            n_embd=768, n_layer=12, n_head=12, n_inner=128)
+
+
+@pytest.fixture
+def sample():
+    return "triviaqa-sample"
