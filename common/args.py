@@ -448,14 +448,14 @@ def check_common(args: ParsedArgs) -> None:
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise UsageError("`--num_train_epochs` must be > 0 (or set `--max_steps`).")
     for name in ("lora_dropout", "encoder_dropout", "warmup_ratio"):
-        value = getattr(args, name)
-        if not 0 <= value < 1:
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < 1:
             raise UsageError(f"`--{name}` must be in [0, 1) (got {value}).")
     _choice("optimizer", args.optimizer, OPTIMIZERS)
     _choice("lr_scheduler_type", args.lr_scheduler_type, SCHEDULERS)
     for reporter in reporters(args.report_to):
         _choice("report_to", reporter, KNOWN_REPORTERS)
-    if args.task_type.upper() != "CAUSAL_LM":
+    if getattr(args, "task_type", "CAUSAL_LM").upper() != "CAUSAL_LM":
         raise UsageError(f"`--task_type {args.task_type}` is not supported; these scripts train CAUSAL_LM models.")
     if "{question}" not in args.prompt_template:
         raise UsageError("`--prompt_template` must contain `{question}`, e.g. 'Question: {question}\\nAnswer:'.")
@@ -484,3 +484,32 @@ class MergeArguments:
         "auto", "dtype of the merged weights; `auto` keeps the base model's 16/32-bit dtype."
     )
     trust_remote_code: bool = _f(False, "Run Python code shipped with the base model (only for repos you trust).")
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+# Preference optimisation
+@dataclass
+class PreferenceArguments:
+    beta: float = _f(0.1, "DPO: strength of the pull towards the reference (higher = closer). ORPO: weight of the "
+                          "odds-ratio term (the paper's lambda).")
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo, hinge, robust, ... (comma-separated to "
+                                   "combine).")
+    max_prompt_length: Optional[int] = _f(
+        256, "Longest prompt in tokens; longer text prompts keep their end (where the question is).")
+    rejected_source: Literal["other", "model"] = _f(
+        "other", "Question-answer data only: the rejected answer is `other` (another question's answer, by --seed) "
+                 "or `model` (the starting model's own wrong greedy answer; questions it gets right are skipped).")
+    generation_batch_size: int = _f(32, "Batch size when generating rejected answers with `--rejected_source model`.")
+
+
+def check_preference(args: ParsedArgs, kind: str) -> None:
+    _positive(args, ["beta", "max_prompt_length", "generation_batch_size"])
+    if kind == "dpo":
+        for loss in [x.strip() for x in args.loss_type.split(",") if x.strip()]:
+            _choice("loss_type", loss, DPO_LOSS_TYPES)
+    if args.max_prompt_length and args.max_prompt_length >= args.max_seq_length:
+        raise UsageError(f"`--max_prompt_length {args.max_prompt_length}` must be below `--max_length "
+                         f"{args.max_seq_length}`, which bounds prompt plus answer.")

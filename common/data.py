@@ -376,7 +376,7 @@ def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
                         raw=schema == "prompt-completion")
 
 
-def _messages(question: str, fmt: PromptFormat) -> list[dict]:
+def chat_messages(question: str, fmt: PromptFormat) -> list[dict]:
     messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
     return messages + [{"role": "user", "content": question}]
 
@@ -388,7 +388,7 @@ def prompt_text(question: str, fmt: PromptFormat) -> str:
 def sft_example(question: str, answer: str, fmt: PromptFormat) -> dict:
     """The prompt/completion pair TRL trains on (EOS is appended by the trainer)."""
     if fmt.use_chat:
-        return {"prompt": _messages(question, fmt),
+        return {"prompt": chat_messages(question, fmt),
                 "completion": [{"role": "assistant", "content": answer}]}
     if fmt.raw:
         return {"prompt": question, "completion": answer}
@@ -398,7 +398,7 @@ def sft_example(question: str, answer: str, fmt: PromptFormat) -> dict:
 def generation_prompt(question: str, fmt: PromptFormat, tokenizer) -> str:
     """The exact text a model sees at inference, matching training."""
     if fmt.use_chat:
-        return tokenizer.apply_chat_template(_messages(question, fmt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(chat_messages(question, fmt), tokenize=False, add_generation_prompt=True)
     return prompt_text(question, fmt)
 
 

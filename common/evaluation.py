@@ -94,11 +94,6 @@ def make_parser():
                                   "scripts, scored like the official TriviaQA evaluation script.")
 
 
-# Flags that an adapter's own run_config.json supplies unless given on the command line: the
-# prompt must be formatted exactly as in training.
-_INHERITED = ("prompt_template", "use_chat_template", "system_prompt")
-
-
 def run_evaluate(args) -> dict:
     import json
     import os
@@ -106,7 +101,7 @@ def run_evaluate(args) -> dict:
 
     from common import data as qa
     from common.args import UsageError
-    from common.model import load_for_inference, resolve_model, saved_run_config, select_precision
+    from common.model import inherit_from_adapter, load_for_inference, resolve_model, select_precision
 
     if not args.model_id:
         raise UsageError("`--model_id` is required: a hub id, a local model dir or an adapter dir.")
@@ -120,10 +115,7 @@ def run_evaluate(args) -> dict:
     if out.exists() and not out.is_dir():
         raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
     source = resolve_model(args.model_id)
-    trained = saved_run_config(source).get("flags", {})
-    for name in _INHERITED:
-        if name not in args.explicit and name in trained:
-            args.set(name, trained[name])
+    inherit_from_adapter(args, source)
     args.set("max_train_samples", args.max_samples)
     data = qa.load_qa_data(args, need_eval=False)  # the split to score is --dataset_split
 

@@ -252,3 +252,25 @@ def saved_run_config(source: ModelSource) -> dict:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# Settings an adapter dir's own run fixes: the base must be loaded the same way (4-bit stays
+# 4-bit) and prompts must be formatted as in training. Taken over unless given explicitly.
+INHERITED_FLAGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                   "prompt_template", "use_chat_template", "system_prompt")
+
+
+def inherit_from_adapter(args, source: ModelSource, names=INHERITED_FLAGS) -> None:
+    trained = saved_run_config(source).get("flags", {})
+    taken = []
+    for name in names:
+        if name in trained and name not in args.explicit:
+            try:
+                current = getattr(args, name)
+            except AttributeError:
+                continue
+            if current != trained[name]:
+                args.set(name, trained[name])
+                taken.append(f"--{name} {trained[name]!r}")
+    if taken:
+        log.info("from the run that wrote %s: %s", source.adapter_dir, ", ".join(taken))

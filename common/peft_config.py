@@ -141,3 +141,22 @@ def build_peft_config(technique: str, args, model, tokenizer_path: str | None = 
             **common,
         )
     raise ValueError(f"unknown technique {technique!r}")
+
+
+def attach_adapter(technique: str, args, model, source):
+    """A new adapter, or the adapter of --model_id continued (runs chain)."""
+    from peft import PeftModel, get_peft_model
+
+    expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
+                                                          "prompt_tuning": "PROMPT_TUNING"}[technique]
+    if source.adapter_dir:
+        if source.adapter_type != expected:
+            # A new adapter on top would be saved against the raw base and reload without the first one.
+            raise UsageError(f"`--model_id` {source.adapter_dir} holds a {source.adapter_type} adapter, which a "
+                             f"{expected} run cannot continue; merge it into its base first (merge.py) and pass "
+                             f"the merged model, or start from the base model.")
+        log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
+                 source.adapter_dir)
+        return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+    tokenizer_path = source.adapter_dir or source.base
+    return get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path))

@@ -301,7 +301,7 @@ def run_config(args: ParsedArgs, technique: str, extra: dict[str, Any]) -> dict[
     }, args.secret_fields())
 
 
-def save_final(trainer, tokenizer, out: str, config: dict[str, Any]) -> None:
+def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapters: tuple = ()) -> None:
     """Writes adapter + tokenizer + run_config.json so that a crash never leaves a directory that
     looks finished: everything goes to a temporary folder first, adapter_config.json last."""
     final = Path(out)
@@ -311,6 +311,9 @@ def save_final(trainer, tokenizer, out: str, config: dict[str, Any]) -> None:
     trainer.save_model(str(staging))
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(staging))
+        for name in drop_adapters:  # helper adapters (DPO's frozen reference copy) are not the result
+            if (staging / name / "adapter_config.json").is_file():
+                shutil.rmtree(staging / name)
         _absolute_base_path(staging)
         write_json(staging / RUN_CONFIG, config)
         names = sorted(p.name for p in staging.iterdir())

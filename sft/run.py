@@ -137,18 +137,19 @@ class SFTResult:
 def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     from common import data as qa
     from common import training as tr
-    from common.model import resolve_model
+    from common.model import inherit_from_adapter, resolve_model
 
     # Checks that need no model: output dir, model path, data
     out = tr.prepare_output_dir(args, default=f"outputs/{technique}")
     source = resolve_model(args.model_id)
+    inherit_from_adapter(args, source)
     dataset = qa.load_qa_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
     log.info("data: %d training rows from %s (schema: %s)%s", len(dataset.train), dataset.source, dataset.schema,
              f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
 
     # Model & tokenizer
     from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
-    from common.peft_config import build_peft_config
+    from common.peft_config import attach_adapter
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
@@ -163,7 +164,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         if not torch.cuda.is_available():
             log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
     model = load_model(source, args, precision, training=True)
-    model = attach_adapter(technique, args, model, source, tokenizer)
+    model = attach_adapter(technique, args, model, source)
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable parameters of %s (%.4f%%)", TECHNIQUES[technique].title, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1))
@@ -228,29 +229,3 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     tr.write_plots(out)
     tr.print_summary(info)
     return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)
-
-
-def attach_adapter(technique: str, args: ParsedArgs, model, source, tokenizer):
-    """A new adapter, or the adapter of --model_id continued (runs chain)."""
-    from peft import PeftModel, get_peft_model
-
-    from common.model import is_quantized
-    from common.peft_config import build_peft_config
-
-    expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
-                                                          "prompt_tuning": "PROMPT_TUNING"}[technique]
-    if source.adapter_dir:
-        if source.adapter_type == expected:
-            log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
-                     source.adapter_dir)
-            return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
-        if source.adapter_type == "LORA" and not is_quantized(model):
-            log.info("merging the LoRA adapter of %s into its base before adding a new %s adapter.",
-                     source.adapter_dir, TECHNIQUES[technique].title)
-            model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
-        else:
-            raise UsageError(f"`--model_id` {source.adapter_dir} holds a {source.adapter_type} adapter, which "
-                             f"{TECHNIQUES[technique].script} cannot continue; merge it first (merge.py) or start "
-                             f"from its base model.")
-    tokenizer_path = source.adapter_dir or source.base
-    return get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path))

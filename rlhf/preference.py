@@ -1,0 +1,196 @@
+"""Preference pairs (prompt, chosen, rejected) for DPO, ORPO and the reward model.
+
+Sources: any dataset with `prompt`/`chosen`/`rejected` columns (text or conversational
+messages), or question-answer data (TriviaQA and friends) turned into pairs: chosen is the gold
+answer, rejected comes from `--rejected_source`:
+  - `other`: another question's answer, picked reproducibly from `--seed`;
+  - `model`: the starting model's own greedy answer where it is wrong by exact match (questions
+    it already gets right are skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from common.args import UsageError
+from common.data import (PromptFormat, chat_messages, detect_schema, load_splits, normalise, prompt_text,
+                         select_split)
+from common.metrics import normalize_answer
+
+log = logging.getLogger("finetune")
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PreferenceSource:
+    """Raw rows for one split: either ready pairs or QA rows still to be paired."""
+
+    rows: Any  # datasets.Dataset
+    kind: str  # "pairs" | "qa"
+    schema: str
+    source: str
+
+
+def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -> PreferenceSource:
+    splits, source = load_splits(args.dataset_name, args.dataset_config)
+    ds = select_split(splits, split_spec, source, flag)
+    if flag == "dataset_split" and args.max_train_samples:
+        ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    if flag != "dataset_split" and args.max_eval_samples:
+        ds = ds.select(range(min(args.max_eval_samples, len(ds))))
+    if len(ds) == 0:
+        raise UsageError(f"`--{flag} {split_spec}` of {source} is empty; widen the slice.")
+    cols = set(ds.column_names)
+    if "chosen" in cols or "rejected" in cols:
+        missing = [c for c in PAIR_COLUMNS if c not in cols]
+        if missing:
+            raise UsageError(f"{source}: preference data needs {', '.join(PAIR_COLUMNS)} columns; "
+                             f"missing {', '.join(missing)}.")
+        return PreferenceSource(ds, "pairs", "preference", source)
+    schema = detect_schema(ds, source)
+    if schema == "prompt-completion":
+        raise UsageError(f"{source}: `prompt`/`completion` rows have no rejected answer; give `prompt`/`chosen`/"
+                         f"`rejected` columns or question-answer data to build pairs from.")
+    return PreferenceSource(normalise(ds, schema, source, args.dataset_num_proc), "qa", schema, source)
+
+
+# Checking ready-made pairs ---------------------------------------------------------------------
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def check_pairs(ds, source: str):
+    """Rejects malformed pairs with the row named; drops rows whose chosen equals rejected."""
+    same = 0
+    for idx, row in enumerate(ds):
+        for col in PAIR_COLUMNS:
+            value = row[col]
+            ok = (isinstance(value, str) and value.strip()) or (_is_messages(value) and value)
+            if not ok:
+                raise UsageError(f"{source}: row {idx}: `{col}` must be non-empty text or a list of "
+                                 f"{{role, content}} messages.")
+        same += row["chosen"] == row["rejected"]
+    if same == len(ds):
+        raise UsageError(f"{source}: `chosen` equals `rejected` in every row; there is no preference to learn.")
+    if same:
+        log.warning("%s: dropped %d pairs whose chosen equals rejected.", source, same)
+        ds = ds.filter(lambda r: r["chosen"] != r["rejected"], desc="Dropping ties")
+    return ds
+
+
+# Building pairs from question-answer rows ------------------------------------------------------
+
+def _answer_text(answer: str, fmt: PromptFormat):
+    if fmt.use_chat:
+        return [{"role": "assistant", "content": answer}]
+    return answer if fmt.raw else " " + answer
+
+
+def _prompt(question: str, fmt: PromptFormat):
+    return chat_messages(question, fmt) if fmt.use_chat else prompt_text(question, fmt)
+
+
+def other_answers(rows, seed: int) -> list[Optional[str]]:
+    """For each row, the answer of another question that matches none of this row's aliases."""
+    answers = list(rows["answer"])
+    aliases = [{normalize_answer(a) for a in al} for al in rows["aliases"]]
+    rng = random.Random(seed)
+    out: list[Optional[str]] = []
+    n = len(answers)
+    for i in range(n):
+        pick = None
+        for _ in range(20):
+            j = rng.randrange(n)
+            if j != i and normalize_answer(answers[j]) not in aliases[i]:
+                pick = answers[j]
+                break
+        out.append(pick)
+    return out
+
+
+def model_answers(model, tokenizer, rows, fmt: PromptFormat, batch_size: int) -> list[Optional[str]]:
+    """The model's own greedy answers where they are wrong; None where it is right (skipped)."""
+    from common.evaluation import generate_answers
+    from common.metrics import exact_match
+
+    predictions = generate_answers(model, tokenizer, list(rows["question"]), fmt, batch_size=batch_size,
+                                   progress=True)
+    out: list[Optional[str]] = []
+    for pred, aliases in zip(predictions, rows["aliases"]):
+        wrong = pred.strip() and not any(exact_match(pred, a) for a in aliases)
+        out.append(pred if wrong else None)
+    return out
+
+
+def build_pairs(rows, fmt: PromptFormat, rejected: list[Optional[str]], source: str, how: str):
+    from datasets import Dataset
+
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    skipped = 0
+    for question, answer, bad in zip(rows["question"], rows["answer"], rejected):
+        if bad is None:
+            skipped += 1
+            continue
+        pairs["prompt"].append(_prompt(question, fmt))
+        pairs["chosen"].append(_answer_text(answer, fmt))
+        pairs["rejected"].append(_answer_text(bad, fmt))
+    built = len(pairs["prompt"])
+    reason = "the model already answers them correctly" if how == "model" else "no distinct answer to pick"
+    log.info("preference pairs from %s: built %d, skipped %d%s.", source, built, skipped,
+             f" ({reason})" if skipped else "")
+    if built == 0:
+        raise UsageError(f"{source}: no preference pairs left after filtering ({skipped} skipped: {reason}); "
+                         f"try `--rejected_source other` or more data.")
+    return Dataset.from_dict(pairs), {"built": built, "skipped": skipped}
+
+
+def limit_prompt_length(ds, tokenizer, max_prompt_length: Optional[int], source: str):
+    """Text prompts longer than --max_prompt_length keep their last tokens (the question sits at the
+    end); conversational prompts that long are dropped, with a count."""
+    if not max_prompt_length:
+        return ds
+    dropped = 0
+
+    def fit(batch):
+        nonlocal dropped
+        keep = {k: [] for k in batch}
+        for i, prompt in enumerate(batch["prompt"]):
+            if isinstance(prompt, str):
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                if len(ids) > max_prompt_length:
+                    prompt = tokenizer.decode(ids[-max_prompt_length:])
+            else:
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_length:
+                    dropped += 1
+                    continue
+            for k in batch:
+                keep[k].append(prompt if k == "prompt" else batch[k][i])
+        return keep
+
+    ds = ds.map(fit, batched=True, desc="Limiting prompt length")
+    if dropped:
+        log.warning("%s: dropped %d conversational pairs longer than `--max_prompt_length %d`.", source, dropped,
+                    max_prompt_length)
+    if len(ds) == 0:
+        raise UsageError(f"{source}: every prompt is longer than `--max_prompt_length {max_prompt_length}`; raise it.")
+    return ds
+
+
+def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed: int, model=None,
+                       tokenizer=None, batch_size: int = 32):
+    """-> (Dataset of pairs, stats)."""
+    if src.kind == "pairs":
+        ds = check_pairs(src.rows, src.source)
+        return ds, {"built": len(ds), "skipped": len(src.rows) - len(ds)}
+    if how == "other":
+        rejected = other_answers(src.rows, seed)
+    else:
+        rejected = model_answers(model, tokenizer, src.rows, fmt, batch_size)
+    return build_pairs(src.rows, fmt, rejected, src.source, how)
+

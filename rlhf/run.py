@@ -1,0 +1,171 @@
+"""Preference optimisation runs: DPO (TRL's DPOTrainer) and ORPO (TRL's experimental ORPOTrainer).
+
+DPO trains the policy against a frozen reference on preference pairs; started from an SFT adapter
+dir, both the policy and the reference are that SFT model (TRL keeps a frozen copy of the adapter
+as the reference). ORPO adds an odds-ratio penalty to the SFT loss and needs no reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PreferenceArguments,
+                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_preference,
+                         format_flags)
+
+log = logging.getLogger("finetune")
+
+KINDS = {
+    # LoRA wants ~10x the full-fine-tuning learning rates of the DPO (5e-7..5e-6) and ORPO (8e-6) papers.
+    "dpo": ("dpo.py", "DPO", {"learning_rate": 5e-5}),
+    "orpo": ("orpo.py", "ORPO", {"learning_rate": 8e-5}),
+}
+ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PreferenceArguments,
+              TrainingArguments]
+# Flags of the shared set that mean nothing for a preference run.
+_UNUSED = {"dpo": ("completion_only_loss", "packing"),
+           "orpo": ("completion_only_loss", "packing", "loss_type")}
+
+
+def make_parser(kind: str) -> FlagParser:
+    script, title, defaults = KINDS[kind]
+    return FlagParser(ARG_GROUPS, prog=script, defaults=defaults,
+                      description=f"{title} with LoRA on preference pairs (prompt/chosen/rejected) or on TriviaQA "
+                                  f"turned into pairs. Accepts the SFT scripts' model, quantization, LoRA and "
+                                  f"training flags.")
+
+
+def parse(kind: str, argv: Optional[list[str]]) -> ParsedArgs:
+    args = make_parser(kind).parse(argv)
+    check_common(args)
+    check_preference(args, kind)
+    ignored = sorted(n for n in args.explicit if n in _UNUSED[kind])
+    if ignored:
+        log.warning("%s ignores flags that do not apply to %s: %s.", args.script, KINDS[kind][1],
+                    format_flags(ignored))
+    return args
+
+
+@dataclass
+class PreferenceResult:
+    kind: str
+    output_dir: str
+    summary: dict
+    pairs: dict
+    trainer: object
+
+
+def train(kind: str, argv: Optional[list[str]] = None) -> PreferenceResult:
+    return run_preference(kind, parse(kind, argv))
+
+
+def main(kind: str, argv: Optional[list[str]] = None) -> int:
+    from common.training import setup_logging
+
+    script = KINDS[kind][0]
+    setup_logging(script)
+    try:
+        train(kind, argv)
+    except UsageError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
+    from common import data as qa
+    from common import training as tr
+    from common.model import inherit_from_adapter, resolve_model
+    from rlhf import preference as pref
+
+    script, title, _ = KINDS[kind]
+    # Checks that need no model
+    out = tr.prepare_output_dir(args, default=f"outputs/{kind}")
+    source = resolve_model(args.model_id)
+    inherit_from_adapter(args, source)
+    train_src = pref.load_preference_source(args, args.dataset_split)
+    eval_src = None
+    if args.eval_strategy != "no":
+        spec = args.eval_split
+        if spec.lower() == "auto":
+            spec = "validation"
+        eval_src = pref.load_preference_source(args, spec, flag="eval_split")
+
+    # Model & tokenizer
+    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.peft_config import attach_adapter
+
+    precision = select_precision(args)
+    tokenizer = load_tokenizer(source, args)
+    fmt = qa.prompt_format(args, tokenizer, train_src.schema)
+    model = load_model(source, args, precision, training=True)
+    technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
+    model = attach_adapter(technique, args, model, source)
+    trainable, total = count_parameters(model)
+    log.info("%s (%s): %s trainable parameters of %s (%.4f%%)", title, technique, f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(total, 1))
+
+    # Dataset: pairs (rejected answers from the starting model, before any training, if asked)
+    def pairs_of(src):
+        ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
+                                            tokenizer=tokenizer, batch_size=args.generation_batch_size)
+        return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
+
+    train_ds, stats = pairs_of(train_src)
+    eval_ds = pairs_of(eval_src)[0] if eval_src is not None else None
+
+    # Training
+    report_to = tr.setup_reporting(args, out)
+    if args.overwrite_output_dir:
+        tr.clear_previous_run(out)
+    common_kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None)
+    # Pairs carry no `input_ids` column to group by; their lengths vary little for QA anyway.
+    common_kwargs["train_sampling_strategy"] = "random"
+    if kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
+                           loss_type=[x.strip() for x in args.loss_type.split(",") if x.strip()],
+                           dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
+        trainer_cls = DPOTrainer
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        config = ORPOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
+                            max_completion_length=args.max_seq_length - (args.max_prompt_length or 0) or None,
+                            dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
+        trainer_cls = ORPOTrainer
+    trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    resume = tr.resolve_resume(args, out)
+    with tr.Timer() as timer:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except tr.NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    info = tr.summary(trainer, metrics, out, timer.elapsed)
+    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
+                       "quantized": is_quantized(model)},
+             "data": {"source": train_src.source, "schema": train_src.schema, "pairs": stats,
+                      "rejected_source": args.rejected_source if train_src.kind == "qa" else None,
+                      "chat_template": fmt.use_chat},
+             "parameters": {"trainable": trainable, "total": total},
+             "summary": info}
+    tr.save_final(trainer, tokenizer, out, tr.run_config(args, kind, extra), drop_adapters=("ref",))
+    tr.finish_reporting(report_to)
+    tr.write_plots(out)
+    tr.print_summary(info)
+    return PreferenceResult(kind=kind, output_dir=out, summary=info, pairs=stats, trainer=trainer)
