@@ -513,3 +513,39 @@ def check_preference(args: ParsedArgs, kind: str) -> None:
     if args.max_prompt_length and args.max_prompt_length >= args.max_seq_length:
         raise UsageError(f"`--max_prompt_length {args.max_prompt_length}` must be below `--max_length "
                          f"{args.max_seq_length}`, which bounds prompt plus answer.")
+
+
+# PPO
+@dataclass
+class PPOArguments:
+    reward_model: Optional[str] = _f(None, "Reward model dir written by reward_model.py.")
+    reward_function: Optional[str] = _f(
+        None, "Verifiable reward instead of a reward model: `triviaqa_em` or `triviaqa_f1` (scored against the "
+              "gold aliases like evaluate.py).")
+    response_length: int = _f(16, "Most tokens generated per answer; TriviaQA answers need few.")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts (log-probs use the same temperature).")
+    missing_eos_penalty: Optional[float] = _f(
+        None, "Subtracted from the score of a response that does not end with EOS (e.g. 1.0): teaches stopping.")
+    kl_coef: float = _f(0.05, "Weight of the per-token KL penalty against the reference.")
+    target_kl: Optional[float] = _f(None, "Adapt --kl_coef so the KL per answer tracks this value (off: fixed).")
+    kl_horizon: int = _f(10000, "Adaptive KL: samples over which the coefficient adjusts.")
+    gamma: float = _f(1.0, "Discount; 1.0 is usual for short answers.")
+    lam: float = _f(0.95, "GAE lambda.")
+    cliprange: float = _f(0.2, "PPO ratio clip.")
+    cliprange_value: float = _f(0.2, "Value-function clip around the rollout's values.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    ppo_epochs: int = _f(4, "Optimisation passes over each batch of rollouts.")
+    num_mini_batches: int = _f(1, "Mini-batches per rollout batch; each mini-batch is one optimizer step.")
+    max_prompt_length: int = _f(256, "Longest prompt in tokens; longer prompts stop the run (exit 2).")
+
+
+def check_ppo(args: ParsedArgs) -> None:
+    if bool(args.reward_model) == bool(args.reward_function):
+        raise UsageError("give exactly one of `--reward_model DIR` and `--reward_function triviaqa_em|triviaqa_f1`.")
+    _positive(args, ["response_length", "temperature", "kl_horizon", "cliprange", "cliprange_value", "ppo_epochs",
+                     "num_mini_batches", "max_prompt_length", "target_kl"])
+    _positive(args, ["kl_coef", "vf_coef", "missing_eos_penalty"], strict=False)
+    for name in ("gamma", "lam"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            raise UsageError(f"`--{name}` must be in [0, 1] (got {value}).")

@@ -1,0 +1,438 @@
+"""PPO for question answering (TRL no longer ships a PPOTrainer; this one is ours).
+
+One copy of the base weights serves three roles: the policy (a trainable LoRA adapter), the
+reference (the same model with that adapter disabled, or, when starting from an SFT adapter, a
+frozen copy of it) and the value function (a linear head on the policy's last hidden states).
+Each step: sample answers to a batch of prompts, score them (verifiable TriviaQA reward or a
+reward model), turn scores into per-token rewards with a KL penalty, estimate advantages with
+GAE, then run clipped PPO updates for a few epochs. The arithmetic is in rlhf/ppo_core.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PPOArguments,
+                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_ppo,
+                         format_flags, reporters)
+
+log = logging.getLogger("finetune")
+
+ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments]
+# Shared flags that have no meaning for PPO rollouts.
+_UNUSED = ("completion_only_loss", "packing", "eval_strategy", "eval_steps", "eval_em_samples",
+           "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length")
+
+
+def make_parser() -> FlagParser:
+    return FlagParser(ARG_GROUPS, prog="ppo.py", defaults={"learning_rate": 1e-4, "max_steps": 100,
+                                                           "per_device_train_batch_size": 8, "logging_steps": 1},
+                      description="PPO with LoRA on TriviaQA-style prompts, rewarded by a reward model "
+                                  "(reward_model.py) or by exact match / F1 against the gold answers.")
+
+
+def parse(argv: Optional[list[str]]) -> ParsedArgs:
+    args = make_parser().parse(argv)
+    check_common(args)
+    check_ppo(args)
+    if args.reward_function:
+        from rlhf.rewards import get_reward_function
+
+        get_reward_function(args.reward_function)  # unknown names stop here, before any model loads
+    ignored = sorted(n for n in args.explicit if n in _UNUSED)
+    if ignored:
+        log.warning("ppo.py ignores flags that do not apply to PPO: %s.", format_flags(ignored))
+    return args
+
+
+@dataclass
+class PPOResult:
+    output_dir: str
+    history: list
+    summary: dict
+    policy: object
+
+
+def train(argv: Optional[list[str]] = None) -> PPOResult:
+    return run_ppo(parse(argv))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from common.training import setup_logging
+
+    setup_logging("ppo.py")
+    try:
+        train(argv)
+    except UsageError as exc:
+        print(f"ppo.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ppo.py: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+# The model: policy + reference + value head on one set of base weights -----------------------
+
+def _policy_and_value(policy, hidden_size: int):
+    import torch
+
+    class PolicyAndValue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.policy = policy
+            self.value_head = torch.nn.Linear(hidden_size, 1)
+            torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
+            torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              output_hidden_states=True, use_cache=False)
+            logits = out.logits[:, -response_length - 1:-1].float() / temperature
+            hidden = out.hidden_states[-1][:, -response_length - 1:-1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            return logits, values
+
+    return PolicyAndValue()
+
+
+# The run -------------------------------------------------------------------------------------
+
+def run_ppo(args: ParsedArgs) -> PPOResult:
+    from common import data as qa
+    from common import training as tr
+    from common.model import inherit_from_adapter, resolve_model
+
+    out = tr.prepare_output_dir(args, default="outputs/ppo")
+    source = resolve_model(args.model_id)
+    inherit_from_adapter(args, source)
+    data = qa.load_qa_data(args, need_eval=False)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from common.model import (count_parameters, is_quantized, load_model, load_tokenizer, select_precision)
+    from common.peft_config import attach_adapter
+    from rlhf import ppo_core as core
+    from rlhf.rewards import RewardModelScorer, get_reward_function
+
+    precision = select_precision(args)
+    trackers = [r for r in reporters(args.report_to) if r != "none"]
+    report_to = tr.setup_reporting(args, out)
+    accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=trackers or None, project_dir=out)
+    set_seed(args.seed + accelerator.process_index)
+
+    # Model & tokenizer
+    tokenizer = load_tokenizer(source, args)
+    fmt = qa.prompt_format(args, tokenizer, data.schema)
+    model = load_model(source, args, precision, training=True)
+    quantized = is_quantized(model)
+    technique = "dora" if args.use_dora else ("qlora" if quantized else "lora")
+    policy = attach_adapter(technique, args, model, source)
+    trainable, total = count_parameters(policy)
+    if source.adapter_dir:  # the SFT model is the reference: keep a frozen copy of its adapter
+        policy.load_adapter(source.adapter_dir, adapter_name="ref", is_trainable=False)
+        policy.set_adapter("default")
+    hidden = policy.get_base_model().config.get_text_config().hidden_size
+    wrapper = _policy_and_value(policy, hidden)
+    wrapper.eval()  # no dropout: rollout and update log-probs must agree
+    log.info("PPO (%s): %s trainable policy parameters of %s, plus a %d-wide value head", technique,
+             f"{trainable:,}", f"{total:,}", hidden)
+
+    # Reward
+    if args.reward_model:
+        scorer = RewardModelScorer(args.reward_model, tokenizer, args, accelerator.device)
+        reward_name = f"reward model {args.reward_model}"
+    else:
+        reward_fn = get_reward_function(args.reward_function)
+        reward_name = args.reward_function
+
+    # Prompts, formatted exactly as in SFT
+    add_special = not fmt.use_chat and not fmt.raw
+    prompts = [qa.generation_prompt(q, fmt, tokenizer) for q in data.train["question"]]
+    prompt_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
+    if too_long:
+        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
+                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {len(prompt_ids[too_long[0]])}); "
+                         f"raise the limit or filter the data.")
+    aliases = list(data.train["aliases"])
+
+    # Optimisation
+    from transformers import get_scheduler
+
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = _optimizer(args, params)
+    rollouts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
+    steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(prompts)
+                                                                 / (rollouts_per_step * accelerator.num_processes)))
+    updates = steps * args.ppo_epochs * args.num_mini_batches
+    warmup = args.warmup_steps or int(args.warmup_ratio * updates)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
+    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    if trackers:
+        accelerator.init_trackers(args.run_name or Path(out).name, config=tr.redact(args.to_dict(),
+                                                                                   args.secret_fields()))
+    unwrapped = accelerator.unwrap_model(wrapper)
+    kl_ctl = core.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    stop_ids = _stop_ids(tokenizer)
+    reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+
+    history: list[dict] = []
+    generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    cursor = 0
+    start = time.perf_counter()
+    gen_time = opt_time = 0.0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, steps + 1), desc="PPO", disable=not accelerator.is_main_process)
+    for step in bar:
+        # Rollouts
+        if cursor + rollouts_per_step > len(order):
+            order = torch.randperm(len(prompts), generator=generator).tolist()
+            cursor = 0
+        batch_idx = order[cursor:cursor + rollouts_per_step]
+        cursor += rollouts_per_step
+        t0 = time.perf_counter()
+        roll = _rollout(unwrapped, accelerator, tokenizer, [prompt_ids[i] for i in batch_idx], args, stop_ids,
+                        ref_adapter=bool(source.adapter_dir))
+        responses = tokenizer.batch_decode(roll["responses"], skip_special_tokens=True)
+        if args.reward_model:
+            scores = scorer([prompts[i] + r for i, r in zip(batch_idx, responses)])
+        else:
+            scores = reward_fn(responses, [aliases[i] for i in batch_idx])
+        scores = torch.tensor(scores, dtype=torch.float32, device=accelerator.device)
+        raw_scores = scores.clone()
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~roll["has_eos"]).float()
+        mask = roll["mask"]
+        rewards, kl = core.per_token_rewards(scores, roll["logprobs"], roll["ref_logprobs"], mask, kl_ctl.value)
+        advantages, returns = core.gae(rewards, roll["values"], mask, args.gamma, args.lam)
+        advantages = core.masked_whiten(advantages, mask, reduce=reduce)
+        gen_time += time.perf_counter() - t0
+
+        # PPO updates
+        t0 = time.perf_counter()
+        stats = _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core)
+        opt_time += time.perf_counter() - t0
+
+        # Statistics, across processes
+        seq_kl = (kl.sum(dim=1))
+        gathered = {
+            "score": accelerator.gather(raw_scores).mean().item(),
+            "kl": accelerator.gather(seq_kl).mean().item(),
+            "response_length": accelerator.gather(mask.sum(1).float()).mean().item(),
+            "eos_fraction": accelerator.gather(roll["has_eos"].float()).mean().item(),
+        }
+        kl_ctl.update(gathered["kl"], rollouts_per_step * accelerator.num_processes)
+        entry = {"step": step, **gathered, **{k: _mean_across(accelerator, v) for k, v in stats.items()},
+                 "kl_coef": kl_ctl.value, "learning_rate": scheduler.get_last_lr()[0]}
+        if not all(math.isfinite(v) for v in entry.values()):
+            raise UsageError(f"PPO statistics became non-finite at step {step} ({entry}); lower `--learning_rate` "
+                             f"or raise `--kl_coef`.")
+        history.append(entry)
+        if step % args.logging_steps == 0 or step == steps:
+            accelerator.log(entry, step=step)
+            bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
+        if args.save_strategy == "steps" and step % args.save_steps == 0 and step < steps:
+            _save(unwrapped, tokenizer, Path(out) / f"checkpoint-{step}", accelerator, history, None)
+
+    runtime = time.perf_counter() - start
+    info = {"steps": steps, "train_loss": None, "runtime_s": round(runtime, 2),
+            "rollouts": steps * rollouts_per_step * accelerator.num_processes,
+            "rollouts_per_s": round(steps * rollouts_per_step * accelerator.num_processes / runtime, 2),
+            "time_generation_s": round(gen_time, 2), "time_optimisation_s": round(opt_time, 2),
+            "score_first": history[0]["score"], "score_last": history[-1]["score"],
+            "peak_memory": tr.peak_memory(), "output_dir": os.path.abspath(out)}
+    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
+                       "quantized": quantized},
+             "data": {"source": data.source, "schema": data.schema, "prompts": len(prompts), "chat_template":
+                      fmt.use_chat},
+             "reward": reward_name,
+             "parameters": {"trainable": trainable, "total": total},
+             "summary": info}
+    if args.overwrite_output_dir:
+        tr.clear_previous_run(out)
+    _save(unwrapped, tokenizer, Path(out), accelerator, history, tr.run_config(args, "ppo", extra))
+    if trackers:
+        accelerator.end_training()
+    tr.finish_reporting(report_to)
+    tr.write_plots(out)
+    if accelerator.is_main_process:
+        print("\n── PPO summary " + "─" * 40 +
+              f"\n  steps        {steps} ({info['rollouts']} rollouts, {info['rollouts_per_s']} rollouts/s)"
+              f"\n  score        {info['score_first']:.4f} -> {info['score_last']:.4f} ({reward_name})"
+              f"\n  time         {runtime:.1f} s (generation+scoring {gen_time:.1f} s, optimisation {opt_time:.1f} s)"
+              f"\n  peak memory  {info['peak_memory']}"
+              f"\n  written to   {info['output_dir']}  (policy adapter, value_head.safetensors, {tr.RUN_CONFIG})",
+              flush=True)
+    return PPOResult(output_dir=out, history=history, summary=info, policy=unwrapped.policy)
+
+
+def _optimizer(args, params):
+    import torch
+
+    name = args.optimizer
+    if "8bit" in name:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if not name.startswith("adamw"):
+        log.warning("ppo.py: `--optimizer %s` is not supported here; using AdamW.", name)
+    fused = name == "adamw_torch_fused" and torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    from common.evaluation import _stop_ids as stops
+
+    return stops(tokenizer)
+
+
+def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], args, stop_ids, ref_adapter: bool):
+    """Sample answers, then compute old log-probs, reference log-probs and values (no grad)."""
+    import torch
+
+    device = accelerator.device
+    pad = tokenizer.pad_token_id
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for row, p in enumerate(prompt_ids):  # left padding
+        ids[row, width - len(p):] = torch.tensor(p)
+        attn[row, width - len(p):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    policy = unwrapped.policy
+    with torch.no_grad(), accelerator.autocast():
+        generated = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                    temperature=args.temperature, top_k=0, top_p=1.0,
+                                    max_new_tokens=args.response_length, eos_token_id=stop_ids,
+                                    pad_token_id=pad, use_cache=True)
+    responses = generated[:, width:]
+    if responses.size(1) < args.response_length:
+        fill = torch.full((responses.size(0), args.response_length - responses.size(1)), pad, device=device,
+                          dtype=responses.dtype)
+        responses = torch.cat([responses, fill], dim=1)
+    # Real tokens: up to and including the first stop token.
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=device))
+    stop_seen = torch.cumsum(is_stop.int(), dim=1)
+    mask = ((stop_seen == 0) | (is_stop & (stop_seen == 1))).float()
+    has_eos = is_stop.any(dim=1)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad))
+    full = torch.cat([ids, responses], dim=1)
+    full_attn = torch.cat([attn, mask.long()], dim=1)
+    with torch.no_grad(), accelerator.autocast():
+        logits, values = unwrapped(full, full_attn, args.response_length, args.temperature)
+        logprobs = torch.gather(torch.log_softmax(logits, -1), 2, responses.unsqueeze(-1)).squeeze(-1)
+        if ref_adapter:
+            policy.set_adapter("ref", inference_mode=True)
+            try:
+                ref_logits, _ = unwrapped(full, full_attn, args.response_length, args.temperature)
+            finally:
+                policy.set_adapter("default")
+        else:
+            with policy.disable_adapter():
+                ref_logits, _ = unwrapped(full, full_attn, args.response_length, args.temperature)
+        ref_logprobs = torch.gather(torch.log_softmax(ref_logits, -1), 2, responses.unsqueeze(-1)).squeeze(-1)
+    return {"full": full, "attention": full_attn, "responses": responses, "mask": mask, "has_eos": has_eos,
+            "logprobs": logprobs.float() * mask, "ref_logprobs": ref_logprobs.float() * mask,
+            "values": values.float() * mask}
+
+
+def _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core) -> dict:
+    import torch
+
+    from rlhf.ppo_core import entropy_from_logits
+
+    n = roll["full"].size(0)
+    mini = n // args.num_mini_batches
+    micro = args.per_device_train_batch_size
+    sums: dict[str, list] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
+                                             "value_clipfrac")}
+    for _ in range(args.ppo_epochs):
+        perm = torch.randperm(n)
+        for m in range(args.num_mini_batches):
+            mb = perm[m * mini:(m + 1) * mini]
+            for start in range(0, len(mb), micro):
+                idx = mb[start:start + micro].to(roll["full"].device)
+                with accelerator.accumulate(wrapper):
+                    with accelerator.autocast():
+                        logits, values = wrapper(roll["full"][idx], roll["attention"][idx], args.response_length,
+                                                 args.temperature)
+                    mask = roll["mask"][idx]
+                    new_logprobs = torch.gather(torch.log_softmax(logits, -1), 2,
+                                                roll["responses"][idx].unsqueeze(-1)).squeeze(-1)
+                    pg, pg_stats = core.policy_loss(new_logprobs, roll["logprobs"][idx], advantages[idx], mask,
+                                                    args.cliprange)
+                    vf, vf_stats = core.value_loss(values.float(), roll["values"][idx], returns[idx], mask,
+                                                   args.cliprange_value)
+                    loss = pg + args.vf_coef * vf
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                with torch.no_grad():
+                    sums["entropy"].append(core.masked_mean(entropy_from_logits(logits), mask).item())
+                sums["policy_loss"].append(pg.item())
+                sums["value_loss"].append(vf.item())
+                for k, v in {**pg_stats, **vf_stats}.items():
+                    sums[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items() if v}
+
+
+def _mean_across(accelerator, value: float) -> float:
+    import torch
+
+    t = torch.tensor([value], device=accelerator.device)
+    return accelerator.gather(t).mean().item()
+
+
+def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config: Optional[dict]) -> None:
+    """Policy adapter (without the frozen reference copy), value head, tokenizer, log history and
+    run_config.json; staged, then moved into place with adapter_config.json last."""
+    from safetensors.torch import save_file
+
+    from common import training as tr
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        staging = target.parent / f".{target.name}.tmp" if config is None else target / ".final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.policy.save_pretrained(str(staging), selected_adapters=["default"])
+        head = unwrapped.value_head
+        save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+                   "bias": head.bias.detach().float().cpu().contiguous()}, str(staging / "value_head.safetensors"))
+        tokenizer.save_pretrained(str(staging))
+        tr.write_json(staging / "trainer_state.json", {"global_step": len(history), "log_history": history})
+        if config is not None:
+            tr.write_json(staging / tr.RUN_CONFIG, config)
+        tr._absolute_base_path(staging)
+        if config is None:  # a checkpoint: the whole folder appears at once
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            names = sorted(p.name for p in staging.iterdir())
+            last = [n for n in (tr.RUN_CONFIG, "adapter_config.json") if n in names]
+            for name in [n for n in names if n not in last] + last:
+                if (target / name).is_dir():
+                    shutil.rmtree(target / name)
+                os.replace(staging / name, target / name)
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()

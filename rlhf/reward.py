@@ -1,0 +1,155 @@
+"""Reward model training: a scalar head on the base model plus LoRA, with TRL's RewardTrainer, on
+the same preference sources as dpo.py. Reports pairwise accuracy on held-out pairs; the saved
+dir is what `ppo.py --reward_model` loads."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PreferenceArguments,
+                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_preference)
+
+log = logging.getLogger("finetune")
+
+ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PreferenceArguments,
+              TrainingArguments]
+
+
+def make_parser() -> FlagParser:
+    return FlagParser(ARG_GROUPS, prog="reward_model.py", defaults={"learning_rate": 1e-4},
+                      description="Train a scalar reward model (sequence-classification head + LoRA) on preference "
+                                  "pairs, for ppo.py --reward_model.")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from common.training import setup_logging
+
+    setup_logging("reward_model.py")
+    try:
+        args = make_parser().parse(argv)
+        check_common(args)
+        check_preference(args, "reward")
+        run_reward_model(args)
+    except UsageError as exc:
+        print(f"reward_model.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _flatten(ds, fmt, tokenizer):
+    """Conversational pairs become text with the chat template, so the scorer sees what PPO sees."""
+    if not ds or isinstance(ds[0]["prompt"], str):
+        return ds
+
+    def render(batch):
+        out = {"prompt": [], "chosen": [], "rejected": []}
+        for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+            prompt = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            out["prompt"].append(prompt)
+            out["chosen"].append(c[-1]["content"])
+            out["rejected"].append(r[-1]["content"])
+        return out
+
+    return ds.map(render, batched=True, desc="Rendering chat")
+
+
+def run_reward_model(args: ParsedArgs) -> dict:
+    from common import data as qa
+    from common import training as tr
+    from common.model import inherit_from_adapter, resolve_model
+    from rlhf import preference as pref
+
+    out = tr.prepare_output_dir(args, default="outputs/reward_model")
+    source = resolve_model(args.model_id)
+    if source.adapter_dir:
+        raise UsageError(f"`--model_id` {args.model_id} is an adapter; a reward model starts from a base model "
+                         f"(merge the adapter with merge.py first if you want its weights).")
+    inherit_from_adapter(args, source)
+    train_src = pref.load_preference_source(args, args.dataset_split)
+    spec = args.eval_split
+    eval_src = None
+    if spec.lower() != "none":
+        try:
+            eval_src = pref.load_preference_source(args, "validation" if spec.lower() == "auto" else spec,
+                                                   flag="eval_split")
+        except UsageError:
+            if spec.lower() != "auto":
+                raise
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from common.model import (count_parameters, get_quantization_config, load_tokenizer, select_precision,
+                              _device_map, _hub_error)
+    from common.peft_config import resolve_target_modules
+
+    precision = select_precision(args)
+    tokenizer = load_tokenizer(source, args)
+    fmt = qa.prompt_format(args, tokenizer, train_src.schema)
+    if args.rejected_source == "model" and train_src.kind == "qa":
+        raise UsageError("`--rejected_source model` needs a policy to generate answers; reward_model.py builds "
+                         "question-answer pairs with `--rejected_source other`, or takes prompt/chosen/rejected data.")
+    train_ds, stats = pref.preference_dataset(train_src, fmt, args.rejected_source, args.seed)
+    if eval_src is not None:
+        eval_ds, _ = pref.preference_dataset(eval_src, fmt, args.rejected_source, args.seed + 1)
+    else:  # no held-out split: keep 10% of the pairs aside, reproducibly
+        split = train_ds.train_test_split(test_size=0.1, seed=args.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+        log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
+    train_ds, eval_ds = _flatten(train_ds, fmt, tokenizer), _flatten(eval_ds, fmt, tokenizer)
+
+    quant = get_quantization_config(args, precision)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.base, num_labels=1, trust_remote_code=args.trust_remote_code, revision=args.revision,
+            dtype=precision.torch_dtype, quantization_config=quant, device_map=_device_map(quant is not None))
+    except Exception as exc:
+        raise _hub_error(args.model_id, exc) from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
+                        target_modules=resolve_target_modules(model, args.target_modules))
+    model = get_peft_model(model, config)
+    trainable, total = count_parameters(model)
+    log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
+
+    report_to = tr.setup_reporting(args, out)
+    if args.overwrite_output_dir:
+        tr.clear_previous_run(out)
+    kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=True)
+    kwargs["train_sampling_strategy"] = "random"
+    if args.eval_strategy == "no":
+        kwargs["eval_strategy"] = "no"
+    trainer = RewardTrainer(model=model, args=RewardConfig(**kwargs, max_length=args.max_seq_length,
+                                                          dataset_num_proc=args.dataset_num_proc),
+                            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                            callbacks=[tr.nan_guard_callback()])
+    with tr.Timer() as timer:
+        try:
+            result = trainer.train(resume_from_checkpoint=tr.resolve_resume(args, out))
+        except tr.NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
+    metrics = dict(result.metrics)
+    metrics.update(trainer.evaluate())
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    info = tr.summary(trainer, metrics, out, timer.elapsed)
+    info["heldout_accuracy"] = metrics.get("eval_accuracy")
+    extra = {"model": {"base": source.base, "precision": precision.mode, "quantized": quant is not None},
+             "data": {"source": train_src.source, "pairs": stats, "heldout_pairs": len(eval_ds)},
+             "parameters": {"trainable": trainable, "total": total}, "summary": info}
+    tr.save_final(trainer, tokenizer, out, tr.run_config(args, "reward_model", extra))
+    tr.finish_reporting(report_to)
+    tr.write_plots(out)
+    tr.print_summary(info)
+    log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0, len(eval_ds))
+    return info

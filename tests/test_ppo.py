@@ -1,0 +1,215 @@
+"""PPO: the arithmetic pinned by hand, then reward_model.py and ppo.py end to end on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rlhf import ppo_core as core
+from tests.helpers import run_script, write_jsonl
+
+T = torch.tensor
+
+
+def test_gae_by_hand():
+    rewards, values, mask = T([[0.0, 0.0, 1.0]]), T([[0.5, 0.5, 0.5]]), T([[1.0, 1.0, 1.0]])
+    adv, ret = core.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, T([[0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(ret, T([[1.0, 1.0, 1.0]]))
+    adv, _ = core.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # delta = [-0.05, -0.05, 0.5]; A2 = 0.5, A1 = -0.05 + 0.45 * 0.5, A0 = -0.05 + 0.45 * A1
+    torch.testing.assert_close(adv, T([[-0.05 + 0.45 * 0.175, 0.175, 0.5]]))
+
+
+def test_gae_ignores_padding_after_eos():
+    adv, ret = core.gae(T([[0.0, 1.0, 7.0]]), T([[0.5, 0.5, 9.0]]), T([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, T([[0.25, 0.5, 0.0]]))  # the episode ends at the last real token
+    torch.testing.assert_close(ret, T([[0.75, 1.0, 0.0]]))
+
+
+def test_whitening_by_hand():
+    x, mask = T([1.0, 2.0, 3.0, 100.0]), T([1.0, 1.0, 1.0, 0.0])
+    std = math.sqrt(1.0)  # unbiased variance of 1, 2, 3
+    torch.testing.assert_close(core.masked_whiten(x, mask), T([-1.0 / std, 0.0, 1.0 / std, 0.0]), atol=1e-4,
+                               rtol=0)
+    unshifted = core.masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(unshifted[:3], T([1.0, 2.0, 3.0]), atol=1e-4, rtol=0)
+
+
+def test_kl_penalty_and_score_on_the_last_token():
+    rewards, kl = core.per_token_rewards(T([2.0]), T([[-1.0, -2.0, -3.0]]), T([[-1.5, -1.0, -3.0]]),
+                                         T([[1.0, 1.0, 0.0]]), kl_coef=0.1)
+    torch.testing.assert_close(kl, T([[0.5, -1.0, 0.0]]))
+    torch.testing.assert_close(rewards, T([[-0.05, 0.1 + 2.0, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    mask = T([[1.0, 1.0]])
+    old = T([[0.0, 0.0]])
+    loss, stats = core.policy_loss(old, old, T([[1.0, -1.0]]), mask, cliprange=0.2)
+    assert loss.item() == pytest.approx(0.0) and stats["clipfrac"] == 0.0
+    # ratio 1.5 with A=+1: min(1.5, 1.2) -> -1.2;  ratio 0.5 with A=-1: max(0.5, 0.8) -> 0.8
+    new = T([[math.log(1.5), math.log(0.5)]])
+    loss, stats = core.policy_loss(new, old, T([[1.0, -1.0]]), mask, cliprange=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clipfrac"] == 1.0
+    assert stats["approx_kl"] == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 2)
+
+
+def test_clipped_value_loss_by_hand():
+    loss, stats = core.value_loss(T([[1.0]]), T([[0.0]]), T([[1.0]]), T([[1.0]]), cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.2 - 1.0) ** 2) and stats["value_clipfrac"] == 1.0
+    loss, _ = core.value_loss(T([[0.1]]), T([[0.0]]), T([[1.0]]), T([[1.0]]), cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.9 ** 2)
+
+
+def test_adaptive_kl_controller():
+    fixed = core.AdaptiveKLController(0.1, target=None)
+    fixed.update(10.0, 100)
+    assert fixed.value == 0.1
+    ctl = core.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl.update(5.0, 10)  # error clipped to +0.2 -> * (1 + 0.2 * 10 / 100)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(0.0, 10)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+
+
+SFT = ["--dataset_name", "triviaqa-sample", "--per_device_train_batch_size", "16", "--save_strategy", "no",
+       "--report_to", "none", "--learning_rate", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "lora"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--num_train_epochs", "3",
+                                  *SFT]) == 0
+    return out
+
+
+PPO = ["--dataset_name", "triviaqa-sample", "--per_device_train_batch_size", "16", "--save_strategy", "no",
+       "--report_to", "none"]
+
+
+def test_ppo_learns_a_learnable_reward(sft_run, tiny_llama, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import rewards
+    from rlhf.ppo import train
+
+    # Reward: the answer contains a digit. The SFT model gives numeric answers now and then; PPO
+    # has to make that its habit.
+    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "has_digit",
+                        lambda responses, aliases: [float(any(c.isdigit() for c in r)) for r in responses])
+    out = tmp_path / "ppo"
+    result = train(["--model_id", sft_run, "--output_dir", out, "--reward_function", "has_digit", "--max_steps",
+                    "30", "--learning_rate", "3e-3", "--kl_coef", "0.01", "--response_length", "4", *PPO])
+    scores = [e["score"] for e in result.history]
+    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.3, scores
+    for entry in result.history:
+        for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
+                    "response_length", "learning_rate"):
+            assert math.isfinite(entry[key]), (key, entry)
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert len(logged) == 30 and all("kl" in e for e in logged)
+    assert (out / "plots" / "kl.png").is_file() and (out / "plots" / "rewards.png").is_file()
+
+    # The saved policy adapter reloads with the trained logits; the value head is saved beside it.
+    assert not (out / "ref").exists()
+    head = load_file(out / "value_head.safetensors")
+    assert head["weight"].shape == (1, 64)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]])}
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, result.policy.eval()(**batch).logits, atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_ppo_reference_is_the_sft_model(sft_run, tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.ppo import train
+
+    result = train(["--model_id", sft_run, "--output_dir", tmp_path / "p", "--reward_function", "triviaqa_em",
+                    "--max_steps", "2", *PPO])
+    policy = result.policy
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]])}
+    policy.set_adapter("ref", inference_mode=True)
+    with torch.no_grad():
+        reference = policy(**batch).logits
+    policy.set_adapter("default")
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), sft_run).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference, sft(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_triviaqa_reward_path_after_sft_and_evaluate_takes_the_policy(sft_run, tmp_path):
+    out = tmp_path / "ppo-tqa"
+    assert run_script("ppo.py", ["--model_id", sft_run, "--output_dir", out, "--reward_function", "triviaqa_f1",
+                                 "--max_steps", "3", "--missing_eos_penalty", "1.0", "--target_kl", "0.5",
+                                 *PPO]) == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["reward"] == "triviaqa_f1" and config["summary"]["rollouts"] == 48
+    assert run_script("evaluate.py", ["--model_id", out, "--dataset_name", "triviaqa-sample", "--max_samples", "4",
+                                      "--output_dir", tmp_path / "eval"]) == 0
+
+
+@pytest.fixture(scope="module")
+def learnable_pairs(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"Question: is item {i} any good?\nAnswer:",
+             "chosen": rng.choice([" yes, it is good", " good", " very good indeed"]),
+             "rejected": rng.choice([" bad", " no, it is bad", " very bad"])} for i in range(240)]
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rows)
+
+
+def test_reward_model_learns_pairs_and_ppo_uses_it(learnable_pairs, tiny_llama, tmp_path):
+    rm = tmp_path / "rm"
+    assert run_script("reward_model.py", ["--model_id", tiny_llama, "--dataset_name", learnable_pairs,
+                                          "--output_dir", rm, "--max_steps", "30", "--learning_rate", "5e-3",
+                                          "--per_device_train_batch_size", "16", "--save_strategy", "no",
+                                          "--report_to", "none"]) == 0
+    config = json.loads((rm / "run_config.json").read_text())
+    assert config["summary"]["heldout_accuracy"] >= 0.8
+    assert config["data"]["heldout_pairs"] == 24
+    assert json.loads((rm / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    out = tmp_path / "ppo-rm"
+    assert run_script("ppo.py", ["--model_id", tiny_llama, "--output_dir", out, "--reward_model", rm,
+                                 "--max_steps", "2", *PPO]) == 0
+    assert json.loads((out / "run_config.json").read_text())["reward"].startswith("reward model")
+
+
+def test_reward_model_of_another_vocabulary_exits_2(tiny_llama, learnable_pairs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from common.tiny_model import build_model_config, build_tokenizer
+
+    tok = build_tokenizer(vocab_size=600)
+    AutoModelForCausalLM.from_config(build_model_config("llama", len(tok))).save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    rm = tmp_path / "rm-small"
+    assert run_script("reward_model.py", ["--model_id", tmp_path / "small", "--dataset_name", learnable_pairs,
+                                          "--output_dir", rm, "--max_steps", "1", "--report_to", "none"]) == 0
+    capsys.readouterr()
+    assert run_script("ppo.py", ["--model_id", tiny_llama, "--output_dir", tmp_path / "p", "--reward_model", rm,
+                                 "--max_steps", "1", *PPO]) == 2
+    assert "another vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--reward_function", "triviaqa_exact"], "`--reward_function triviaqa_exact` does not exist"),
+    ([], "exactly one of"),
+    (["--reward_function", "triviaqa_em", "--reward_model", "x"], "exactly one of"),
+    (["--reward_function", "triviaqa_em", "--lam", "1.5"], "--lam"),
+    (["--reward_function", "triviaqa_em", "--max_prompt_length", "5"], "longer than `--max_prompt_length 5`"),
+])
+def test_ppo_bad_input_exits_2(argv, match, tiny_llama, tmp_path, capsys):
+    assert run_script("ppo.py", ["--model_id", tiny_llama, "--output_dir", tmp_path / "p", *PPO, *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "p" / "adapter_config.json").exists()
