@@ -91,7 +91,14 @@ def resolve_source(dataset_name: str) -> tuple[str, str]:
     return "hub", dataset_name
 
 
-def _first_bad_jsonl_line(path: str) -> Optional[tuple[int, str]]:
+# Fields read as text. A column that mixes text with numbers is one `datasets` would store as JSON
+# text and decode again ("007" -> 7, "true" -> True); such files are read row by row instead.
+_TEXT_FIELDS = ("question", "answer", "prompt", "completion", "chosen", "rejected", "Question")
+
+
+def _scan_jsonl(path: str) -> tuple[Optional[tuple[int, str]], set]:
+    """-> (first bad line (number, reason) or None, fields whose scalar types are mixed)."""
+    kinds: dict[str, set] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
@@ -99,10 +106,29 @@ def _first_bad_jsonl_line(path: str) -> Optional[tuple[int, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                return number, exc.msg
+                return (number, exc.msg), set()
             if not isinstance(obj, dict):
-                return number, "each line must be a JSON object"
-    return None
+                return (number, "each line must be a JSON object"), set()
+            for key in _TEXT_FIELDS:
+                value = obj.get(key)
+                if isinstance(value, dict):
+                    key, value = f"{key}.value", value.get("value", value.get("Value"))
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                    kinds.setdefault(key, set()).add(type(value).__name__)  # ints beside floats too
+    return None, {k for k, v in kinds.items() if len(v) > 1}
+
+
+def _stringify(records: list[dict], fields: set) -> list[dict]:
+    for rec in records:
+        for field in fields:
+            outer, _, inner = field.partition(".")
+            holder, key = (rec.get(outer), inner) if inner else (rec, outer)
+            if isinstance(holder, dict):
+                key = key if key in holder else key.capitalize()
+                value = holder.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    holder[key] = str(value)
+    return records
 
 
 def _is_json_lines(path: str) -> bool:
@@ -164,8 +190,9 @@ def _load_json_document(path: str) -> dict:
 def _from_records(records: list[dict], path: str):
     from datasets import Dataset
 
+    keys = list(dict.fromkeys(k for r in records for k in r))  # from_list alone keeps the first row's keys
     try:
-        return Dataset.from_list(records)
+        return Dataset.from_list([{k: r.get(k) for k in keys} for r in records])
     except Exception as exc:  # arrow cannot unify the row types
         raise UsageError(f"{path}: rows have inconsistent types ({str(exc).splitlines()[0][:200]}).") from None
 
@@ -173,16 +200,17 @@ def _from_records(records: list[dict], path: str):
 def _load_jsonl(path: str) -> dict:
     from datasets import load_dataset
 
-    bad = _first_bad_jsonl_line(path)
+    bad, mixed = _scan_jsonl(path)
     if bad:
         raise UsageError(f"{path}: line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line.")
-    try:
-        return dict(load_dataset("json", data_files={"train": path}))
-    except Exception:
-        # arrow's schema inference failed (mixed types across rows): load row by row instead
-        with open(path, encoding="utf-8") as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
-        return {"train": _from_records(records, path)}
+    if not mixed:
+        try:
+            return dict(load_dataset("json", data_files={"train": path}))
+        except Exception:
+            pass  # arrow's schema inference failed (nested types vary across rows): read row by row
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return {"train": _from_records(_stringify(records, mixed | {f for f in _TEXT_FIELDS}), path)}
 
 
 def _load_local(path: str) -> dict:
@@ -324,7 +352,12 @@ def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
                 out[k].append(norm[k])
         return out
 
-    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
+    from datasets import Features, List, Value
+
+    # Declared, because `map` otherwise casts a column it rewrites back to its old type: the text
+    # "8" of a numeric `answer` column would be 8 again and crash prompt formatting.
+    features = Features({"question": Value("string"), "answer": Value("string"), "aliases": List(Value("string"))})
+    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                   num_proc=num_proc, desc="Reading rows")
 
 
@@ -337,7 +370,7 @@ def load_qa_data(args, need_eval: bool) -> QAData:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if len(train) == 0:
         raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
-    train = normalise(train, schema, source, args.dataset_num_proc)
+    train = normalise(train, schema, source, auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
     spec = args.eval_split
     if spec.lower() == "auto":
@@ -408,3 +441,10 @@ def to_sft_dataset(ds, fmt: PromptFormat, num_proc: Optional[int] = None):
         return {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
 
     return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Formatting")
+
+
+def auto_num_proc(requested: Optional[int], rows: int) -> Optional[int]:
+    """--dataset_num_proc, or all cores (up to 8) for datasets big enough to repay the worker start-up."""
+    if requested:
+        return requested
+    return min(os.cpu_count() or 1, 8) if rows >= 20_000 else None

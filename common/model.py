@@ -108,8 +108,8 @@ def get_quantization_config(args, precision: Precision):
 
 def _device_map(quantized: bool):
     """Each process of a multi-process launch loads onto its own device."""
-    if not quantized:
-        return None  # the Trainer places the model
+    if not quantized or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return None  # the Trainer places (or FSDP shards) the model
     import torch
 
     if torch.cuda.is_available():
@@ -125,6 +125,9 @@ def _hub_error(model_id: str, exc: Exception) -> UsageError:
         return UsageError(f"`--model_id` {model_id} ships its own Python code; pass `--trust_remote_code True` "
                           f"only if you trust that repository.")
     first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return UsageError(f"`--model_id` {model_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                          f"({first}); pass a local model directory, or download it on a machine with network.")
     return UsageError(f"`--model_id` {model_id}: could not load ({first}). Without network, use a local model "
                       f"directory or set HF_HUB_OFFLINE=1 to use the local cache.")
 

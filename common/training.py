@@ -3,6 +3,7 @@ the trainer config, resuming, saving atomically, run_config.json and the closing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,10 +11,12 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import socket
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,24 +86,77 @@ def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
     if not os.path.isdir(value):
         raise UsageError(f"`--resume_from_checkpoint` {value}: no such checkpoint directory; use `auto` for the "
                          f"latest one in --output_dir.")
+    if not is_complete_checkpoint(Path(value)):
+        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
+        hint = f"the latest complete one is {latest}" if latest else "there is no complete one next to it"
+        raise UsageError(f"`--resume_from_checkpoint` {value}: the checkpoint is incomplete (cut off while being "
+                         f"written?); {hint}, and `auto` picks it.")
     return value
 
 
+# A checkpoint holds the weights under one of these names (PEFT adapter or full model, one file
+# or shards with an index); the trainer writes them first and trainer_state.json last.
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def last_complete_checkpoint(out: str) -> Optional[str]:
-    """Newest checkpoint-N whose trainer state was written (a checkpoint cut off mid-write has none)."""
+    """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
     p = Path(out)
     if not p.is_dir():
         return None
     steps = []
     for child in p.glob("checkpoint-*"):
         suffix = child.name.split("-", 1)[1]
-        if suffix.isdigit() and (child / "trainer_state.json").is_file():
-            try:
-                json.loads((child / "trainer_state.json").read_text())
-            except (json.JSONDecodeError, OSError):
-                continue
-            steps.append((int(suffix), str(child)))
-    return max(steps)[1] if steps else None
+        if suffix.isdigit() and child.is_dir():
+            steps.append((int(suffix), child))
+    for _, child in sorted(steps, reverse=True):
+        if is_complete_checkpoint(child):
+            return str(child)
+        log.warning("skipping %s: incomplete (cut off while being written).", child)
+    return None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Valid trainer_state.json, the weights, and every torch file (optimizer, scheduler, RNG) whole."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, or truncated mid-write
+        return False
+    present = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    # FSDP's sharded state dicts are folders of per-rank files, not checked further.
+    sharded = [d for d in folder.glob("pytorch_model_fsdp*") if d.is_dir() and any(d.iterdir())]
+    if not (present or sharded) or not all(_weights_whole(path) for path in present):
+        return False
+    # torch.save writes zip archives, whose directory sits at the end: a cut-off file has none.
+    return all(zipfile.is_zipfile(f) for f in folder.iterdir() if f.suffix in (".pt", ".pth", ".bin"))
+
+
+def _weights_whole(path: Path) -> bool:
+    if path.name.endswith(".index.json"):
+        try:
+            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return bool(shards) and all(_weights_whole(path.parent / shard) for shard in shards)
+    if path.suffix == ".safetensors":
+        return _safetensors_whole(path)
+    return zipfile.is_zipfile(path)
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The header (8-byte length + JSON) says where the last tensor ends: the file must end there."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + length > size:
+                return False
+            header = json.loads(fh.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return size == 8 + length + end
 
 
 # Reporting -----------------------------------------------------------------------------------
@@ -171,6 +227,9 @@ def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: l
         warmup_steps=warmup,
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.logging_steps,
+        # The default logs a NaN/inf loss as the mean of earlier ones (0.0 after a log): the NaN guard
+        # would never see it and a diverged run would end with exit 0 and NaN weights.
+        logging_nan_inf_filter=False,
         save_strategy=args.save_strategy,
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
@@ -193,6 +252,9 @@ def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: l
         save_only_model=False,
         disable_tqdm=not is_main_process(),
         dataloader_pin_memory=_cuda(),
+        # Without an accelerator, `use_cpu` is what makes torchrun/accelerate launches train as one
+        # gloo process group instead of N independent runs.
+        use_cpu=not _cuda() and not _mps(),
     )
     return kwargs
 
@@ -201,6 +263,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _mps() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 # Callbacks -----------------------------------------------------------------------------------
@@ -223,6 +291,88 @@ def nan_guard_callback():
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a checkpoint was saved (the scripts exit with 130)."""
+
+
+@contextlib.contextmanager
+def save_on_interrupt(trainer, args: ParsedArgs):
+    """Around trainer.train(): the first Ctrl-C lets the current step finish, saves a checkpoint
+    (output_dir/checkpoint-<step> with the trainer state, which `--resume_from_checkpoint auto` picks),
+    prints the command that resumes and raises Interrupted. A second Ctrl-C stops at once."""
+    import signal
+    import threading
+
+    from transformers import TrainerCallback
+
+    class StopAfterStep(TrainerCallback):
+        requested = False
+        stopped_at: Optional[int] = None
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if _on_any_process(self.requested, targs.device):  # every process must stop at the same step
+                self.stopped_at = state.global_step
+                control.should_log = control.should_save = control.should_training_stop = True
+
+    stop = StopAfterStep()
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        log.warning("Ctrl-C: saving a checkpoint after this step; press Ctrl-C again to stop at once without one.")
+
+    # Only the main thread may set signal handlers; elsewhere Ctrl-C keeps its usual effect.
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGINT, handler)
+    trainer.add_callback(stop)
+    try:
+        yield
+    finally:
+        trainer.remove_callback(stop)
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if stop.stopped_at is not None:
+        if is_main_process():
+            saved = Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}"
+            print(f"{args.script}: stopped at step {stop.stopped_at}; checkpoint saved in {saved}. Resume with: "
+                  f"{resume_command(args)}", file=sys.stderr, flush=True)
+        raise Interrupted
+
+
+def _on_any_process(flag: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def resume_command(args: ParsedArgs) -> str:
+    """This run's command line with `--resume_from_checkpoint auto` (secret flags and
+    `--overwrite_output_dir`, which contradicts resuming, left out)."""
+    drop = {"resume_from_checkpoint", "overwrite_output_dir", *args.secret_fields()}
+    if Path(sys.argv[0]).name == args.script:  # run from the command line: keep the user's spelling
+        script, rest, argv, i = sys.argv[0], sys.argv[1:], [], 0
+        while i < len(rest):
+            token, i = rest[i], i + 1
+            if token.startswith("--") and token[2:].split("=", 1)[0] in drop:
+                if "=" not in token and i < len(rest) and not rest[i].startswith("--"):
+                    i += 1  # its value
+                continue
+            argv.append(token)
+        if args.overwrite_output_dir and not any(t.startswith("--overwrite_output_dir") for t in rest):
+            argv += ["--overwrite_output_dir", "False"]  # it came from --config; the command line wins
+    else:  # called as main(argv): rebuild from the flags that were set
+        flags = args.to_dict()
+        script, argv = args.script, [x for n in sorted(args.explicit - drop) for x in (f"--{n}", str(flags[n]))]
+    return shlex.join(["python", script, *argv, "--resume_from_checkpoint", "auto"])
 
 
 def exact_match_callback(rows, fmt, tokenizer, batch_size: int):

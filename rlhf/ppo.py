@@ -66,7 +66,7 @@ def train(argv: Optional[list[str]] = None) -> PPOResult:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import setup_logging
+    from common.training import Interrupted, setup_logging
 
     setup_logging("ppo.py")
     try:
@@ -74,8 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"ppo.py: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ppo.py: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # our handler already said how to resume
+            print("ppo.py: interrupted.", file=sys.stderr)
         return 130
     return 0
 
@@ -129,7 +130,10 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     precision = select_precision(args)
     trackers = [r for r in reporters(args.report_to) if r != "none"]
     report_to = tr.setup_reporting(args, out)
+    from common.training import _cuda, _mps
+
     accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
+                              cpu=not _cuda() and not _mps(),  # several CPU processes form one gloo group
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=trackers or None, project_dir=out)
     set_seed(args.seed + accelerator.process_index)
@@ -140,6 +144,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     model = load_model(source, args, precision, training=True)
     quantized = is_quantized(model)
     technique = "dora" if args.use_dora else ("qlora" if quantized else "lora")
+    set_seed(args.seed)  # the new adapter's initial weights (and the value head) follow --seed
     policy = attach_adapter(technique, args, model, source)
     trainable, total = count_parameters(policy)
     if source.adapter_dir:  # the SFT model is the reference: keep a frozen copy of its adapter
@@ -148,6 +153,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     hidden = policy.get_base_model().config.get_text_config().hidden_size
     wrapper = _policy_and_value(policy, hidden)
     wrapper.eval()  # no dropout: rollout and update log-probs must agree
+    set_seed(args.seed + accelerator.process_index)  # each process samples its own rollouts
     log.info("PPO (%s): %s trainable policy parameters of %s, plus a %d-wide value head", technique,
              f"{trainable:,}", f"{total:,}", hidden)
 

@@ -64,7 +64,7 @@ def train(kind: str, argv: Optional[list[str]] = None) -> PreferenceResult:
 
 
 def main(kind: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import setup_logging
+    from common.training import Interrupted, setup_logging
 
     script = KINDS[kind][0]
     setup_logging(script)
@@ -73,8 +73,9 @@ def main(kind: str, argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"{script}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{script}: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # our handler already said how to resume
+            print(f"{script}: interrupted.", file=sys.stderr)
         return 130
     return 0
 
@@ -107,6 +108,9 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     fmt = qa.prompt_format(args, tokenizer, train_src.schema)
     model = load_model(source, args, precision, training=True)
     technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the new adapter's initial weights follow --seed
     model = attach_adapter(technique, args, model, source)
     trainable, total = count_parameters(model)
     log.info("%s (%s): %s trainable parameters of %s (%.4f%%)", title, technique, f"{trainable:,}", f"{total:,}",
@@ -145,7 +149,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
     resume = tr.resolve_resume(args, out)
-    with tr.Timer() as timer:
+    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except tr.NonFiniteLoss as exc:

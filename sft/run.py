@@ -111,7 +111,7 @@ def train(technique: str, argv: Optional[list[str]] = None) -> "SFTResult":
 
 
 def main(technique: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import setup_logging
+    from common.training import Interrupted, setup_logging
 
     script = TECHNIQUES[technique].script
     setup_logging(script)
@@ -120,8 +120,9 @@ def main(technique: str, argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"{script}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{script}: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # our handler already said how to resume
+            print(f"{script}: interrupted.", file=sys.stderr)
         return 130
     return 0
 
@@ -154,7 +155,8 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, dataset.schema)
-    train_ds = qa.to_sft_dataset(dataset.train, fmt, args.dataset_num_proc)
+    num_proc = qa.auto_num_proc(args.dataset_num_proc, len(dataset.train))
+    train_ds = qa.to_sft_dataset(dataset.train, fmt, num_proc)
     eval_ds = None
     if dataset.eval is not None and args.eval_strategy != "no":
         eval_ds = qa.to_sft_dataset(dataset.eval, fmt, args.dataset_num_proc)
@@ -164,6 +166,9 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         if not torch.cuda.is_available():
             log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
     model = load_model(source, args, precision, training=True)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the new adapter's initial weights follow --seed
     model = attach_adapter(technique, args, model, source)
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable parameters of %s (%.4f%%)", TECHNIQUES[technique].title, f"{trainable:,}",
@@ -180,7 +185,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         max_length=args.max_seq_length,
         completion_only_loss=args.completion_only_loss,
         packing=args.packing,
-        dataset_num_proc=args.dataset_num_proc,
+        dataset_num_proc=num_proc,
         include_num_input_tokens_seen="non_padding",
         trust_remote_code=args.trust_remote_code,
     )
@@ -201,7 +206,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
             if param.requires_grad and param.dtype != __import__("torch").float32:
                 param.data = param.data.float()
     resume = tr.resolve_resume(args, out)
-    with tr.Timer() as timer:
+    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except tr.NonFiniteLoss as exc:

@@ -1,0 +1,514 @@
+"""Reliability: a killed run resumes where it left off, Ctrl-C saves a checkpoint and says how to
+resume, half-written checkpoints are skipped, a diverging loss stops the run, and bad input of any
+kind ends in one line and exit code 2, never a traceback."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.args import UsageError
+from common.training import is_complete_checkpoint, is_finished_run, last_complete_checkpoint, resolve_resume
+from tests.conftest import ROOT
+from tests.helpers import losses, run_script, write_jsonl
+from tests.test_data import Args as DataArgs
+
+FAST = ["--dataset_name", "triviaqa-sample", "--max_train_samples", "64", "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--report_to", "none", "--learning_rate", "1e-2"]
+
+# Put on the PYTHONPATH of the training subprocesses below, never imported by pytest itself.
+SITECUSTOMIZE = '''
+import os, time
+
+import torch
+
+# The scripts attach the adapter before the trainer applies --seed, so two processes would start
+# from different LoRA weights (test_same_seed_same_initial_adapter); a fixed torch seed at start-up
+# lets one run be compared with another.
+torch.manual_seed(0)
+
+if os.environ.get("STEP_LOG"):
+    from transformers import Trainer
+
+    _training_step = Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        with open(os.environ["STEP_LOG"], "a") as fh:
+            fh.write(".")
+        time.sleep(0.25)  # the tiny model runs ~50 steps/s: too fast to interrupt at a chosen point
+        return _training_step(self, *args, **kwargs)
+
+    Trainer.training_step = training_step
+'''
+
+
+def _start(tmp_path, script: str, argv: list, step_log=None) -> subprocess.Popen:
+    """`python script ...` as a user runs it, from the repository root; stderr goes to a file."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    if step_log is not None:
+        env["STEP_LOG"] = str(step_log)
+    stderr = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    proc.stderr_path = stderr
+    return proc
+
+
+def _stderr(proc) -> str:
+    return proc.stderr_path.read_text(errors="replace")
+
+
+def _wait_until(condition, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before the test could interrupt it:\n"
+                        f"{_stderr(proc)[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+def _state(folder) -> dict:
+    return json.loads((Path(folder) / "trainer_state.json").read_text())
+
+
+def _tokens_seen(folder) -> list[int]:
+    """Cumulative input tokens at each logged step: equal sequences mean the same data order."""
+    return [e["num_input_tokens_seen"] for e in _state(folder)["log_history"] if "loss" in e]
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+# Killed and resumed --------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_llama, tmp_path, capsys):
+    argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    ref = _start(tmp_path, "lora.py", argv + ["--output_dir", reference])
+    proc = _start(tmp_path, "lora.py", argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
+    _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4"), proc)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert ref.wait(timeout=300) == 0, _stderr(ref)[-3000:]
+    assert not is_finished_run(out) and last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    # What a kill during the next save leaves behind: part of the weights and no trainer state.
+    blob = (out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    (out / "checkpoint-8").mkdir()
+    (out / "checkpoint-8" / "adapter_model.safetensors").write_bytes(blob[:len(blob) // 2])
+
+    assert run_script("lora.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoint-4'}" in err and f"skipping {out / 'checkpoint-8'}" in err
+
+    assert _state(out)["global_step"] == _state(reference)["global_step"] == 12
+    assert _tokens_seen(out) == _tokens_seen(reference)  # same batches in the same order after the resume
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    resumed, uninterrupted = _weights(out), _weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-5, rtol=1e-4)
+
+
+def test_same_seed_same_initial_adapter(tiny_llama, tmp_path):
+    # The first warm-up step has learning rate 0: the saved adapter is the initial one.
+    argv = ["--model_id", tiny_llama, "--max_steps", "1", "--warmup_steps", "5", "--save_strategy", "no", *FAST]
+    for name in ("a", "b"):
+        assert run_script("lora.py", argv + ["--output_dir", tmp_path / name]) == 0
+    first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# Ctrl-C --------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_exits_130(tiny_llama, tmp_path, capsys):
+    out, steps = tmp_path / "run", tmp_path / "steps.log"
+    # --save_strategy no: the only checkpoint can come from the Ctrl-C.
+    argv = ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "20", "--save_strategy", "no", *FAST]
+    proc = _start(tmp_path, "lora.py", argv, step_log=steps)
+    _wait_until(lambda: steps.is_file() and len(steps.read_text()) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = _stderr(proc)
+    assert "Traceback" not in err
+    hints = [line for line in err.splitlines() if "--resume_from_checkpoint auto" in line]
+    assert len(hints) == 1, err[-3000:]
+    step = int(re.search(r"stopped at step (\d+)", hints[0]).group(1))
+    assert 2 <= step < 20
+    checkpoint = out / f"checkpoint-{step}"
+    assert str(checkpoint) in hints[0]
+    assert last_complete_checkpoint(out) == str(checkpoint) and _state(checkpoint)["global_step"] == step
+    assert not is_finished_run(out)
+    assert not (out / "adapter_config.json").exists() and not (out / "run_config.json").exists()
+
+    # The printed command, run as printed, finishes the run from that checkpoint.
+    command = shlex.split(hints[0].split("Resume with: ", 1)[1])
+    assert command[:2] == ["python", "lora.py"] and command[-2:] == ["--resume_from_checkpoint", "auto"]
+    assert run_script("lora.py", command[2:]) == 0
+    assert f"resuming from {checkpoint}" in capsys.readouterr().err
+    assert is_finished_run(out) and _state(out)["global_step"] == 20
+    assert [e["step"] for e in _state(out)["log_history"] if "loss" in e] == list(range(1, 21))
+
+
+def _ctrl_c_during_steps(monkeypatch, *calls: int) -> None:
+    """Sends this process SIGINT at the start of the given training_step calls (1-based)."""
+    from transformers import Trainer
+
+    original, seen = Trainer.training_step, []
+
+    def training_step(self, *args, **kwargs):
+        seen.append(1)
+        for _ in range(calls.count(len(seen))):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+
+
+@pytest.mark.parametrize("script", ["lora.py", "prefix_tuning.py", "dpo.py", "orpo.py"])
+def test_ctrl_c_in_process_stops_after_the_step_and_the_hint_resumes(script, tiny_llama, tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "run"
+    argv = ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "6", "--save_strategy", "no", *FAST]
+    handler = signal.getsignal(signal.SIGINT)
+    _ctrl_c_during_steps(monkeypatch, 3)
+    assert run_script(script, argv) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # restored for whatever runs next in this process
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and last_complete_checkpoint(out) == str(out / "checkpoint-3")
+    assert not is_finished_run(out)
+    hint = next(line for line in err.splitlines() if "Resume with: " in line)
+    assert hint.startswith(f"{script}: stopped at step 3;")
+    command = shlex.split(hint.split("Resume with: ", 1)[1])
+    assert command[:2] == ["python", script] and command[-2:] == ["--resume_from_checkpoint", "auto"]
+
+    monkeypatch.undo()
+    assert run_script(script, command[2:]) == 0
+    assert f"resuming from {out / 'checkpoint-3'}" in capsys.readouterr().err
+    assert is_finished_run(out) and _state(out)["global_step"] == 6
+
+
+def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_llama, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    _ctrl_c_during_steps(monkeypatch, 2, 2)
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "6",
+                                  "--save_strategy", "no", *FAST]) == 130
+    assert signal.getsignal(signal.SIGINT) is handler
+    err = capsys.readouterr().err
+    assert "lora.py: interrupted." in err and "Resume with" not in err and "Traceback" not in err
+    assert last_complete_checkpoint(out) is None and not is_finished_run(out)
+
+
+def test_resume_command_keeps_the_users_flags_without_secrets_or_overwrite(tmp_path, monkeypatch):
+    from common.training import resume_command
+    from sft.run import parse
+
+    argv = ["--model_id", "m", "--output_dir", "o x", "--hub_token", "hf_SECRET", "--overwrite_output_dir",
+            "--max_steps=5"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/lora.py", *argv])
+    assert resume_command(parse("lora", argv)[1]) == \
+        "python /somewhere/lora.py --model_id m --output_dir 'o x' --max_steps=5 --resume_from_checkpoint auto"
+
+    # Set in a --config file, --overwrite_output_dir is turned off on the command line, which wins.
+    config = tmp_path / "run.yaml"
+    config.write_text("overwrite_output_dir: true\nmax_steps: 5\n")
+    argv = ["--config", str(config), "--model_id", "m"]
+    monkeypatch.setattr(sys, "argv", ["lora.py", *argv])
+    command = shlex.split(resume_command(parse("lora", argv)[1]))
+    assert command[-4:] == ["--overwrite_output_dir", "False", "--resume_from_checkpoint", "auto"]
+    resumed = parse("lora", command[2:])[1]
+    assert resumed.resume_from_checkpoint == "auto" and not resumed.overwrite_output_dir
+
+
+# Checkpoints cut off while being written --------------------------------------------------
+
+def _checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint as the trainer writes it: weights, optimizer and RNG state, trainer state last."""
+    from safetensors.torch import save_file
+
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    save_file({"base_model.model.lora_A.weight": torch.randn(8, 64)}, str(ckpt / "adapter_model.safetensors"))
+    (ckpt / "adapter_config.json").write_text("{}")
+    torch.save({"state": {0: torch.randn(64)}}, ckpt / "optimizer.pt")
+    torch.save({"python": 1}, ckpt / "rng_state.pth")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}, indent=2))
+    return ckpt
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+CUT_OFF = {
+    "no trainer state": lambda c: (c / "trainer_state.json").unlink(),
+    "trainer state cut off": lambda c: _truncate(c / "trainer_state.json"),
+    "no weights": lambda c: (c / "adapter_model.safetensors").unlink(),
+    "weights cut off": lambda c: _truncate(c / "adapter_model.safetensors"),
+    "weights empty": lambda c: (c / "adapter_model.safetensors").write_bytes(b""),
+    "optimizer cut off": lambda c: _truncate(c / "optimizer.pt"),
+    "rng state empty": lambda c: (c / "rng_state.pth").write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", list(CUT_OFF))
+def test_checkpoint_cut_off_while_written_is_skipped(damage, tmp_path):
+    good = _checkpoint(tmp_path, 4)
+    assert last_complete_checkpoint(tmp_path) == str(good)
+    newer = _checkpoint(tmp_path, 8)
+    assert last_complete_checkpoint(tmp_path) == str(newer)
+    CUT_OFF[damage](newer)
+    assert last_complete_checkpoint(tmp_path) == str(good)
+
+    class Args:
+        resume_from_checkpoint = "auto"
+
+    assert resolve_resume(Args, str(tmp_path)) == str(good)
+    Args.resume_from_checkpoint = str(newer)  # named explicitly: refused, pointing to the good one
+    with pytest.raises(UsageError, match="incomplete") as err:
+        resolve_resume(Args, str(tmp_path))
+    assert str(newer) in str(err.value) and str(good) in str(err.value)
+
+
+def test_full_model_and_sharded_checkpoints_are_checked_too(tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = _checkpoint(tmp_path, 2)
+    (ckpt / "adapter_model.safetensors").rename(ckpt / "model.safetensors")
+    assert last_complete_checkpoint(tmp_path) == str(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    for i in (1, 2):
+        save_file({f"w{i}": torch.randn(4)}, str(ckpt / f"model-0000{i}-of-00002.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w1": "model-00001-of-00002.safetensors", "w2": "model-00002-of-00002.safetensors"}}))
+    assert last_complete_checkpoint(tmp_path) == str(ckpt)
+    _truncate(ckpt / "model-00002-of-00002.safetensors")
+    assert last_complete_checkpoint(tmp_path) is None
+
+    for path in ckpt.glob("model*"):
+        path.unlink()
+    (ckpt / "pytorch_model_fsdp_0").mkdir()  # FSDP's sharded state dict
+    assert last_complete_checkpoint(tmp_path) is None
+    (ckpt / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard")
+    assert last_complete_checkpoint(tmp_path) == str(ckpt)
+
+
+# NaN guard -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("logging_steps,step", [(1, 2), (3, 3)])
+def test_diverging_loss_stops_the_run_naming_the_step(logging_steps, step, tiny_llama, tmp_path, capsys):
+    # A learning rate of 1e30 sends the weights to ~1e30 after one update: the next loss is not finite.
+    out = tmp_path / "nan"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "6", *FAST,
+                                  "--learning_rate", "1e30", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
+                                  "--save_strategy", "no", "--logging_steps", logging_steps]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "lora.py: error:" in line]
+    assert len(errors) == 1
+    assert re.search(rf"loss became (nan|inf|-inf) at step {step};.*`--learning_rate`", errors[0]), errors[0]
+    assert not is_finished_run(out)
+
+
+# Malformed dataset rows (property-based) ------------------------------------------------------
+
+def _not_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return True
+    return False
+
+
+# Strings that are themselves JSON ("007", "1e3", "true") and floats next to ints are left out:
+# test_text_keeps_its_value_in_columns_of_mixed_types shows what `datasets` does to them.
+TEXTS = st.one_of(st.sampled_from(["", "   ", "Paris", " Rome "]), st.text(max_size=6).filter(_not_json))
+WRONG = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.lists(TEXTS, max_size=2),
+                  st.dictionaries(st.sampled_from(["x", "value"]), TEXTS, max_size=1))
+ALIASES = st.one_of(st.lists(TEXTS, max_size=3), TEXTS, st.lists(st.one_of(TEXTS, st.integers()), max_size=2), WRONG)
+NESTED = st.fixed_dictionaries({}, optional={"value": st.one_of(TEXTS, WRONG), "aliases": ALIASES,
+                                             "normalized_value": TEXTS})
+MALFORMED = st.fixed_dictionaries({}, optional={"question": st.one_of(TEXTS, WRONG),
+                                                "answer": st.one_of(TEXTS, NESTED, WRONG),
+                                                "aliases": ALIASES, "question_id": TEXTS})
+NOT_JSON = st.sampled_from(['{"question": "a?", "answer": ', "not json", "[1, 2]", "null", "42", '"text"',
+                            "{'question': 'a?'}", "", "   "])
+GOOD_TEXT = st.one_of(st.text(min_size=1, max_size=8).filter(lambda t: t.strip() and _not_json(t)),
+                      st.integers(0, 99))
+
+
+def _good_row(nested: bool):
+    aliases = st.lists(st.text(max_size=5).filter(_not_json), max_size=3)
+    answer = st.fixed_dictionaries({"value": GOOD_TEXT}, optional={"aliases": aliases}) if nested else GOOD_TEXT
+    return st.fixed_dictionaries({"question": GOOD_TEXT, "answer": answer},
+                                 optional={} if nested else {"aliases": aliases})
+
+
+@st.composite
+def jsonl_lines(draw) -> list[str]:
+    """Mostly rows that are fine on their own (all flat or all hub-style), some malformed rows and
+    some lines that are not JSON objects: about half the files are entirely valid."""
+    good = _good_row(nested=draw(st.booleans()))
+    lines = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.integers(0, 9))
+        lines.append(json.dumps(draw(good)) if kind < 8 else
+                     json.dumps(draw(MALFORMED)) if kind == 8 else draw(NOT_JSON))
+    return lines
+
+
+def _text(value):
+    """The documented rule: text, or a number written as text; never empty."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _expected(row: dict):
+    """The normalised row, or None where the row is invalid."""
+    answer = row.get("answer")
+    nested = isinstance(answer, dict)
+    question, value = _text(row.get("question")), _text(answer.get("value") if nested else answer)
+    aliases = answer.get("aliases") if nested else row.get("aliases")
+    if question is None or value is None:
+        return None
+    if aliases is not None and not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+        return None
+    out = [value]
+    for alias in aliases or []:
+        if alias.strip() and alias.strip() not in out:
+            out.append(alias.strip())
+    return {"question": question, "answer": value, "aliases": out}
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory):
+    """Every generated file would otherwise leave an entry in the user's datasets cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
+        yield
+
+
+@pytest.mark.usefixtures("datasets_cache")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=jsonl_lines(), suffix=st.sampled_from([".jsonl", ".json"]))
+def test_malformed_rows_load_exactly_or_fail_naming_the_file(lines, suffix):
+    from common.data import load_qa_data
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"rows{suffix}"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            loaded = load_qa_data(DataArgs(dataset_name=str(path)), need_eval=False)
+        except UsageError as exc:
+            assert str(path) in str(exc)
+            return
+    rows = [json.loads(line) for line in lines if line.strip()]
+    expected = [_expected(row) for row in rows]
+    assert None not in expected, "an invalid row was accepted"
+    assert loaded.train.to_list() == expected
+
+
+@pytest.mark.usefixtures("datasets_cache")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.fixed_dictionaries(
+    {"question": st.text(min_size=1).filter(str.strip), "answer": st.text(min_size=1).filter(str.strip)},
+    optional={"aliases": st.lists(st.text(max_size=5), max_size=3)}), min_size=1, max_size=5),
+    nested=st.booleans())
+def test_well_formed_rows_always_load(rows, nested):
+    from common.data import load_qa_data
+
+    if nested:
+        rows = [{"question": r["question"], "answer": {"value": r["answer"], "aliases": r.get("aliases", [])}}
+                for r in rows]
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_jsonl(Path(folder) / "rows.jsonl", rows)
+        loaded = load_qa_data(DataArgs(dataset_name=path), need_eval=False)
+    assert loaded.train.to_list() == [_expected(row) for row in rows]
+
+
+@pytest.mark.parametrize("answers", [[1066, "007"], [8, 2.5], [8, "true"]])
+def test_text_keeps_its_value_in_columns_of_mixed_types(answers, tmp_path):
+    from common.data import load_qa_data
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"question": f"q{i}?", "answer": a} for i, a in enumerate(answers)])
+    loaded = load_qa_data(DataArgs(dataset_name=path), need_eval=False)
+    assert loaded.train["answer"] == [str(a) for a in answers]
+
+
+def test_numeric_answers_train(tiny_llama, tmp_path):
+    path = write_jsonl(tmp_path / "numbers.jsonl", [{"question": "How many legs has a spider?", "answer": 8},
+                                                    {"question": "In which year was the Battle of Hastings?",
+                                                     "answer": 1066}])
+    out = tmp_path / "out"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "1", *FAST,
+                                  "--dataset_name", path, "--save_strategy", "no"]) == 0
+    assert is_finished_run(out)
+
+
+# Bad input to every script ------------------------------------------------------------------
+
+SCRIPTS = ["lora.py", "qlora.py", "prefix_tuning.py", "dpo.py", "orpo.py", "evaluate.py"]
+
+
+def _bad_input(case: str, tmp_path: Path, tiny_llama: str) -> tuple[list, list[str]]:
+    """-> (flags, words the error line must contain)."""
+    if case == "model path missing":
+        missing = tmp_path / "no-such-model"
+        return ["--model_id", missing, "--dataset_name", "triviaqa-sample"], ["`--model_id`", str(missing)]
+    if case == "neither model nor adapter":
+        folder = tmp_path / "just-files"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("hello")
+        return ["--model_id", folder, "--dataset_name", "triviaqa-sample"], ["`--model_id`", "neither"]
+    if case == "dataset path missing":
+        missing = tmp_path / "missing.jsonl"
+        return ["--model_id", tiny_llama, "--dataset_name", missing], ["`--dataset_name`", str(missing)]
+    if case == "malformed jsonl":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n')
+        return ["--model_id", tiny_llama, "--dataset_name", bad], [str(bad), "line 2"]
+    assert case == "hub id offline"
+    return ["--model_id", "someorg/some-model", "--dataset_name", "triviaqa-sample"], \
+        ["someorg/some-model", "local", "offline"]
+
+
+@pytest.mark.parametrize("case", ["model path missing", "neither model nor adapter", "dataset path missing",
+                                  "malformed jsonl", "hub id offline"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_exits_2_with_one_line(script, case, tiny_llama, tmp_path, capsys):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    flags, words = _bad_input(case, tmp_path, tiny_llama)
+    out = tmp_path / "out"
+    extra = ["--max_steps", "1"] if script != "evaluate.py" else ["--dataset_split", "train"]
+    assert run_script(script, [*flags, "--output_dir", out, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith(f"{script}: error:")]
+    assert len(errors) == 1, err
+    for word in words:
+        assert word.lower() in errors[0].lower(), errors[0]
+    assert not is_finished_run(out) and not (out / "eval_results.json").exists()
