@@ -503,10 +503,15 @@ class PreferenceArguments:
         "other", "Question-answer data only: the rejected answer is `other` (another question's answer, by --seed) "
                  "or `model` (the starting model's own wrong greedy answer; questions it gets right are skipped).")
     generation_batch_size: int = _f(32, "Batch size when generating rejected answers with `--rejected_source model`.")
+    simpo_gamma: float = _f(0.5, "SimPO: target reward margin (the paper's gamma; 0.5-1.5).")
+    desirable_weight: float = _f(1.0, "KTO: weight of desirable examples (raise it when they are the minority).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of undesirable examples.")
 
 
 def check_preference(args: ParsedArgs, kind: str) -> None:
-    _positive(args, ["beta", "max_prompt_length", "generation_batch_size"])
+    _positive(args, ["beta", "max_prompt_length", "generation_batch_size", "desirable_weight",
+                     "undesirable_weight"])
+    _positive(args, ["simpo_gamma"], strict=False)
     if kind == "dpo":
         for loss in [x.strip() for x in args.loss_type.split(",") if x.strip()]:
             _choice("loss_type", loss, DPO_LOSS_TYPES)
@@ -549,3 +554,36 @@ def check_ppo(args: ParsedArgs) -> None:
         value = getattr(args, name)
         if not 0 <= value <= 1:
             raise UsageError(f"`--{name}` must be in [0, 1] (got {value}).")
+
+
+# GRPO
+@dataclass
+class GRPOArguments:
+    reward_function: Optional[str] = _f(
+        None, "Comma-separated rewards: `triviaqa_em`, `triviaqa_f1` (against the gold aliases, like evaluate.py).")
+    reward_weights: Optional[str] = _f(None, "Comma-separated weights, one per reward (default: all 1).")
+    reward_model: Optional[str] = _f(None, "Reward model dir written by reward_model.py (added to the rewards).")
+    num_generations: int = _f(4, "Answers sampled per prompt; advantages are relative within each group.")
+    max_completion_length: int = _f(16, "Longest generated answer in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    beta: float = _f(0.04, "Weight of the KL penalty to the reference (0: no reference model needed).")
+    max_prompt_length: int = _f(256, "Longest prompt in tokens; longer prompts stop the run (exit 2).")
+
+
+def check_grpo(args: ParsedArgs) -> None:
+    if not args.reward_function and not args.reward_model:
+        raise UsageError("give `--reward_function triviaqa_em|triviaqa_f1` (comma-separated for several) and/or "
+                         "`--reward_model DIR`.")
+    names = [n.strip() for n in (args.reward_function or "").split(",") if n.strip()]
+    if args.reward_weights:
+        try:
+            weights = [float(w) for w in args.reward_weights.split(",")]
+        except ValueError:
+            raise UsageError(f"`--reward_weights {args.reward_weights}`: write numbers separated by commas.") from None
+        expected = len(names) + (1 if args.reward_model else 0)
+        if len(weights) != expected:
+            raise UsageError(f"`--reward_weights` has {len(weights)} values for {expected} rewards; give one each.")
+    _positive(args, ["num_generations", "max_completion_length", "temperature", "max_prompt_length"])
+    _positive(args, ["beta"], strict=False)
+    if args.num_generations < 2:
+        raise UsageError("`--num_generations` must be >= 2: GRPO compares answers within a group.")

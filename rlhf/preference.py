@@ -45,6 +45,8 @@ def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -
     if len(ds) == 0:
         raise UsageError(f"`--{flag} {split_spec}` of {source} is empty; widen the slice.")
     cols = set(ds.column_names)
+    if {"prompt", "completion", "label"} <= cols:  # unpaired feedback (KTO)
+        return PreferenceSource(ds, "unpaired", "unpaired", source)
     if "chosen" in cols or "rejected" in cols:
         missing = [c for c in PAIR_COLUMNS if c not in cols]
         if missing:
@@ -194,3 +196,25 @@ def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed:
         rejected = model_answers(model, tokenizer, src.rows, fmt, batch_size)
     return build_pairs(src.rows, fmt, rejected, src.source, how)
 
+
+
+def unpaired_dataset(src: PreferenceSource, pairs):
+    """KTO's unpaired feedback: (prompt, completion, label). From pairs: chosen is desirable and
+    rejected undesirable; prompt/completion/label data is used as it is."""
+    from datasets import Dataset
+
+    if src.kind == "unpaired":
+        bad = [i for i, label in enumerate(src.rows["label"]) if not isinstance(label, bool)]
+        if bad:
+            raise UsageError(f"{src.source}: row {bad[0]}: `label` must be true or false.")
+        labels = set(src.rows["label"])
+        if len(labels) < 2:
+            log.warning("%s: every example is %s; KTO learns best from both kinds.", src.source,
+                        "desirable" if True in labels else "undesirable")
+        return src.rows.select_columns(["prompt", "completion", "label"])
+    rows = {"prompt": [], "completion": [], "label": []}
+    for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        rows["prompt"] += [p, p]
+        rows["completion"] += [c, r]
+        rows["label"] += [True, False]
+    return Dataset.from_dict(rows)

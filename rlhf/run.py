@@ -23,12 +23,18 @@ KINDS = {
     # LoRA wants ~10x the full-fine-tuning learning rates of the DPO (5e-7..5e-6) and ORPO (8e-6) papers.
     "dpo": ("dpo.py", "DPO", {"learning_rate": 5e-5}),
     "orpo": ("orpo.py", "ORPO", {"learning_rate": 8e-5}),
+    "kto": ("kto.py", "KTO", {"learning_rate": 5e-5}),
+    # SimPO's reward is the length-normalised log-likelihood, on a larger scale: the paper's beta is 2-2.5.
+    "simpo": ("simpo.py", "SimPO", {"learning_rate": 5e-5, "beta": 2.0}),
 }
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PreferenceArguments,
               TrainingArguments]
 # Flags of the shared set that mean nothing for a preference run.
-_UNUSED = {"dpo": ("completion_only_loss", "packing"),
-           "orpo": ("completion_only_loss", "packing", "loss_type")}
+_SPECIFIC = ("loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight")
+_USES = {"dpo": ("loss_type",), "orpo": (), "kto": ("desirable_weight", "undesirable_weight"),
+         "simpo": ("simpo_gamma",)}
+_UNUSED = {kind: ("completion_only_loss", "packing", *(f for f in _SPECIFIC if f not in uses))
+           for kind, uses in _USES.items()}
 
 
 def make_parser(kind: str) -> FlagParser:
@@ -118,8 +124,16 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
 
     # Dataset: pairs (rejected answers from the starting model, before any training, if asked)
     def pairs_of(src):
+        if src.kind == "unpaired":
+            if kind != "kto":
+                raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
+                                 f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
+            ds = pref.unpaired_dataset(src, None)
+            return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), {"built": len(ds)}
         ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
+        if kind == "kto":  # each pair becomes one desirable and one undesirable example
+            ds = pref.unpaired_dataset(src, ds)
         return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
 
     train_ds, stats = pairs_of(train_src)
@@ -139,13 +153,31 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                            loss_type=[x.strip() for x in args.loss_type.split(",") if x.strip()],
                            dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
         trainer_cls = DPOTrainer
-    else:
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    elif kind == "kto":
+        from trl import KTOConfig, KTOTrainer
 
-        config = ORPOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
-                            max_completion_length=args.max_seq_length - (args.max_prompt_length or 0) or None,
-                            dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
-        trainer_cls = ORPOTrainer
+        # KTO's KL term pairs each example with its neighbours in a fixed order: shuffle once, by --seed.
+        common_kwargs["train_sampling_strategy"] = "sequential"
+        train_ds = train_ds.shuffle(seed=args.seed)
+        config = KTOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
+                           desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+                           dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
+        trainer_cls = KTOTrainer
+    else:
+        completion = args.max_seq_length - (args.max_prompt_length or 0) or None
+        if kind == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as trainer_cls
+
+            extra_config = {}
+        else:  # SimPO is CPO's trainer with the SimPO loss and no behaviour-cloning term
+            from trl.experimental.cpo import CPOConfig as Config
+            from trl.experimental.cpo import CPOTrainer as trainer_cls
+
+            extra_config = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma}
+        config = Config(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
+                        max_completion_length=completion, dataset_num_proc=args.dataset_num_proc,
+                        trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
     resume = tr.resolve_resume(args, out)

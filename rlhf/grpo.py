@@ -1,0 +1,173 @@
+"""GRPO (TRL's GRPOTrainer) with LoRA/QLoRA on the prompts ppo.py uses, rewarded by the same
+TriviaQA rewards (several, weighted) and/or a reward model from reward_model.py."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from common.args import (DataArguments, FlagParser, GRPOArguments, LoraArguments, ModelArguments, ParsedArgs,
+                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_grpo,
+                         format_flags)
+
+log = logging.getLogger("finetune")
+
+ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, GRPOArguments, TrainingArguments]
+_UNUSED = ("completion_only_loss", "packing", "eval_em_samples", "max_seq_length", "neftune_noise_alpha")
+
+
+def make_parser() -> FlagParser:
+    return FlagParser(ARG_GROUPS, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
+                                                            "per_device_train_batch_size": 8},
+                      description="GRPO with LoRA on TriviaQA-style prompts, rewarded by exact match / F1 against "
+                                  "the gold answers (combinable, weighted) and/or a reward model.")
+
+
+def parse(argv: Optional[list[str]]) -> ParsedArgs:
+    args = make_parser().parse(argv)
+    check_common(args)
+    check_grpo(args)
+    from rlhf.rewards import get_reward_function
+
+    for name in (args.reward_function or "").split(","):
+        if name.strip():
+            get_reward_function(name.strip())
+    ignored = sorted(n for n in args.explicit if n in _UNUSED)
+    if ignored:
+        log.warning("grpo.py ignores flags that do not apply to GRPO: %s.", format_flags(ignored))
+    return args
+
+
+@dataclass
+class GRPOResult:
+    output_dir: str
+    summary: dict
+    trainer: object
+
+
+def train(argv: Optional[list[str]] = None) -> GRPOResult:
+    return run_grpo(parse(argv))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from common.training import Interrupted, setup_logging
+
+    setup_logging("grpo.py")
+    try:
+        train(argv)
+    except UsageError as exc:
+        print(f"grpo.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):
+            print("grpo.py: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _text(completion) -> str:
+    """GRPO hands conversational completions as message lists."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return completion
+
+
+def _as_grpo_reward(name: str, fn):
+    """Our reward (responses, aliases) -> TRL's reward function (prompts, completions, **columns)."""
+
+    def reward(prompts, completions, aliases, **_):
+        return fn([_text(c) for c in completions], aliases)
+
+    reward.__name__ = name  # TRL logs each reward under its function's name
+    return reward
+
+
+def run_grpo(args: ParsedArgs) -> GRPOResult:
+    from common import data as qa
+    from common import training as tr
+    from common.model import inherit_from_adapter, resolve_model
+
+    out = tr.prepare_output_dir(args, default="outputs/grpo")
+    source = resolve_model(args.model_id)
+    inherit_from_adapter(args, source)
+    data = qa.load_qa_data(args, need_eval=False)
+
+    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.peft_config import attach_adapter
+    from rlhf.rewards import RewardModelScorer, get_reward_function
+
+    precision = select_precision(args)
+    tokenizer = load_tokenizer(source, args)
+    fmt = qa.prompt_format(args, tokenizer, data.schema)
+    prompts = [qa.chat_messages(q, fmt) if fmt.use_chat else qa.prompt_text(q, fmt) for q in data.train["question"]]
+    lengths = [len(tokenizer(qa.generation_prompt(q, fmt, tokenizer), add_special_tokens=False)["input_ids"])
+               for q in data.train["question"]]
+    too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
+    if too_long:
+        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
+                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {lengths[too_long[0]]}); raise the "
+                         f"limit or filter the data.")
+    from datasets import Dataset
+
+    train_ds = Dataset.from_dict({"prompt": prompts, "aliases": list(data.train["aliases"])})
+
+    model = load_model(source, args, precision, training=True)
+    technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model = attach_adapter(technique, args, model, source)
+    trainable, total = count_parameters(model)
+    log.info("GRPO (%s): %s trainable parameters of %s", technique, f"{trainable:,}", f"{total:,}")
+
+    # Rewards
+    names = [n.strip() for n in (args.reward_function or "").split(",") if n.strip()]
+    reward_funcs = [_as_grpo_reward(n, get_reward_function(n)) for n in names]
+    if args.reward_model:
+        import torch
+
+        scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
+
+        def reward_model(prompts, completions, **_):
+            texts = [(p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False,
+                                                                               add_generation_prompt=True))
+                     + _text(c) for p, c in zip(prompts, completions)]
+            return scorer(texts)
+
+        reward_funcs.append(reward_model)
+    weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    report_to = tr.setup_reporting(args, out)
+    if args.overwrite_output_dir:
+        tr.clear_previous_run(out)
+    kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=False)
+    kwargs["train_sampling_strategy"] = "random"
+    config = GRPOConfig(**kwargs, num_generations=args.num_generations,
+                        max_completion_length=args.max_completion_length, temperature=args.temperature,
+                        beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
+                          processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
+        try:
+            result = trainer.train(resume_from_checkpoint=tr.resolve_resume(args, out))
+        except tr.NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
+    metrics = dict(result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    info = tr.summary(trainer, metrics, out, timer.elapsed)
+    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
+                       "quantized": is_quantized(model)},
+             "data": {"source": data.source, "prompts": len(prompts), "chat_template": fmt.use_chat},
+             "reward": names + (["reward_model"] if args.reward_model else []),
+             "parameters": {"trainable": trainable, "total": total}, "summary": info}
+    tr.save_final(trainer, tokenizer, out, tr.run_config(args, "grpo", extra), drop_adapters=("ref",))
+    tr.finish_reporting(report_to)
+    tr.write_plots(out)
+    tr.print_summary(info)
+    return GRPOResult(output_dir=out, summary=info, trainer=trainer)

@@ -1,0 +1,107 @@
+"""grpo.py, kto.py and simpo.py on the shared layer, chained from an SFT adapter."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import run_script, write_jsonl
+
+FAST = ["--dataset_name", "triviaqa-sample", "--max_train_samples", "64", "--per_device_train_batch_size", "16",
+        "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "lora"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--num_train_epochs", "3",
+                                  "--dataset_name", "triviaqa-sample", "--per_device_train_batch_size", "16",
+                                  "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-2"]) == 0
+    return out
+
+
+def _history(out):
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _reloads(out, tiny_llama, trained_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out).eval()
+    trained_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained_model(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,flags", [("kto", ["--learning_rate", "1e-2", "--beta", "0.5"]),
+                                        ("simpo", ["--learning_rate", "5e-3"])])
+def test_kto_and_simpo_losses_fall_and_adapters_reload(kind, flags, sft_run, tiny_llama, tmp_path):
+    from rlhf.run import train
+
+    out = tmp_path / kind
+    result = train(kind, ["--model_id", sft_run, "--output_dir", out, "--max_steps", "30", *FAST, *flags])
+    losses = [e["loss"] for e in _history(out) if "loss" in e]
+    assert _mean(losses[-2:]) < _mean(losses[:2]) - 0.02, losses
+    assert json.loads((out / "run_config.json").read_text())["model"]["start_adapter"] == str(sft_run)
+    assert not (out / "ref").exists()
+    _reloads(out, tiny_llama, result.trainer.model)
+
+
+def test_simpo_uses_cpo_with_the_simpo_loss(sft_run, tmp_path):
+    from rlhf.run import train
+
+    result = train("simpo", ["--model_id", sft_run, "--output_dir", tmp_path / "s", "--max_steps", "1",
+                             "--simpo_gamma", "0.8", *FAST])
+    config = result.trainer.args
+    assert (config.loss_type, config.cpo_alpha, config.simpo_gamma, config.beta) == ("simpo", 0.0, 0.8, 2.0)
+
+
+def test_kto_on_unpaired_feedback_file(tiny_llama, tmp_path):
+    rows = [{"prompt": f"Question: item {i}?\nAnswer:", "completion": " good" if i % 2 else " bad",
+             "label": bool(i % 2)} for i in range(16)]
+    data = write_jsonl(tmp_path / "feedback.jsonl", rows)
+    assert run_script("kto.py", ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", tmp_path / "k",
+                                 "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+                                 "--save_strategy", "no"]) == 0
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c", "label": "yes"}])
+    assert run_script("kto.py", ["--model_id", tiny_llama, "--dataset_name", bad, "--output_dir", tmp_path / "b",
+                                 "--max_steps", "1"]) == 2
+    assert run_script("dpo.py", ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", tmp_path / "d",
+                                 "--max_steps", "1"]) == 2
+
+
+def test_grpo_mean_reward_rises_with_a_learnable_reward(sft_run, tiny_llama, tmp_path, monkeypatch):
+    from rlhf import rewards
+    from rlhf.grpo import train
+
+    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "has_digit",
+                        lambda responses, aliases: [float(any(c.isdigit() for c in r)) for r in responses])
+    out = tmp_path / "grpo"
+    result = train(["--model_id", sft_run, "--output_dir", out, "--dataset_name", "triviaqa-sample",
+                    "--reward_function", "has_digit,triviaqa_f1", "--reward_weights", "1,0.5", "--max_steps", "30",
+                    "--learning_rate", "1e-2", "--per_device_train_batch_size", "32", "--num_generations", "8",
+                    "--max_completion_length", "4", "--logging_steps", "1", "--save_strategy", "no",
+                    "--report_to", "none"])
+    history = _history(out)
+    rewards_ = [e["rewards/has_digit/mean"] for e in history if "rewards/has_digit/mean" in e]
+    assert _mean(rewards_[-4:]) > _mean(rewards_[:4]) + 0.2, rewards_
+    assert all("kl" in e for e in history if "reward" in e)
+    assert (out / "plots" / "rewards.png").is_file() and (out / "plots" / "kl.png").is_file()
+    _reloads(out, tiny_llama, result.trainer.model)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--reward_function", "triviaqa_em", "--reward_weights", "1,2"], "2 values for 1 rewards"),
+    (["--reward_function", "triviaqa_em", "--num_generations", "1"], "--num_generations"),
+    (["--reward_function", "nope"], "`--reward_function nope` does not exist"),
+    ([], "--reward_function"),
+])
+def test_grpo_bad_flags(argv, match, capsys):
+    assert run_script("grpo.py", ["--model_id", "m", *argv]) == 2
+    assert match in capsys.readouterr().err
