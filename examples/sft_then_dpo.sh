@@ -11,7 +11,7 @@ MODEL=${MODEL:-meta-llama/Llama-3.2-1B-Instruct}
 DATA=${DATA:-triviaqa}
 OUT=${OUT:-outputs/sft-then-dpo}
 MAX_STEPS=${MAX_STEPS:--1}          # -1: train for the epochs below
-PRECISION=${PRECISION:---use_bfloat16 True}
+PRECISION=${PRECISION---use_bfloat16 True}   # PRECISION="" for the CPU
 REPORT_TO=${REPORT_TO:-none}
 
 python lora.py \
