@@ -1,12 +1,12 @@
 """Throughput of our LoRA SFT run (sft.run, called as lora.py calls it) against a plain TRL
 SFTTrainer with its default settings: same device, model, data, hyperparameters and steps.
 
-    python -m bench.bench_sft                                     # both variants, ~3 min on 2 CPU cores
+    python -m bench.bench_sft                                     # both variants, ~2.5 min on 2 CPU cores
     python -m bench.bench_sft --num_examples 400 --hidden_size 256 --num_layers 4    # a quick look
-    python -m bench.bench_sft --variant ours --profile True --max_steps 60           # where our time goes
+    python -m bench.bench_sft --variant ours --profile True --max_steps 20           # where our time goes
 
 Each variant runs in its own process, so its peak memory (process RSS on the CPU,
-torch.cuda.max_memory_allocated on CUDA) is its own. The data are synthetic but TriviaQA-shaped
+torch.cuda.max_memory_allocated on CUDA, both read when training ends) is its own. The data are synthetic but TriviaQA-shaped
 (hub schema, question and answer lengths like the real set); the model is a randomly initialised
 Llama-style one with a tokenizer trained locally. Nothing is downloaded.
 """
@@ -63,6 +63,8 @@ class BenchArguments:
     baseline_gradient_checkpointing: bool = _f(
         True, "TRL's SFTConfig turns gradient checkpointing on by default; `False` measures the baseline "
               "without it, which isolates the rest of the difference.")
+    ours_gradient_checkpointing: bool = _f(
+        False, "Pass `--gradient_checkpointing True` to our run (its default is off): memory for speed.")
     work_dir: Optional[str] = _f(
         None, "Where the data, the model, the runs and their logs go (default: a temporary directory, "
               "removed at the end).")
@@ -192,25 +194,33 @@ def prepare(args, work: Path) -> tuple[str, str]:
 # Measuring one variant -----------------------------------------------------------------------
 
 class BatchCounter:
-    """Real (attention-mask) and padded tokens of every training batch. Sums stay on the batch's
-    device, so counting adds no synchronisation per step. Installed the same way for both variants."""
+    """Real (attention-mask) and padded tokens of every training batch, and the peak memory when
+    `Trainer.train` returns (before our run saves and draws its plots). Token sums stay on the
+    batch's device, so counting adds no synchronisation per step. Installed the same way for both
+    variants."""
 
     def __init__(self):
         self.real: Any = 0
         self.padded = 0
         self.batches = 0
+        self.peak_at_train_end: Optional[int] = None
 
     def install(self) -> None:
         from transformers import Trainer
 
-        original = Trainer.training_step
+        original_step, original_train = Trainer.training_step, Trainer.train
         counter = self
 
         def training_step(trainer, model, inputs, *args, **kwargs):
             counter.add(inputs)
-            return original(trainer, model, inputs, *args, **kwargs)
+            return original_step(trainer, model, inputs, *args, **kwargs)
 
-        Trainer.training_step = training_step
+        def train(trainer, *args, **kwargs):
+            output = original_train(trainer, *args, **kwargs)
+            counter.peak_at_train_end = peak_memory()
+            return output
+
+        Trainer.training_step, Trainer.train = training_step, train
 
     def add(self, inputs: dict) -> None:
         mask = inputs.get("attention_mask")
@@ -221,6 +231,22 @@ class BatchCounter:
             self.real = self.real + inputs["position_ids"].numel()
             self.padded += inputs["position_ids"].numel()
         self.batches += 1
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss()
 
 
 def precision() -> str:
@@ -241,6 +267,8 @@ def train_ours(args, data: str, model: str, out: str, mode: str):
             "--report_to", "none", "--save_strategy", "no"]
     if mode == "bf16":
         argv += ["--use_bfloat16", "True"]
+    if args.ours_gradient_checkpointing:
+        argv += ["--gradient_checkpointing", "True"]
     setup_logging("lora.py")
     return train("lora", [str(a) for a in argv]).trainer
 
@@ -292,7 +320,6 @@ def run_variant(variant: str, args, work: Path) -> dict:
     final = next(e for e in reversed(trainer.state.log_history) if "train_runtime" in e)
     runtime = final["train_runtime"]
     real = int(counter.real)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     cuda = torch.cuda.is_available()
     return {
         "variant": variant,
@@ -307,9 +334,10 @@ def run_variant(variant: str, args, work: Path) -> dict:
         "train_runtime_s": runtime,
         "tokens_per_s": round(real / runtime, 1),
         "train_loss": final.get("train_loss"),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else rss,
+        # up to the end of training: loading, data preparation and training, not our saving and plots
+        "peak_memory_bytes": counter.peak_at_train_end,
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process RSS",
-        "peak_rss_bytes": rss,
+        "peak_memory_whole_process_bytes": peak_memory(),
         "process_wall_s": round(wall, 2),  # setup (data, tokenizing, model load) + training + saving
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "optimizer": str(trainer.args.optim.value if hasattr(trainer.args.optim, "value") else trainer.args.optim),
@@ -339,37 +367,38 @@ def child_argv(args, variant: str, work: Path) -> list[str]:
 
 def spawn(args, variant: str, work: Path) -> dict:
     log_path = work / f"{variant}.log"
-    busy = busy_cpus()
-    if busy is not None and busy > 0.25:
-        print(f"warning: other processes kept {busy:.2f} of {os.cpu_count()} CPUs busy just before this run; "
-              f"its timings will be noisy.", file=sys.stderr)
     print(f"running {variant} (log: {log_path}) ...", flush=True)
+    before, started = cpu_busy_seconds(), time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        rc = subprocess.call(child_argv(args, variant, work), stdout=log, stderr=subprocess.STDOUT,
-                             cwd=Path(__file__).resolve().parent.parent)
+        child = subprocess.Popen(child_argv(args, variant, work), stdout=log, stderr=subprocess.STDOUT,
+                                 cwd=Path(__file__).resolve().parent.parent)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = rc = os.waitstatus_to_exitcode(status)
+    wall, after = time.perf_counter() - started, cpu_busy_seconds()
     if rc != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
         raise RuntimeError(f"the {variant} run failed (exit {rc}); last lines of {log_path}:\n" + "\n".join(tail))
     result = json.loads((work / f"result-{variant}.json").read_text())
-    result["other_busy_cpus_before"] = busy
+    # The machine's busy CPU time minus the child's own: what other processes took meanwhile.
+    other = None
+    if before is not None and after is not None:
+        other = round(max(0.0, after - before - usage.ru_utime - usage.ru_stime) / wall, 2)
+        if other > 0.25:
+            print(f"warning: other processes kept {other:.2f} of {os.cpu_count()} CPUs busy during the {variant} "
+                  f"run; its timings are not trustworthy, run the benchmark again on a quiet machine.",
+                  file=sys.stderr)
+    result["other_busy_cpus"] = other
     return result
 
 
-def busy_cpus(seconds: float = 1.0) -> Optional[float]:
-    """CPUs kept busy by other processes over `seconds` while this one waits (Linux; None elsewhere)."""
-    def sample():
-        with open("/proc/stat", encoding="utf-8") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
+def cpu_busy_seconds() -> Optional[float]:
+    """Busy (or, on a VM, stolen) CPU seconds of the whole machine since boot (Linux; None elsewhere)."""
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+        with open("/proc/stat", encoding="utf-8") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
         return None
-    total = total1 - total0
-    return round((total - (idle1 - idle0)) / total * (os.cpu_count() or 1), 2) if total else None
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait; no guest
 
 
 def machine() -> dict:
@@ -410,8 +439,11 @@ def table(results: dict) -> str:
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
     line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     kind = ours["peak_memory_kind"]
+    noise = ", ".join(f"{v} {results[v]['other_busy_cpus']}" for v in VARIANTS)
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows),
-                      f"(tokens/s: non-padding tokens / train_runtime; peak memory: {kind}, one process per variant)"])
+                      f"(tokens/s: non-padding tokens / train_runtime; peak memory: {kind} until training ends, one process "
+                      f"per variant;",
+                      f" CPUs taken by other processes or the host during each run: {noise})"])
 
 
 def run_both(args) -> dict:
