@@ -564,3 +564,18 @@ class Timer:
 
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self.start
+
+
+def run_cli(script: str, train_fn) -> int:
+    """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130."""
+    setup_logging(script)
+    try:
+        train_fn()
+    except UsageError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # save_on_interrupt already said how to resume
+            print(f"{script}: interrupted.", file=sys.stderr)
+        return 130
+    return 0

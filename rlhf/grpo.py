@@ -4,7 +4,6 @@ TriviaQA rewards (several, weighted) and/or a reward model from reward_model.py.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,19 +51,9 @@ def train(argv: Optional[list[str]] = None) -> GRPOResult:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import Interrupted, setup_logging
+    from common.training import run_cli
 
-    setup_logging("grpo.py")
-    try:
-        train(argv)
-    except UsageError as exc:
-        print(f"grpo.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):
-            print("grpo.py: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("grpo.py", lambda: train(argv))
 
 
 def _text(completion) -> str:

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,19 +65,9 @@ def train(argv: Optional[list[str]] = None) -> PPOResult:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import Interrupted, setup_logging
+    from common.training import run_cli
 
-    setup_logging("ppo.py")
-    try:
-        train(argv)
-    except UsageError as exc:
-        print(f"ppo.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):  # our handler already said how to resume
-            print("ppo.py: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("ppo.py", lambda: train(argv))
 
 
 # The model: policy + reference + value head on one set of base weights -----------------------

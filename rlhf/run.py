@@ -7,9 +7,7 @@ as the reference). ORPO adds an odds-ratio penalty to the SFT loss and needs no 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,20 +68,9 @@ def train(kind: str, argv: Optional[list[str]] = None) -> PreferenceResult:
 
 
 def main(kind: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import Interrupted, setup_logging
+    from common.training import run_cli
 
-    script = KINDS[kind][0]
-    setup_logging(script)
-    try:
-        train(kind, argv)
-    except UsageError as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):  # our handler already said how to resume
-            print(f"{script}: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(KINDS[kind][0], lambda: train(kind, argv))
 
 
 def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,20 +110,9 @@ def train(technique: str, argv: Optional[list[str]] = None) -> "SFTResult":
 
 
 def main(technique: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import Interrupted, setup_logging
+    from common.training import run_cli
 
-    script = TECHNIQUES[technique].script
-    setup_logging(script)
-    try:
-        train(technique, argv)
-    except UsageError as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):  # our handler already said how to resume
-            print(f"{script}: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(TECHNIQUES[technique].script, lambda: train(technique, argv))
 
 
 @dataclass
