@@ -294,56 +294,99 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a checkpoint was saved (the scripts exit with 130)."""
+    """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; the script exits with
+    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int = 2):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Set by the first SIGINT or SIGTERM: the run stops after its current step, with a checkpoint."""
+
+    signum: Optional[int] = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM (a notebook's stop button, a batch
+    scheduler's pre-emption) asks for a checkpoint after the current step; the same signal again
+    stops at once. torchrun answers Ctrl-C with a SIGTERM to its workers, which is not "again"."""
+    import signal
+    import threading
+
+    request = StopRequest()
+
+    def handler(signum, frame):
+        if request.signum == signum:
+            raise KeyboardInterrupt
+        if request.signum is None:
+            request.signum = signum
+            log.warning("%s: saving a checkpoint after this step; %s again to stop at once without one.",
+                        _signal_name(signum), "press Ctrl-C" if signum == signal.SIGINT else "send it")
+
+    # Only the main thread may set signal handlers; elsewhere signals keep their usual effect.
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def announce_stop(args: ParsedArgs, step: int, checkpoint: Path, request: StopRequest) -> None:
+    """After the stop checkpoint is written: say where and how to resume, then raise Interrupted."""
+    if is_main_process():
+        print(f"{args.script}: stopped at step {step}; checkpoint saved in {checkpoint}. Resume with: "
+              f"{resume_command(args)}", file=sys.stderr, flush=True)
+    raise Interrupted(request.signum or 2)
 
 
 @contextlib.contextmanager
 def save_on_interrupt(trainer, args: ParsedArgs):
-    """Around trainer.train(): the first Ctrl-C lets the current step finish, saves a checkpoint
-    (output_dir/checkpoint-<step> with the trainer state, which `--resume_from_checkpoint auto` picks),
-    prints the command that resumes and raises Interrupted. A second Ctrl-C stops at once."""
-    import signal
-    import threading
-
+    """Around trainer.train(): the first Ctrl-C (or SIGTERM) lets the current step finish, saves a
+    checkpoint (output_dir/checkpoint-<step> with the trainer state, which `--resume_from_checkpoint
+    auto` picks), prints the command that resumes and raises Interrupted. A second one stops at once."""
     from transformers import TrainerCallback
 
     class StopAfterStep(TrainerCallback):
-        requested = False
         stopped_at: Optional[int] = None
 
+        def __init__(self, request: StopRequest):
+            self.request = request
+
         def on_step_end(self, targs, state, control, **kwargs):
-            if _on_any_process(self.requested, targs.device):  # every process must stop at the same step
+            if on_any_process(self.request.requested, targs.device):  # every process stops at the same step
                 self.stopped_at = state.global_step
                 control.should_log = control.should_save = control.should_training_stop = True
 
-    stop = StopAfterStep()
-
-    def handler(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        log.warning("Ctrl-C: saving a checkpoint after this step; press Ctrl-C again to stop at once without one.")
-
-    # Only the main thread may set signal handlers; elsewhere Ctrl-C keeps its usual effect.
-    installed = threading.current_thread() is threading.main_thread()
-    if installed:
-        previous = signal.signal(signal.SIGINT, handler)
-    trainer.add_callback(stop)
-    try:
-        yield
-    finally:
-        trainer.remove_callback(stop)
-        if installed:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    with stop_requests() as request:
+        stop = StopAfterStep(request)
+        trainer.add_callback(stop)
+        try:
+            yield
+        finally:
+            trainer.remove_callback(stop)
     if stop.stopped_at is not None:
-        if is_main_process():
-            saved = Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}"
-            print(f"{args.script}: stopped at step {stop.stopped_at}; checkpoint saved in {saved}. Resume with: "
-                  f"{resume_command(args)}", file=sys.stderr, flush=True)
-        raise Interrupted
+        announce_stop(args, stop.stopped_at, Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}",
+                      request)
 
 
-def _on_any_process(flag: bool, device) -> bool:
+def on_any_process(flag: bool, device) -> bool:
     import torch
     import torch.distributed as dist
 
@@ -372,7 +415,19 @@ def resume_command(args: ParsedArgs) -> str:
     else:  # called as main(argv): rebuild from the flags that were set
         flags = args.to_dict()
         script, argv = args.script, [x for n in sorted(args.explicit - drop) for x in (f"--{n}", str(flags[n]))]
-    return shlex.join(["python", script, *argv, "--resume_from_checkpoint", "auto"])
+    return shlex.join([*_launcher(), script, *argv, "--resume_from_checkpoint", "auto"])
+
+
+def _launcher() -> list[str]:
+    """`python`, or a torchrun line with this run's process count when several processes run
+    (torchrun and `accelerate launch` both set these variables; on several nodes, add the
+    rendezvous flags you launched with)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return ["python"]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    nodes = [f"--nnodes={world // local}"] if world > local else []
+    return ["torchrun", *nodes, f"--nproc_per_node={local}"]
 
 
 def exact_match_callback(rows, fmt, tokenizer, batch_size: int):
@@ -575,7 +630,8 @@ def run_cli(script: str, train_fn) -> int:
         print(f"{script}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):  # save_on_interrupt already said how to resume
-            print(f"{script}: interrupted.", file=sys.stderr)
+        if isinstance(exc, Interrupted):  # announce_stop already said how to resume
+            return 128 + exc.signum
+        print(f"{script}: interrupted.", file=sys.stderr)
         return 130
     return 0

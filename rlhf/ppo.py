@@ -6,10 +6,16 @@ frozen copy of it) and the value function (a linear head on the policy's last hi
 Each step: sample answers to a batch of prompts, score them (verifiable TriviaQA reward or a
 reward model), turn scores into per-token rewards with a KL penalty, estimate advantages with
 GAE, then run clipped PPO updates for a few epochs. The arithmetic is in rlhf/ppo_core.py.
+
+Checkpoints (`--save_strategy steps`, and one on Ctrl-C or SIGTERM) hold everything the loop needs
+to go on as if never stopped: adapter, value head, optimizer and scheduler state, the adaptive KL
+coefficient, the prompt order and every process's random state. `--resume_from_checkpoint auto`
+continues from the newest complete one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -103,6 +109,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     from common.model import inherit_from_adapter, resolve_model
 
     out = tr.prepare_output_dir(args, default="outputs/ppo")
+    resume = tr.resolve_resume(args, out)
+    if resume:
+        _check_checkpoint(Path(resume))
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     data = qa.load_qa_data(args, need_eval=False)
@@ -188,13 +197,27 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     history: list[dict] = []
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
-    cursor = 0
-    start = time.perf_counter()
-    gen_time = opt_time = 0.0
-    from tqdm.auto import tqdm
+    loop = {"cursor": 0, "time_generation_s": 0.0, "time_optimisation_s": 0.0, "runtime_s": 0.0,
+            "num_processes": accelerator.num_processes}
+    first_step = 1
+    if resume:
+        history, order, loop = _resume(Path(resume), unwrapped, optimizer, scheduler, kl_ctl, generator,
+                                       accelerator, len(prompts))
+        first_step = len(history) + 1
+    cursor, gen_time, opt_time = loop["cursor"], loop["time_generation_s"], loop["time_optimisation_s"]
+    start = time.perf_counter() - loop["runtime_s"]
 
-    bar = tqdm(range(1, steps + 1), desc="PPO", disable=not accelerator.is_main_process)
-    for step in bar:
+    def checkpoint(step: int) -> Path:
+        folder = Path(out) / f"checkpoint-{step}"
+        state = {"cursor": cursor, "time_generation_s": gen_time, "time_optimisation_s": opt_time,
+                 "runtime_s": time.perf_counter() - start, "num_processes": accelerator.num_processes,
+                 "kl_coef": kl_ctl.value}
+        _save_checkpoint(unwrapped, tokenizer, folder, accelerator, history, optimizer, scheduler, state,
+                         generator, order, args.save_total_limit)
+        return folder
+
+    def ppo_step(step: int) -> dict:
+        nonlocal order, cursor, gen_time, opt_time
         # Rollouts
         if cursor + rollouts_per_step > len(order):
             order = torch.randperm(len(prompts), generator=generator).tolist()
@@ -238,12 +261,25 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
         if not all(math.isfinite(v) for v in entry.values()):
             raise UsageError(f"PPO statistics became non-finite at step {step} ({entry}); lower `--learning_rate` "
                              f"or raise `--kl_coef`.")
-        history.append(entry)
-        if step % args.logging_steps == 0 or step == steps:
-            accelerator.log(entry, step=step)
-            bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
-        if args.save_strategy == "steps" and step % args.save_steps == 0 and step < steps:
-            _save(unwrapped, tokenizer, Path(out) / f"checkpoint-{step}", accelerator, history, None)
+        return entry
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(first_step, steps + 1), desc="PPO", initial=first_step - 1, total=steps,
+               disable=not accelerator.is_main_process)
+    with tr.stop_requests() as stop:
+        for step in bar:
+            entry = ppo_step(step)
+            history.append(entry)
+            if step % args.logging_steps == 0 or step == steps:
+                accelerator.log(entry, step=step)
+                bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
+            saved = None
+            if args.save_strategy == "steps" and step % args.save_steps == 0 and step < steps:
+                saved = checkpoint(step)
+            if tr.on_any_process(stop.requested, accelerator.device):  # every process stops at the same step
+                bar.close()
+                tr.announce_stop(args, step, saved or checkpoint(step), stop)
 
     runtime = time.perf_counter() - start
     info = {"steps": steps, "train_loss": None, "runtime_s": round(runtime, 2),
@@ -398,36 +434,134 @@ def _mean_across(accelerator, value: float) -> float:
     return accelerator.gather(t).mean().item()
 
 
-def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config: Optional[dict]) -> None:
-    """Policy adapter (without the frozen reference copy), value head, tokenizer, log history and
-    run_config.json; staged, then moved into place with adapter_config.json last."""
+def _write_policy(unwrapped, tokenizer, folder: Path, history: list, extra_state: Optional[dict] = None) -> None:
+    """Policy adapter (without the frozen reference copy), value head, tokenizer and log history."""
     from safetensors.torch import save_file
 
     from common import training as tr
 
+    unwrapped.policy.save_pretrained(str(folder), selected_adapters=["default"])
+    head = unwrapped.value_head
+    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / "value_head.safetensors"))
+    tokenizer.save_pretrained(str(folder))
+    tr._absolute_base_path(folder)
+    # Written last: a checkpoint counts as complete once this file is whole.
+    tr.write_json(folder / "trainer_state.json", {"global_step": len(history), "log_history": history,
+                                                  **({"ppo": extra_state} if extra_state else {})})
+
+
+def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config: dict) -> None:
+    """The final outputs, staged, then moved into place with adapter_config.json and run_config.json last."""
+    from common import training as tr
+
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        staging = target.parent / f".{target.name}.tmp" if config is None else target / ".final.tmp"
+        staging = target / ".final.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        unwrapped.policy.save_pretrained(str(staging), selected_adapters=["default"])
-        head = unwrapped.value_head
-        save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-                   "bias": head.bias.detach().float().cpu().contiguous()}, str(staging / "value_head.safetensors"))
-        tokenizer.save_pretrained(str(staging))
-        tr.write_json(staging / "trainer_state.json", {"global_step": len(history), "log_history": history})
-        if config is not None:
-            tr.write_json(staging / tr.RUN_CONFIG, config)
-        tr._absolute_base_path(staging)
-        if config is None:  # a checkpoint: the whole folder appears at once
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-            names = sorted(p.name for p in staging.iterdir())
-            last = [n for n in (tr.RUN_CONFIG, "adapter_config.json") if n in names]
-            for name in [n for n in names if n not in last] + last:
-                if (target / name).is_dir():
-                    shutil.rmtree(target / name)
-                os.replace(staging / name, target / name)
-            shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _write_policy(unwrapped, tokenizer, staging, history)
+        tr.write_json(staging / tr.RUN_CONFIG, config)
+        names = sorted(p.name for p in staging.iterdir())
+        last = [n for n in (tr.RUN_CONFIG, "adapter_config.json") if n in names]
+        for name in [n for n in names if n not in last] + last:
+            if (target / name).is_dir():
+                shutil.rmtree(target / name)
+            os.replace(staging / name, target / name)
+        shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+# Checkpoints and resuming ---------------------------------------------------------------------
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_state_{rank}.safetensors"
+
+
+def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: list, optimizer, scheduler,
+                     loop_state: dict, generator, order: list, keep: Optional[int]) -> None:
+    """Everything the loop needs to go on: written into a hidden folder (every process adds its
+    random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one."""
+    import torch
+    from safetensors.torch import save_file
+
+    staging = folder.parent / f".{folder.name}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state(), "generator": generator.get_state(),
+           "order": torch.tensor(order, dtype=torch.int64)}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state().cpu()
+    save_file(rng, str(_rng_file(staging, accelerator.process_index)))
+    if accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        _write_policy(unwrapped, tokenizer, staging, history, loop_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        if keep and keep > 0:  # --save_total_limit: the oldest go first
+            old = sorted((int(d.name.split("-", 1)[1]), d) for d in folder.parent.glob("checkpoint-*")
+                         if d.is_dir() and d.name.split("-", 1)[1].isdigit())
+            for _, d in old[:-keep]:
+                shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_checkpoint(folder: Path) -> None:
+    """Before any model loads: the checkpoint must be one that ppo.py wrote."""
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    missing = [n for n in ("value_head.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.safetensors")
+               if not (folder / n).is_file()]
+    if "ppo" not in state or missing:
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: not a ppo.py checkpoint (no PPO loop state"
+                         f"{', no ' + ', '.join(missing) if missing else ''}); resume from a checkpoint-N that "
+                         f"ppo.py wrote, or start from an adapter with `--model_id`.")
+
+
+def _resume(folder: Path, unwrapped, optimizer, scheduler, kl_ctl, generator, accelerator,
+            num_prompts: int) -> tuple[list, list, dict]:
+    """Loads a checkpoint-N of ours; returns (history, prompt order, loop state). Only tensors are
+    read: safetensors, and torch files with `weights_only=True`, which unpickles nothing else."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    loop = state["ppo"]
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    try:
+        result = set_peft_model_state_dict(unwrapped.policy, weights, adapter_name="default")
+        unwrapped.value_head.load_state_dict({k: v.to(unwrapped.value_head.weight.dtype) for k, v in
+                                              load_file(str(folder / "value_head.safetensors")).items()})
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run "
+                         f"({str(exc).splitlines()[0][:200]}); resume with the flags the run started with.") from None
+    if getattr(result, "unexpected_keys", None):
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run (unexpected "
+                         f"weights such as {result.unexpected_keys[0]}); resume with the flags the run started with.")
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    kl_ctl.value = loop["kl_coef"]
+
+    rank_file = _rng_file(folder, accelerator.process_index)
+    if loop.get("num_processes") != accelerator.num_processes or not rank_file.is_file():
+        log.warning("the checkpoint was written by %s process(es), this run has %d: the run goes on, but its "
+                    "rollouts will not be those of an uninterrupted run.", loop.get("num_processes"),
+                    accelerator.num_processes)
+        rank_file = _rng_file(folder, accelerator.process_index % max(1, loop.get("num_processes") or 1))
+    rng = load_file(str(rank_file))
+    order = rng["order"].tolist()
+    if len(order) != num_prompts:
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: the run was training on {len(order)} prompts, "
+                         f"the data now have {num_prompts}; resume with the same data and slicing flags.")
+    torch.set_rng_state(rng["cpu"])
+    generator.set_state(rng["generator"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    log.info("PPO resumes after step %d", state["global_step"])
+    return state["log_history"], order, loop

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import shlex
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +217,76 @@ def test_ppo_bad_input_exits_2(argv, match, tiny_llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
     assert not (tmp_path / "p" / "adapter_config.json").exists()
+
+
+# Checkpoints, resuming and Ctrl-C -------------------------------------------------------------
+
+def _ppo_history(folder) -> list[dict]:
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["log_history"]
+
+
+def _interrupt_during_update(monkeypatch, call: int, signum=signal.SIGINT) -> None:
+    """Sends this process `signum` during the given PPO update (1-based)."""
+    from rlhf import ppo
+
+    original, seen = ppo._ppo_epochs, []
+
+    def epochs(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "_ppo_epochs", epochs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ppo_stopped_and_resumed_matches_an_uninterrupted_run(signum, tiny_llama, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from common.training import is_finished_run, last_complete_checkpoint
+
+    # A checkpoint every 2 steps (only the newest kept), so the stop at step 3 adds its own.
+    argv = ["--model_id", tiny_llama, "--reward_function", "triviaqa_f1", "--max_steps", "5", "--response_length",
+            "4", "--per_device_train_batch_size", "4", "--num_mini_batches", "2", "--dataset_name",
+            "triviaqa-sample", "--max_train_samples", "10", "--report_to", "none", "--save_strategy", "steps",
+            "--save_steps", "2", "--save_total_limit", "1", "--learning_rate", "3e-3"]
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    assert run_script("ppo.py", argv + ["--output_dir", reference]) == 0
+    # 8 rollouts a step from 10 prompts: the order is reshuffled on the way, at step 2 and 3.
+
+    handler = signal.getsignal(signum)
+    _interrupt_during_update(monkeypatch, 3, signum)
+    assert run_script("ppo.py", argv + ["--output_dir", out]) == 128 + signum
+    assert signal.getsignal(signum) is handler
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not is_finished_run(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]  # the step-2 one rotated away
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-3")
+    hint = next(line for line in err.splitlines() if "Resume with: " in line)
+    assert hint.startswith("ppo.py: stopped at step 3;")
+    command = shlex.split(hint.split("Resume with: ", 1)[1])
+    assert command[:2] == ["python", "ppo.py"] and command[-2:] == ["--resume_from_checkpoint", "auto"]
+
+    monkeypatch.undo()
+    assert run_script("ppo.py", command[2:]) == 0
+    assert "PPO resumes after step 3" in capsys.readouterr().err
+    assert is_finished_run(out)
+    resumed, uninterrupted = _ppo_history(out), _ppo_history(reference)
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5]
+    for key in ("score", "kl", "policy_loss", "value_loss", "kl_coef", "learning_rate"):
+        assert [e[key] for e in resumed] == pytest.approx([e[key] for e in uninterrupted], rel=1e-4, abs=1e-6), key
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(out / name), load_file(reference / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_ppo_resume_refuses_a_checkpoint_it_did_not_write(tiny_llama, tmp_path, capsys):
+    sft = tmp_path / "sft"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", sft, "--max_steps", "2", *SFT,
+                                  "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    assert run_script("ppo.py", ["--model_id", tiny_llama, "--output_dir", sft, "--reward_function",
+                                 "triviaqa_em", "--resume_from_checkpoint", sft / "checkpoint-1", *PPO]) == 2
+    err = capsys.readouterr().err
+    assert "not a ppo.py checkpoint" in err and "Traceback" not in err

@@ -170,8 +170,8 @@ def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_exits_130(tiny_
     assert [e["step"] for e in _state(out)["log_history"] if "loss" in e] == list(range(1, 21))
 
 
-def _ctrl_c_during_steps(monkeypatch, *calls: int) -> None:
-    """Sends this process SIGINT at the start of the given training_step calls (1-based)."""
+def _ctrl_c_during_steps(monkeypatch, *calls: int, signum=signal.SIGINT) -> None:
+    """Sends this process SIGINT (or `signum`) at the start of the given training_step calls (1-based)."""
     from transformers import Trainer
 
     original, seen = Trainer.training_step, []
@@ -179,7 +179,7 @@ def _ctrl_c_during_steps(monkeypatch, *calls: int) -> None:
     def training_step(self, *args, **kwargs):
         seen.append(1)
         for _ in range(calls.count(len(seen))):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", training_step)
@@ -220,6 +220,32 @@ def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_llama, tmp_path, 
     assert last_complete_checkpoint(out) is None and not is_finished_run(out)
 
 
+@pytest.mark.parametrize("signals,code", [
+    ((signal.SIGTERM,), 143),                # a notebook's stop button, a batch scheduler's pre-emption
+    ((signal.SIGINT, signal.SIGTERM), 130),  # Ctrl-C under torchrun: the agent then sends its workers SIGTERM
+])
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(signals, code, tiny_llama, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    out, original, seen = tmp_path / "run", Trainer.training_step, []
+
+    def training_step(self, *args, **kwargs):
+        seen.append(1)
+        if len(seen) == 3:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "6",
+                                  "--save_strategy", "no", *FAST]) == code
+    assert signal.getsignal(signal.SIGTERM) is handler
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lora.py: stopped at step 3;" in err
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-3") and not is_finished_run(out)
+
+
 def test_resume_command_keeps_the_users_flags_without_secrets_or_overwrite(tmp_path, monkeypatch):
     from common.training import resume_command
     from sft.run import parse
@@ -239,6 +265,15 @@ def test_resume_command_keeps_the_users_flags_without_secrets_or_overwrite(tmp_p
     assert command[-4:] == ["--overwrite_output_dir", "False", "--resume_from_checkpoint", "auto"]
     resumed = parse("lora", command[2:])[1]
     assert resumed.resume_from_checkpoint == "auto" and not resumed.overwrite_output_dir
+
+    # Under torchrun / accelerate launch the hint relaunches with as many processes.
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--model_id", "m"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    args = parse("lora", ["--model_id", "m"])[1]
+    assert resume_command(args) == "torchrun --nproc_per_node=4 lora.py --model_id m --resume_from_checkpoint auto"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert resume_command(args).startswith("torchrun --nnodes=4 --nproc_per_node=4 lora.py")
 
 
 # Checkpoints cut off while being written --------------------------------------------------
