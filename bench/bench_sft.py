@@ -4,6 +4,8 @@ SFTTrainer with its default settings: same device, model, data, hyperparameters 
     python -m bench.bench_sft                                     # both variants, ~2.5 min on 2 CPU cores
     python -m bench.bench_sft --num_examples 400 --hidden_size 256 --num_layers 4    # a quick look
     python -m bench.bench_sft --variant ours --profile True --max_steps 20           # where our time goes
+    python -m bench.bench_sft --technique qlora                   # 4-bit base in both (bitsandbytes)
+    python -m bench.bench_sft --ours_flags "--padding_free True --attn_implementation flash_attention_2"
 
 Each variant runs in its own process, so its peak memory (process RSS on the CPU,
 torch.cuda.max_memory_allocated on CUDA, both read when training ends) is its own. The data are synthetic but TriviaQA-shaped
@@ -20,6 +22,7 @@ import platform
 import random
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +50,10 @@ class BenchArguments:
     variant: Literal["both", "ours", "baseline"] = _f(
         "both", "`both` runs each variant in its own process and prints the table; `ours` or `baseline` runs "
                 "one variant in this process (what `both` spawns).")
+    technique: Literal["lora", "qlora"] = _f(
+        "lora", "`qlora`: both variants load the base in 4-bit NF4 (bitsandbytes), ours through qlora.py's path.")
+    ours_flags: str = _f("", "More lora.py/qlora.py flags for our run, as one string (e.g. \"--use_liger_kernel "
+                             "True\"); the baseline keeps TRL's defaults.")
     num_examples: int = _f(1000, "Synthetic TriviaQA-shaped training questions (one epoch is trained).")
     hidden_size: int = _f(512, "Model width (a multiple of 64); heads = width / 64, MLP width = 8/3 of it.")
     num_layers: int = _f(8, "Transformer layers.")
@@ -64,7 +71,7 @@ class BenchArguments:
         True, "TRL's SFTConfig turns gradient checkpointing on by default; `False` measures the baseline "
               "without it, which isolates the rest of the difference.")
     ours_gradient_checkpointing: bool = _f(
-        False, "Pass `--gradient_checkpointing True` to our run (its default is off): memory for speed.")
+        True, "Our run's `--gradient_checkpointing` (on by default, as in TRL); `False` trades memory for speed.")
     work_dir: Optional[str] = _f(
         None, "Where the data, the model, the runs and their logs go (default: a temporary directory, "
               "removed at the end).")
@@ -89,6 +96,10 @@ def check(args) -> None:
         raise UsageError("`--num_train_epochs` must be > 0 (or set `--max_steps`).")
     if not 0 <= args.lora_dropout < 1:
         raise UsageError(f"`--lora_dropout` must be in [0, 1) (got {args.lora_dropout}).")
+    try:
+        shlex.split(args.ours_flags)
+    except ValueError as exc:
+        raise UsageError(f"`--ours_flags`: {exc}; quote it as one shell string.") from None
 
 
 # Dataset -------------------------------------------------------------------------------------
@@ -267,10 +278,11 @@ def train_ours(args, data: str, model: str, out: str, mode: str):
             "--report_to", "none", "--save_strategy", "no"]
     if mode == "bf16":
         argv += ["--use_bfloat16", "True"]
-    if args.ours_gradient_checkpointing:
-        argv += ["--gradient_checkpointing", "True"]
-    setup_logging("lora.py")
-    return train("lora", [str(a) for a in argv]).trainer
+    if not args.ours_gradient_checkpointing:
+        argv += ["--gradient_checkpointing", "False"]
+    argv += shlex.split(args.ours_flags)
+    setup_logging(f"{args.technique}.py")
+    return train(args.technique, [str(a) for a in argv]).trainer
 
 
 def train_baseline(args, data: str, model: str, out: str, mode: str):
@@ -278,6 +290,15 @@ def train_baseline(args, data: str, model: str, out: str, mode: str):
     from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
+
+    init = {}
+    if args.technique == "qlora":  # as the TRL docs show QLoRA: a BitsAndBytesConfig for the model
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        init["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
 
     dataset = load_dataset("json", data_files=data, split="train")
     dataset = dataset.map(lambda row: {"prompt": TEMPLATE.replace("{question}", row["question"]),
@@ -289,6 +310,7 @@ def train_baseline(args, data: str, model: str, out: str, mode: str):
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, seed=args.seed,
         save_strategy="no",  # as our run: no checkpoint I/O inside the timed loop
         gradient_checkpointing=args.baseline_gradient_checkpointing,
+        model_init_kwargs=init or None,
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -340,6 +362,7 @@ def run_variant(variant: str, args, work: Path) -> dict:
         "peak_memory_whole_process_bytes": peak_memory(),
         "process_wall_s": round(wall, 2),  # setup (data, tokenizing, model load) + training + saving
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "linear4bit_layers": sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()),
         "optimizer": str(trainer.args.optim.value if hasattr(trainer.args.optim, "value") else trainer.args.optim),
         "sampling": trainer.args.train_sampling_strategy,
     }
@@ -361,7 +384,7 @@ def child_argv(args, variant: str, work: Path) -> list[str]:
     for f in fields(BenchArguments):
         if f.name in ("variant", "work_dir", "output", "profile"):
             continue
-        argv += [f"--{f.name}", str(getattr(args, f.name))]
+        argv.append(f"--{f.name}={getattr(args, f.name)}")  # `=`: values may start with `--`
     return argv
 
 
@@ -478,8 +501,10 @@ def run_both(args) -> dict:
         },
     }
     m = report["machine"]
-    print(f"\n{m['gpu'] or m['cpu']} ({m['nproc']} CPUs), {m['date']}; model: {args.num_layers} layers, width "
-          f"{args.hidden_size}; {args.num_examples} examples, batch {args.per_device_train_batch_size}")
+    extra = f" + {args.ours_flags}" if args.ours_flags else ""
+    print(f"\n{m['gpu'] or m['cpu']} ({m['nproc']} CPUs), {m['date']}; {args.technique}{extra}; model: "
+          f"{args.num_layers} layers, width {args.hidden_size}; {args.num_examples} examples, batch "
+          f"{args.per_device_train_batch_size}")
     print(table(results))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from common.args import (DataArguments, FlagParser, GRPOArguments, LoraArguments
 log = logging.getLogger("finetune")
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, GRPOArguments, TrainingArguments]
-_UNUSED = ("completion_only_loss", "packing", "eval_em_samples", "max_seq_length", "neftune_noise_alpha")
+_UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_em_samples", "max_seq_length",
+           "neftune_noise_alpha")
 
 
 def make_parser() -> FlagParser:

@@ -15,6 +15,7 @@ continues from the newest complete one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -33,8 +34,9 @@ log = logging.getLogger("finetune")
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments]
 # Shared flags that have no meaning for PPO rollouts.
-_UNUSED = ("completion_only_loss", "packing", "eval_strategy", "eval_steps", "eval_em_samples",
-           "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length")
+_UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "eval_steps",
+           "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length",
+           "gradient_checkpointing")  # the policy runs in eval mode (no dropout), where checkpointing is off
 
 
 def make_parser() -> FlagParser:
@@ -55,6 +57,7 @@ def parse(argv: Optional[list[str]]) -> ParsedArgs:
     ignored = sorted(n for n in args.explicit if n in _UNUSED)
     if ignored:
         log.warning("ppo.py ignores flags that do not apply to PPO: %s.", format_flags(ignored))
+    args.set("gradient_checkpointing", False)
     return args
 
 
@@ -88,11 +91,16 @@ def _policy_and_value(policy, hidden_size: int):
             self.value_head = torch.nn.Linear(hidden_size, 1)
             torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
             torch.nn.init.zeros_(self.value_head.bias)
+            forward = policy.get_base_model().forward
+            self.keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
 
         def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            # The vocabulary projection only where answer tokens are predicted: with a 128k-token
+            # vocabulary, logits for the prompt too would be most of the activation memory.
+            keep = {"logits_to_keep": response_length + 1} if self.keeps_logits else {}
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              output_hidden_states=True, use_cache=False)
+                              output_hidden_states=True, use_cache=False, **keep)
             logits = out.logits[:, -response_length - 1:-1].float() / temperature
             hidden = out.hidden_states[-1][:, -response_length - 1:-1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
@@ -197,34 +205,33 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     history: list[dict] = []
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
-    loop = {"cursor": 0, "time_generation_s": 0.0, "time_optimisation_s": 0.0, "runtime_s": 0.0,
+    loop = {"cursor": 0, "seconds": {"sampling": 0.0, "scoring": 0.0, "optimisation": 0.0}, "runtime_s": 0.0,
             "num_processes": accelerator.num_processes}
     first_step = 1
     if resume:
         history, order, loop = _resume(Path(resume), unwrapped, optimizer, scheduler, kl_ctl, generator,
                                        accelerator, len(prompts))
         first_step = len(history) + 1
-    cursor, gen_time, opt_time = loop["cursor"], loop["time_generation_s"], loop["time_optimisation_s"]
+    cursor, seconds = loop["cursor"], loop["seconds"]
     start = time.perf_counter() - loop["runtime_s"]
 
     def checkpoint(step: int) -> Path:
         folder = Path(out) / f"checkpoint-{step}"
-        state = {"cursor": cursor, "time_generation_s": gen_time, "time_optimisation_s": opt_time,
-                 "runtime_s": time.perf_counter() - start, "num_processes": accelerator.num_processes,
-                 "kl_coef": kl_ctl.value}
+        state = {"cursor": cursor, "seconds": seconds, "runtime_s": time.perf_counter() - start,
+                 "num_processes": accelerator.num_processes, "kl_coef": kl_ctl.value}
         _save_checkpoint(unwrapped, tokenizer, folder, accelerator, history, optimizer, scheduler, state,
                          generator, order, args.save_total_limit)
         return folder
 
     def ppo_step(step: int) -> dict:
-        nonlocal order, cursor, gen_time, opt_time
+        nonlocal order, cursor
         # Rollouts
         if cursor + rollouts_per_step > len(order):
             order = torch.randperm(len(prompts), generator=generator).tolist()
             cursor = 0
         batch_idx = order[cursor:cursor + rollouts_per_step]
         cursor += rollouts_per_step
-        t0 = time.perf_counter()
+        t0 = _clock()
         roll = _rollout(unwrapped, accelerator, tokenizer, [prompt_ids[i] for i in batch_idx], args, stop_ids,
                         ref_adapter=bool(source.adapter_dir))
         responses = tokenizer.batch_decode(roll["responses"], skip_special_tokens=True)
@@ -240,12 +247,13 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
         rewards, kl = core.per_token_rewards(scores, roll["logprobs"], roll["ref_logprobs"], mask, kl_ctl.value)
         advantages, returns = core.gae(rewards, roll["values"], mask, args.gamma, args.lam)
         advantages = core.masked_whiten(advantages, mask, reduce=reduce)
-        gen_time += time.perf_counter() - t0
+        seconds["sampling"] += roll["sampling_s"]
+        seconds["scoring"] += _clock() - t0 - roll["sampling_s"]
 
         # PPO updates
-        t0 = time.perf_counter()
+        t0 = _clock()
         stats = _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core)
-        opt_time += time.perf_counter() - t0
+        seconds["optimisation"] += _clock() - t0
 
         # Statistics, across processes
         seq_kl = (kl.sum(dim=1))
@@ -285,7 +293,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     info = {"steps": steps, "train_loss": None, "runtime_s": round(runtime, 2),
             "rollouts": steps * rollouts_per_step * accelerator.num_processes,
             "rollouts_per_s": round(steps * rollouts_per_step * accelerator.num_processes / runtime, 2),
-            "time_generation_s": round(gen_time, 2), "time_optimisation_s": round(opt_time, 2),
+            "time_generation_s": round(seconds["sampling"] + seconds["scoring"], 2),
+            "time_sampling_s": round(seconds["sampling"], 2), "time_scoring_s": round(seconds["scoring"], 2),
+            "time_optimisation_s": round(seconds["optimisation"], 2),
             "score_first": history[0]["score"], "score_last": history[-1]["score"],
             "peak_memory": tr.peak_memory(), "output_dir": os.path.abspath(out)}
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
@@ -306,7 +316,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
         print("\n── PPO summary " + "─" * 40 +
               f"\n  steps        {steps} ({info['rollouts']} rollouts, {info['rollouts_per_s']} rollouts/s)"
               f"\n  score        {info['score_first']:.4f} -> {info['score_last']:.4f} ({reward_name})"
-              f"\n  time         {runtime:.1f} s (generation+scoring {gen_time:.1f} s, optimisation {opt_time:.1f} s)"
+              f"\n  time         {runtime:.1f} s: generation {info['time_generation_s']:.1f} s (sampling "
+              f"{info['time_sampling_s']:.1f} s, log-probs/values/reward {info['time_scoring_s']:.1f} s), "
+              f"optimisation {info['time_optimisation_s']:.1f} s"
               f"\n  peak memory  {info['peak_memory']}"
               f"\n  written to   {info['output_dir']}  (policy adapter, value_head.safetensors, {tr.RUN_CONFIG})",
               flush=True)
@@ -326,6 +338,15 @@ def _optimizer(args, params):
         log.warning("ppo.py: `--optimizer %s` is not supported here; using AdamW.", name)
     fused = name == "adamw_torch_fused" and torch.cuda.is_available()
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
+
+
+def _clock() -> float:
+    """Seconds, after the GPU has finished what was queued (so time is charged to the right phase)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -348,11 +369,13 @@ def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], arg
         attn[row, width - len(p):] = 1
     ids, attn = ids.to(device), attn.to(device)
     policy = unwrapped.policy
+    t0 = _clock()
     with torch.no_grad(), accelerator.autocast():
         generated = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
                                     temperature=args.temperature, top_k=0, top_p=1.0,
                                     max_new_tokens=args.response_length, eos_token_id=stop_ids,
                                     pad_token_id=pad, use_cache=True)
+    sampling_s = _clock() - t0
     responses = generated[:, width:]
     if responses.size(1) < args.response_length:
         fill = torch.full((responses.size(0), args.response_length - responses.size(1)), pad, device=device,
@@ -381,7 +404,7 @@ def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], arg
         ref_logprobs = torch.gather(torch.log_softmax(ref_logits, -1), 2, responses.unsqueeze(-1)).squeeze(-1)
     return {"full": full, "attention": full_attn, "responses": responses, "mask": mask, "has_eos": has_eos,
             "logprobs": logprobs.float() * mask, "ref_logprobs": ref_logprobs.float() * mask,
-            "values": values.float() * mask}
+            "values": values.float() * mask, "sampling_s": sampling_s}
 
 
 def _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core) -> dict:

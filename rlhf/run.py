@@ -31,7 +31,7 @@ ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArgument
 _SPECIFIC = ("loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight")
 _USES = {"dpo": ("loss_type",), "orpo": (), "kto": ("desirable_weight", "undesirable_weight"),
          "simpo": ("simpo_gamma",)}
-_UNUSED = {kind: ("completion_only_loss", "packing", *(f for f in _SPECIFIC if f not in uses))
+_UNUSED = {kind: ("completion_only_loss", "packing", "padding_free", *(f for f in _SPECIFIC if f not in uses))
            for kind, uses in _USES.items()}
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs,
                          PromptLearningArguments, QuantizationArguments, TrainingArguments, UsageError,
-                         check_common, format_flags)
+                         check_common, check_sft, format_flags)
 from common.peft_config import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
 
 log = logging.getLogger("finetune")
@@ -95,10 +95,12 @@ def parse(technique: str, argv: Optional[list[str]]) -> tuple[str, ParsedArgs]:
         args.set("load_in_4bit", False)  # 8-bit LoRA asked for explicitly
     check_common(args)
     effective = effective_technique(technique, args)
+    check_sft(effective, args)
     warn_ignored(effective, args)
     if effective == "prefix_tuning" and args.gradient_checkpointing:
-        log.warning("`--gradient_checkpointing`: prefix tuning cannot use it (PEFT refuses the combination); "
-                    "training without it.")
+        if "gradient_checkpointing" in args.explicit:
+            log.warning("`--gradient_checkpointing`: prefix tuning cannot use it (PEFT refuses the combination); "
+                        "training without it.")
         args.set("gradient_checkpointing", False)
     return effective, args
 
@@ -173,6 +175,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         max_length=args.max_seq_length,
         completion_only_loss=args.completion_only_loss,
         packing=args.packing,
+        padding_free=args.padding_free,
         dataset_num_proc=num_proc,
         include_num_input_tokens_seen="non_padding",
         trust_remote_code=args.trust_remote_code,

@@ -68,6 +68,11 @@ def test_qlora_8bit_when_asked():
     ("lora.py", ["--peft_type", "PREFIX_TUNING"], "prefix_tuning.py"),
     ("prefix_tuning.py", ["--peft_type", "BOGUS"], "--peft_type"),
     ("lora.py", ["--prompt_template", "Q: {q}"], "--prompt_template"),
+    # Packed or flattened examples attend to each other without flash attention.
+    ("lora.py", ["--packing", "True"], "--attn_implementation flash_attention_2"),
+    ("lora.py", ["--padding_free", "True", "--attn_implementation", "sdpa"], "--attn_implementation flash_attention_2"),
+    ("prompt_tuning.py", ["--packing", "True", "--attn_implementation", "flash_attention_2"], "--packing"),
+    ("lora.py", ["--use_liger_kernel", "True"], "pip install liger-kernel"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(capsys, script, argv, flag):
     assert run_script(script, ["--model_id", "m", *argv]) == 2

@@ -1,0 +1,166 @@
+"""Throughput of ppo.py: rollouts per second and where a PPO step's time goes (sampling answers,
+scoring them: log-probs, reference, values and reward, and the PPO optimisation epochs).
+
+    python -m bench.bench_ppo                                   # ~1.5 min on 2 CPU cores
+    python -m bench.bench_ppo --response_length 32 --steps 4    # longer answers
+    python -m bench.bench_ppo --ppo_flags "--load_in_4bit True"   # any ppo.py flags on top (e.g. on a GPU)
+
+Same synthetic TriviaQA-shaped prompts and randomly initialised Llama-style model as
+bench_sft.py; the reward is `triviaqa_f1` against the gold answers. A random model rarely emits
+EOS, so every answer runs to `--response_length`: the most generation work a step can take.
+There is no baseline: TRL no longer ships a PPOTrainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from common.args import FlagParser, UsageError
+
+
+def _f(default: Any = None, help: str = "") -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PPOBenchArguments:
+    num_prompts: int = _f(512, "Synthetic TriviaQA-shaped questions to draw prompts from.")
+    hidden_size: int = _f(512, "Model width (a multiple of 64), as in bench_sft.py.")
+    num_layers: int = _f(8, "Transformer layers.")
+    steps: int = _f(8, "PPO steps to time (after one untimed warm-up step).")
+    per_device_train_batch_size: int = _f(16, "Micro-batch of the PPO updates.")
+    num_mini_batches: int = _f(2, "Mini-batches per step: rollouts per step = batch x mini-batches.")
+    ppo_epochs: int = _f(4, "Optimisation epochs over each step's rollouts.")
+    response_length: int = _f(16, "Tokens sampled per answer.")
+    seed: int = _f(42, "Seed of the data, the model and training.")
+    ppo_flags: str = _f("", "More ppo.py flags, as one string (e.g. \"--load_in_4bit True\").")
+    work_dir: Optional[str] = _f(None, "Where the data, the model and the run go (default: a temporary "
+                                       "directory, removed at the end).")
+    output: str = _f("outputs/bench_ppo.json", "JSON file for the measured numbers.")
+
+
+def make_parser() -> FlagParser:
+    return FlagParser([PPOBenchArguments], prog="python -m bench.bench_ppo",
+                      description="ppo.py throughput: rollouts/s and the generation/optimisation split.")
+
+
+def check(args) -> None:
+    for name in ("num_prompts", "hidden_size", "num_layers", "steps", "per_device_train_batch_size",
+                 "num_mini_batches", "ppo_epochs", "response_length"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"`--{name}` must be > 0 (got {getattr(args, name)}).")
+    if args.hidden_size % 64:
+        raise UsageError(f"`--hidden_size {args.hidden_size}` must be a multiple of 64 (one head per 64).")
+    try:
+        shlex.split(args.ppo_flags)
+    except ValueError as exc:
+        raise UsageError(f"`--ppo_flags`: {exc}; quote it as one shell string.") from None
+
+
+def run(args, work: Path) -> dict:
+    from bench import bench_sft
+    from common.training import setup_logging
+    from rlhf.ppo import train
+
+    rollouts = args.per_device_train_batch_size * args.num_mini_batches
+    if args.num_prompts < rollouts:
+        raise UsageError(f"`--num_prompts {args.num_prompts}` is fewer than the {rollouts} rollouts of one step.")
+    shape = SimpleNamespace(num_examples=args.num_prompts, seed=args.seed, hidden_size=args.hidden_size,
+                            num_layers=args.num_layers)
+    data, model = bench_sft.prepare(shape, work)
+    base = ["--model_id", model, "--dataset_name", data, "--reward_function", "triviaqa_f1",
+            "--per_device_train_batch_size", args.per_device_train_batch_size, "--num_mini_batches",
+            args.num_mini_batches, "--ppo_epochs", args.ppo_epochs, "--response_length", args.response_length,
+            "--seed", args.seed, "--report_to", "none", "--save_strategy", "no", "--overwrite_output_dir", "True",
+            *shlex.split(args.ppo_flags)]
+    setup_logging("ppo.py")
+    # One untimed step first: the first generate() call pays one-off set-up costs.
+    train([str(a) for a in base + ["--max_steps", 1, "--output_dir", work / "warm-up"]])
+    started = time.perf_counter()
+    result = train([str(a) for a in base + ["--max_steps", args.steps, "--output_dir", work / "run"]])
+    wall = time.perf_counter() - started
+    s = result.summary
+    timed = s["time_sampling_s"] + s["time_scoring_s"] + s["time_optimisation_s"]
+    return {
+        "steps": s["steps"], "rollouts": s["rollouts"], "runtime_s": s["runtime_s"],
+        "rollouts_per_s": s["rollouts_per_s"],
+        "sampled_tokens_per_s": round(s["rollouts"] * args.response_length / s["time_sampling_s"], 1),
+        "time_sampling_s": s["time_sampling_s"], "time_scoring_s": s["time_scoring_s"],
+        "time_generation_s": s["time_generation_s"], "time_optimisation_s": s["time_optimisation_s"],
+        "share": {k: round(s[f"time_{k}_s"] / timed, 3) for k in ("sampling", "scoring", "optimisation")},
+        "peak_memory_bytes": bench_sft.peak_memory(),
+        "peak_memory_kind": "cuda max_memory_allocated" if _cuda() else "process RSS",
+        "process_wall_s": round(wall, 2),
+        "mean_response_length": sum(e["response_length"] for e in result.history) / len(result.history),
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def report(args, result: dict) -> str:
+    from bench.bench_sft import _gib, machine
+
+    m = machine()
+    rollouts = args.per_device_train_batch_size * args.num_mini_batches
+    share = result["share"]
+    lines = [
+        f"{m['gpu'] or m['cpu']} ({m['nproc']} CPUs), {m['date']}; model: {args.num_layers} layers, width "
+        f"{args.hidden_size}; {rollouts} rollouts a step, {args.response_length}-token answers, "
+        f"{args.ppo_epochs} PPO epochs",
+        f"  steps timed        {result['steps']} ({result['rollouts']} rollouts in {result['runtime_s']:.1f} s)",
+        f"  rollouts/s         {result['rollouts_per_s']}",
+        f"  sampling           {result['time_sampling_s']:.1f} s ({100 * share['sampling']:.0f}%), "
+        f"{result['sampled_tokens_per_s']:,.0f} sampled tokens/s",
+        f"  scoring            {result['time_scoring_s']:.1f} s ({100 * share['scoring']:.0f}%): policy and "
+        f"reference log-probs, values, reward",
+        f"  optimisation       {result['time_optimisation_s']:.1f} s ({100 * share['optimisation']:.0f}%)",
+        f"  peak memory        {_gib(result['peak_memory_bytes'])} ({result['peak_memory_kind']})",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = make_parser().parse(argv)
+        check(args)
+        work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_ppo-"))
+        os.environ.setdefault("HF_DATASETS_CACHE", str(work / "datasets-cache"))
+        try:
+            result = run(args, work)
+        finally:
+            if not args.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+    except UsageError as exc:
+        print(f"bench_ppo: error: {exc}", file=sys.stderr)
+        return 2
+    from bench.bench_sft import machine
+
+    text = report(args, result)
+    print("\n" + text)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "settings": args.to_dict(), "result": result}, indent=2)
+                   + "\n", encoding="utf-8")
+    print(f"numbers written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The benchmarks run end to end at toy sizes (their figures are only meaningful at full size,
+on a quiet machine, and are never asserted here)."""
+
+import json
+
+from bench import bench_ppo, bench_sft
+
+
+def test_bench_sft_compares_both_variants_on_the_same_tokens(tmp_path, capsys):
+    out = tmp_path / "sft.json"
+    assert bench_sft.main(["--num_examples", "48", "--hidden_size", "64", "--num_layers", "1",
+                           "--work_dir", str(tmp_path / "work"), "--output", str(out),
+                           "--ours_flags", "--logging_steps 1"]) == 0
+    report = json.loads(out.read_text())
+    ours, base = report["results"]["ours"], report["results"]["baseline"]
+    assert ours["real_tokens"] == base["real_tokens"] > 0 and ours["steps"] == base["steps"] == 3
+    assert ours["gradient_checkpointing"] and base["gradient_checkpointing"]  # both at their defaults
+    assert set(report["ratio_ours_over_baseline"]) >= {"tokens_per_s", "peak_memory"}
+    assert "ours/baseline" in capsys.readouterr().out
+
+
+def test_bench_ppo_reports_rollouts_and_the_time_split(tmp_path, capsys):
+    out = tmp_path / "ppo.json"
+    assert bench_ppo.main(["--num_prompts", "16", "--hidden_size", "64", "--num_layers", "1", "--steps", "2",
+                           "--per_device_train_batch_size", "4", "--response_length", "4", "--ppo_epochs", "1",
+                           "--output", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["rollouts"] == 16 and result["rollouts_per_s"] > 0
+    assert abs(sum(result["share"].values()) - 1) < 0.01 and min(result["share"].values()) > 0
+    assert "rollouts/s" in capsys.readouterr().out
+
+
+def test_bench_bad_flags_exit_2(capsys):
+    assert bench_sft.main(["--hidden_size", "100"]) == 2
+    assert bench_ppo.main(["--ppo_flags", "'unclosed"]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden_size 100" in err and "--ppo_flags" in err and "Traceback" not in err
