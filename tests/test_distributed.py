@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,8 +80,20 @@ def test_dpo_and_ppo_run_with_two_processes(tiny_llama, tmp_path):
                                  "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
                                  "--output_dir", dpo], tmp_path)
     assert (dpo / "adapter_model.safetensors").is_file()
-    _launch(torchrun(), "ppo.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_steps", "2",
-                                 "--per_device_train_batch_size", "4", "--reward_function", "triviaqa_f1",
-                                 "--save_strategy", "no", "--report_to", "none", "--output_dir", ppo], tmp_path)
+    argv = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--reward_function", "triviaqa_f1", "--save_strategy", "steps",
+            "--save_steps", "2", "--report_to", "none"]
+    _launch(torchrun(), "ppo.py", [*argv, "--output_dir", ppo], tmp_path)
     config = json.loads((ppo / "run_config.json").read_text())
-    assert config["summary"]["rollouts"] == 2 * 4 * 2  # steps x per-process rollouts x processes
+    assert config["summary"]["rollouts"] == 4 * 4 * 2  # steps x per-process rollouts x processes
+    assert sorted(f.name for f in (ppo / "checkpoint-2").glob("rng_state_*")) == \
+        ["rng_state_0.safetensors", "rng_state_1.safetensors"]
+
+    # Resumed on two processes from step 2, each process goes on with its own prompts and random state.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ppo / "checkpoint-2", resumed / "checkpoint-2")
+    _launch(torchrun(), "ppo.py", [*argv, "--output_dir", resumed, "--resume_from_checkpoint", "auto"], tmp_path)
+    history = [json.loads((d / "trainer_state.json").read_text())["log_history"] for d in (ppo, resumed)]
+    for key in ("score", "kl", "policy_loss", "value_loss"):
+        assert [e[key] for e in history[1]] == pytest.approx([e[key] for e in history[0]], rel=1e-4, abs=1e-6), key
