@@ -140,15 +140,6 @@ def run_evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    import sys
+    from common.training import run_cli
 
-    from common.args import UsageError
-    from common.training import setup_logging
-
-    setup_logging("evaluate.py")
-    try:
-        run_evaluate(make_parser().parse(argv))
-    except UsageError as exc:
-        print(f"evaluate.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("evaluate.py", lambda: run_evaluate(make_parser().parse(argv)))

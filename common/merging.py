@@ -72,9 +72,6 @@ def run_merge(args) -> Path:
 
 
 def main(argv=None) -> int:
-    try:
-        run_merge(make_parser().parse(argv))
-    except UsageError as exc:
-        print(f"merge.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from common.training import run_cli
+
+    return run_cli("merge.py", lambda: run_merge(make_parser().parse(argv)))

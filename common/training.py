@@ -40,6 +40,9 @@ def setup_logging(script: str) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    # On CPUs with AVX-512 BF16, importing bitsandbytes warns that an optional kernel could not be
+    # fetched from the Hub; 4-bit layers work without it, so the warning is only noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # Output directory ----------------------------------------------------------------------------
@@ -351,8 +354,8 @@ def stop_requests():
 def announce_stop(args: ParsedArgs, step: int, checkpoint: Path, request: StopRequest) -> None:
     """After the stop checkpoint is written: say where and how to resume, then raise Interrupted."""
     if is_main_process():
-        print(f"{args.script}: stopped at step {step}; checkpoint saved in {checkpoint}. Resume with: "
-              f"{resume_command(args)}", file=sys.stderr, flush=True)
+        say(f"{args.script}: stopped at step {step}; checkpoint saved in {checkpoint}. Resume with: "
+            f"{resume_command(args)}")
     raise Interrupted(request.signum or 2)
 
 
@@ -627,11 +630,21 @@ def run_cli(script: str, train_fn) -> int:
     try:
         train_fn()
     except UsageError as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
+        say(f"{script}: error: {exc}")
         return 2
     except KeyboardInterrupt as exc:
         if isinstance(exc, Interrupted):  # announce_stop already said how to resume
             return 128 + exc.signum
-        print(f"{script}: interrupted.", file=sys.stderr)
+        say(f"{script}: interrupted.")
         return 130
     return 0
+
+
+def say(line: str) -> None:
+    """One line on stderr, on a line of its own even while a progress bar is drawn."""
+    if "tqdm" in sys.modules:  # a bar may be on screen: tqdm clears it, writes, and redraws it
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)

@@ -5,7 +5,6 @@ dir is what `ppo.py --reward_model` loads."""
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Optional
 
 from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PreferenceArguments,
@@ -24,18 +23,15 @@ def make_parser() -> FlagParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import setup_logging
+    from common.training import run_cli
 
-    setup_logging("reward_model.py")
-    try:
+    def train():
         args = make_parser().parse(argv)
         check_common(args)
         check_preference(args, "reward")
-        run_reward_model(args)
-    except UsageError as exc:
-        print(f"reward_model.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return run_reward_model(args)
+
+    return run_cli("reward_model.py", train)
 
 
 def _flatten(ds, fmt, tokenizer):
@@ -132,7 +128,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
                                                           dataset_num_proc=args.dataset_num_proc),
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                             callbacks=[tr.nan_guard_callback()])
-    with tr.Timer() as timer:
+    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
         try:
             result = trainer.train(resume_from_checkpoint=tr.resolve_resume(args, out))
         except tr.NonFiniteLoss as exc:

@@ -185,11 +185,14 @@ def _ctrl_c_during_steps(monkeypatch, *calls: int, signum=signal.SIGINT) -> None
     monkeypatch.setattr(Trainer, "training_step", training_step)
 
 
-@pytest.mark.parametrize("script", ["lora.py", "prefix_tuning.py", "dpo.py", "orpo.py"])
+@pytest.mark.parametrize("script", ["lora.py", "prefix_tuning.py", "dpo.py", "orpo.py", "kto.py", "simpo.py",
+                                    "grpo.py", "reward_model.py"])
 def test_ctrl_c_in_process_stops_after_the_step_and_the_hint_resumes(script, tiny_llama, tmp_path, monkeypatch,
                                                                      capsys):
     out = tmp_path / "run"
     argv = ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "6", "--save_strategy", "no", *FAST]
+    if script == "grpo.py":
+        argv += ["--reward_function", "triviaqa_f1", "--num_generations", "4", "--max_completion_length", "4"]
     handler = signal.getsignal(signal.SIGINT)
     _ctrl_c_during_steps(monkeypatch, 3)
     assert run_script(script, argv) == 130
