@@ -598,6 +598,35 @@ def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str
     return info
 
 
+def train_guarded(trainer, args: ParsedArgs, out: str) -> tuple[dict[str, Any], float]:
+    """trainer.train(), resuming as `--resume_from_checkpoint` asks, with a checkpoint on Ctrl-C or
+    SIGTERM and a non-finite loss turned into a one-line error; -> (metrics, wall seconds)."""
+    resume = resolve_resume(args, out)
+    with Timer() as timer, save_on_interrupt(trainer, args):
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
+    return dict(result.metrics), timer.elapsed
+
+
+def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, metrics: dict[str, Any],
+               wall: float, extra: dict[str, Any], report_to: list[str], drop_adapters: tuple = (),
+               more_summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The end of every Trainer-based run: metrics and trainer state, the final outputs written
+    atomically with run_config.json (`extra` plus the summary), reporters closed, plots, summary."""
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    info = {**summary(trainer, metrics, out, wall), **(more_summary or {})}
+    save_final(trainer, tokenizer, out, run_config(args, technique, {**extra, "summary": info}),
+               drop_adapters=drop_adapters)
+    finish_reporting(report_to)
+    write_plots(out)
+    print_summary(info)
+    return info
+
+
 def print_summary(info: dict[str, Any]) -> None:
     if not is_main_process():
         return

@@ -141,23 +141,12 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
                         beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
-    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
-        try:
-            result = trainer.train(resume_from_checkpoint=tr.resolve_resume(args, out))
-        except tr.NonFiniteLoss as exc:
-            raise UsageError(str(exc)) from None
-    metrics = dict(result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
-    info = tr.summary(trainer, metrics, out, timer.elapsed)
+    metrics, wall = tr.train_guarded(trainer, args, out)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
              "data": {"source": data.source, "prompts": len(prompts), "chat_template": fmt.use_chat},
              "reward": names + (["reward_model"] if args.reward_model else []),
-             "parameters": {"trainable": trainable, "total": total}, "summary": info}
-    tr.save_final(trainer, tokenizer, out, tr.run_config(args, "grpo", extra), drop_adapters=("ref",))
-    tr.finish_reporting(report_to)
-    tr.write_plots(out)
-    tr.print_summary(info)
+             "parameters": {"trainable": trainable, "total": total}}
+    info = tr.finish_run(trainer, tokenizer, args, out, "grpo", metrics, wall, extra, report_to,
+                         drop_adapters=("ref",))
     return GRPOResult(output_dir=out, summary=info, trainer=trainer)

@@ -74,7 +74,6 @@ def run_reward_model(args: ParsedArgs) -> dict:
             if spec.lower() != "auto":
                 raise
 
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -128,24 +127,12 @@ def run_reward_model(args: ParsedArgs) -> dict:
                                                           dataset_num_proc=args.dataset_num_proc),
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                             callbacks=[tr.nan_guard_callback()])
-    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
-        try:
-            result = trainer.train(resume_from_checkpoint=tr.resolve_resume(args, out))
-        except tr.NonFiniteLoss as exc:
-            raise UsageError(str(exc)) from None
-    metrics = dict(result.metrics)
+    metrics, wall = tr.train_guarded(trainer, args, out)
     metrics.update(trainer.evaluate())
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
-    info = tr.summary(trainer, metrics, out, timer.elapsed)
-    info["heldout_accuracy"] = metrics.get("eval_accuracy")
     extra = {"model": {"base": source.base, "precision": precision.mode, "quantized": quant is not None},
              "data": {"source": train_src.source, "pairs": stats, "heldout_pairs": len(eval_ds)},
-             "parameters": {"trainable": trainable, "total": total}, "summary": info}
-    tr.save_final(trainer, tokenizer, out, tr.run_config(args, "reward_model", extra))
-    tr.finish_reporting(report_to)
-    tr.write_plots(out)
-    tr.print_summary(info)
+             "parameters": {"trainable": trainable, "total": total}}
+    info = tr.finish_run(trainer, tokenizer, args, out, "reward_model", metrics, wall, extra, report_to,
+                         more_summary={"heldout_accuracy": metrics.get("eval_accuracy")})
     log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0, len(eval_ds))
     return info

@@ -167,28 +167,14 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                         trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
-    resume = tr.resolve_resume(args, out)
-    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
-        try:
-            result = trainer.train(resume_from_checkpoint=resume)
-        except tr.NonFiniteLoss as exc:
-            raise UsageError(str(exc)) from None
-    metrics = dict(result.metrics)
+    metrics, wall = tr.train_guarded(trainer, args, out)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
-    info = tr.summary(trainer, metrics, out, timer.elapsed)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
              "data": {"source": train_src.source, "schema": train_src.schema, "pairs": stats,
                       "rejected_source": args.rejected_source if train_src.kind == "qa" else None,
                       "chat_template": fmt.use_chat},
-             "parameters": {"trainable": trainable, "total": total},
-             "summary": info}
-    tr.save_final(trainer, tokenizer, out, tr.run_config(args, kind, extra), drop_adapters=("ref",))
-    tr.finish_reporting(report_to)
-    tr.write_plots(out)
-    tr.print_summary(info)
+             "parameters": {"trainable": trainable, "total": total}}
+    info = tr.finish_run(trainer, tokenizer, args, out, kind, metrics, wall, extra, report_to, drop_adapters=("ref",))
     return PreferenceResult(kind=kind, output_dir=out, summary=info, pairs=stats, trainer=trainer)

@@ -196,32 +196,18 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != __import__("torch").float32:
                 param.data = param.data.float()
-    resume = tr.resolve_resume(args, out)
-    with tr.Timer() as timer, tr.save_on_interrupt(trainer, args):
-        try:
-            result = trainer.train(resume_from_checkpoint=resume)
-        except tr.NonFiniteLoss as exc:
-            raise UsageError(str(exc)) from None
-    metrics = dict(result.metrics)
+    metrics, wall = tr.train_guarded(trainer, args, out)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
     elif em is not None:
         final = em.score(trainer.model)
         trainer.log(final)
         metrics.update(final)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
-    info = tr.summary(trainer, metrics, out, timer.elapsed)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
              "data": {"source": dataset.source, "schema": dataset.schema, "train_rows": len(dataset.train),
                       "eval_rows": len(dataset.eval) if dataset.eval is not None else 0,
                       "chat_template": fmt.use_chat},
-             "parameters": {"trainable": trainable, "total": total},
-             "summary": info}
-    tr.save_final(trainer, tokenizer, out, tr.run_config(args, technique, extra))
-    tr.finish_reporting(report_to)
-    tr.write_plots(out)
-    tr.print_summary(info)
+             "parameters": {"trainable": trainable, "total": total}}
+    info = tr.finish_run(trainer, tokenizer, args, out, technique, metrics, wall, extra, report_to)
     return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)
