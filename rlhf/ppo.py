@@ -15,6 +15,7 @@ continues from the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -35,8 +36,7 @@ log = logging.getLogger("finetune")
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments]
 # Shared flags that have no meaning for PPO rollouts.
 _UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "eval_steps",
-           "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length",
-           "gradient_checkpointing")  # the policy runs in eval mode (no dropout), where checkpointing is off
+           "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length")
 
 
 def make_parser() -> FlagParser:
@@ -57,7 +57,6 @@ def parse(argv: Optional[list[str]]) -> ParsedArgs:
     ignored = sorted(n for n in args.explicit if n in _UNUSED)
     if ignored:
         log.warning("ppo.py ignores flags that do not apply to PPO: %s.", format_flags(ignored))
-    args.set("gradient_checkpointing", False)
     return args
 
 
@@ -156,6 +155,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     if source.adapter_dir:  # the SFT model is the reference: keep a frozen copy of its adapter
         policy.load_adapter(source.adapter_dir, adapter_name="ref", is_trainable=False)
         policy.set_adapter("default")
+    if args.gradient_checkpointing and not quantized:  # (4-bit bases have it from prepare_model_for_kbit_training)
+        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = policy.get_base_model().config.get_text_config().hidden_size
     wrapper = _policy_and_value(policy, hidden)
     wrapper.eval()  # no dropout: rollout and update log-probs must agree
@@ -408,6 +409,29 @@ def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], arg
 
 
 def _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core) -> dict:
+    with _checkpointing_layers(wrapper, on=args.gradient_checkpointing):
+        return _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core)
+
+
+@contextlib.contextmanager
+def _checkpointing_layers(wrapper, on: bool):
+    """The model stays in eval mode throughout PPO, so dropout never makes the update's log-probs
+    differ from the rollout's; but transformers only recomputes activations (gradient
+    checkpointing) in layers in training mode. So during the updates exactly the decoder layers,
+    not their dropout submodules, are flagged as training."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in wrapper.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
+def _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, returns, args, core) -> dict:
     import torch
 
     from rlhf.ppo_core import entropy_from_logits

@@ -290,3 +290,30 @@ def test_ppo_resume_refuses_a_checkpoint_it_did_not_write(tiny_llama, tmp_path, 
                                  "triviaqa_em", "--resume_from_checkpoint", sft / "checkpoint-1", *PPO]) == 2
     err = capsys.readouterr().err
     assert "not a ppo.py checkpoint" in err and "Traceback" not in err
+
+
+def test_ppo_gradient_checkpointing_recomputes_layers_without_dropout(tiny_llama, tmp_path, monkeypatch):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rlhf import ppo
+
+    seen = []
+    updates = ppo._ppo_updates
+
+    def spy(wrapper, *args, **kwargs):
+        layers = [m for m in wrapper.modules() if isinstance(m, GradientCheckpointingLayer)]
+        dropout_training = any(m.training for m in wrapper.modules() if isinstance(m, torch.nn.Dropout))
+        seen.append((bool(layers) and all(m.training and m.gradient_checkpointing for m in layers), dropout_training))
+        return updates(wrapper, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "_ppo_updates", spy)
+    argv = ["--model_id", tiny_llama, "--reward_function", "triviaqa_f1", "--max_steps", "3", "--response_length", "4",
+            "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--learning_rate", "3e-3", *PPO]
+    on = ppo.train(argv + ["--output_dir", tmp_path / "on"])
+    assert seen == [(True, False)] * 3  # decoder layers recompute; dropout stays off, as in the rollouts
+    seen.clear()
+    off = ppo.train(argv + ["--output_dir", tmp_path / "off", "--gradient_checkpointing", "False"])
+    assert seen == [(False, False)] * 3
+    # Recomputing changes memory, not results.
+    for key in ("score", "policy_loss", "value_loss", "approx_kl"):
+        assert [e[key] for e in on.history] == pytest.approx([e[key] for e in off.history], rel=1e-4, abs=1e-6)
