@@ -14,7 +14,6 @@ There is no baseline: TRL no longer ships a PPOTrainer.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from bench.bench_sft import bench_env
 from common.args import FlagParser, UsageError
 
 
@@ -134,16 +134,13 @@ def report(args, result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = make_parser().parse(argv)
         check(args)
         work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_ppo-"))
-        os.environ.setdefault("HF_DATASETS_CACHE", str(work / "datasets-cache"))
         try:
-            result = run(args, work)
+            with bench_env(work):
+                result = run(args, work)
         finally:
             if not args.work_dir:
                 shutil.rmtree(work, ignore_errors=True)

@@ -15,6 +15,7 @@ Llama-style one with a tokenizer trained locally. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -513,22 +514,36 @@ def run_both(args) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    # Offline by construction; the datasets cache goes under the work dir, not ~/.cache.
+@contextlib.contextmanager
+def bench_env(work: Optional[Path]):
+    """Offline by construction, with the datasets cache under the work dir rather than ~/.cache;
+    the caller's environment is restored afterwards (the work dir may be deleted)."""
+    saved = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if work is not None:
+        os.environ.setdefault("HF_DATASETS_CACHE", str(work / "datasets-cache"))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def main(argv=None) -> int:
     try:
         args = make_parser().parse(argv)
         check(args)
         if args.profile:
             args.set("variant", "ours")
         if args.variant == "both":
-            run_both(args)
+            with bench_env(None):  # each variant's process puts its cache in the work dir
+                run_both(args)
             return 0
         work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_sft-"))
-        os.environ.setdefault("HF_DATASETS_CACHE", str(work / "datasets-cache"))
-        result = run_variant(args.variant, args, work)
+        with bench_env(work):
+            result = run_variant(args.variant, args, work)
         (work / f"result-{args.variant}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         if not args.work_dir and not args.profile:

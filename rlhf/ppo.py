@@ -516,6 +516,8 @@ def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config
                 shutil.rmtree(target / name)
             os.replace(staging / name, target / name)
         shutil.rmtree(staging, ignore_errors=True)
+        for stale in target.glob(".checkpoint-*.tmp"):  # left by a run killed while saving a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment():
+    """Scripts called in-process may set variables for their run (HF_TOKEN from --hub_token,
+    WANDB_DIR, a benchmark's datasets cache); later tests, and the processes they launch, start
+    from the environment as it was."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     from common.tiny_model import build_tiny_model

@@ -17,7 +17,10 @@ def _launch(launcher: list[str], script: str, argv: list, tmp_path) -> subproces
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([*launcher, script, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    if done.returncode != 0:  # the first failing rank's own lines, not only the other ranks' echo of it
+        own = [line for line in done.stderr.splitlines() if "[rank0]" in line or not line.startswith("[rank")]
+        pytest.fail(f"{script} exited {done.returncode}:\n" + "\n".join(own)[-6000:] + "\n--- end of stderr ---\n"
+                    + done.stderr[-2000:])
     return done
 
 

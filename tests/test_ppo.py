@@ -262,6 +262,9 @@ def test_ppo_stopped_and_resumed_matches_an_uninterrupted_run(signum, tiny_llama
     err = capsys.readouterr().err
     assert "Traceback" not in err and not is_finished_run(out)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]  # the step-2 one rotated away
+    # What a kill while saving the next checkpoint leaves: its staging folder, never a checkpoint-N.
+    (out / ".checkpoint-4.tmp").mkdir()
+    (out / ".checkpoint-4.tmp" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     assert last_complete_checkpoint(out) == str(out / "checkpoint-3")
     hint = next(line for line in err.splitlines() if "Resume with: " in line)
     assert hint.startswith("ppo.py: stopped at step 3;")
@@ -271,7 +274,7 @@ def test_ppo_stopped_and_resumed_matches_an_uninterrupted_run(signum, tiny_llama
     monkeypatch.undo()
     assert run_script("ppo.py", command[2:]) == 0
     assert "PPO resumes after step 3" in capsys.readouterr().err
-    assert is_finished_run(out)
+    assert is_finished_run(out) and not (out / ".checkpoint-4.tmp").exists()
     resumed, uninterrupted = _ppo_history(out), _ppo_history(reference)
     assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5]
     for key in ("score", "kl", "policy_loss", "value_loss", "kl_coef", "learning_rate"):
