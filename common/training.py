@@ -514,9 +514,12 @@ def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapte
     looks finished: everything goes to a temporary folder first, adapter_config.json last."""
     final = Path(out)
     staging = final / ".final.tmp"
-    if staging.exists():
+    # Only the main process clears the staging folder, and every process waits for that: a slower
+    # rank that cleared it too could delete what a faster main process is writing there.
+    if trainer.accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
-    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process: FSDP and DeepSpeed gather the weights
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(staging))
         for name in drop_adapters:  # helper adapters (DPO's frozen reference copy) are not the result

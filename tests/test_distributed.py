@@ -100,3 +100,43 @@ def test_dpo_and_ppo_run_with_two_processes(tiny_llama, tmp_path):
     history = [json.loads((d / "trainer_state.json").read_text())["log_history"] for d in (ppo, resumed)]
     for key in ("score", "kl", "policy_loss", "value_loss"):
         assert [e[key] for e in history[1]] == pytest.approx([e[key] for e in history[0]], rel=1e-4, abs=1e-6), key
+
+
+# Put on the PYTHONPATH of the launched processes: rank 1 reaches the final save late, while rank 0
+# is still writing into the staging folder.
+SLOW_SAVE = """
+import os, time
+
+from common import training
+
+_save_final, _absolute_base_path = training.save_final, training._absolute_base_path
+
+
+def save_final(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        time.sleep(1.0)
+    return _save_final(*args, **kwargs)
+
+
+def absolute_base_path(folder):
+    time.sleep(3.0)  # rank 0, half-way through writing the staging folder
+    return _absolute_base_path(folder)
+
+
+training.save_final, training._absolute_base_path = save_final, absolute_base_path
+"""
+
+
+def test_a_late_rank_never_clears_what_the_main_process_is_saving(tiny_llama, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([*torchrun(), "lora.py", "--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
+                           "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                           "--report_to", "none", "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run_config.json").is_file()
