@@ -64,15 +64,17 @@ def prepare_output_dir(args: ParsedArgs, default: str) -> str:
 
 
 def clear_previous_run(out: str) -> None:
-    """With --overwrite_output_dir: remove what an earlier run left, never unrelated files."""
+    """With --overwrite_output_dir: remove what an earlier run left, never unrelated files. Only the
+    main process deletes (several deleting the same files would trip over each other)."""
     p = Path(out)
-    if not p.is_dir() or not ((p / RUN_CONFIG).exists() or any(p.glob("checkpoint-*"))):
+    if not is_main_process() or not p.is_dir() or not ((p / RUN_CONFIG).exists() or any(p.glob("checkpoint-*"))):
         return
     for child in p.iterdir():
         if child.name.startswith(("checkpoint-", "adapter_", "tokenizer", "special_tokens", "chat_template",
                                   "training_args", "trainer_state", "all_results", "train_results",
-                                  "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final")):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+                                  "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final",
+                                  ".checkpoint-")):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
