@@ -72,15 +72,30 @@ def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16,
     for q, gold, pred in zip(questions, aliases, predictions):
         s = score(pred, gold)
         records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s})
+    return summarize(records, elapsed), records
+
+
+def summarize(records: list[dict], elapsed: float) -> dict:
     n = len(records)
-    summary = {
+    return {
         "n": n,
         "exact_match": sum(r["em"] for r in records) / n if n else 0.0,
         "f1": sum(r["f1"] for r in records) / n if n else 0.0,
         "time_s": round(elapsed, 2),
         "samples_per_s": round(n / elapsed, 2) if elapsed else None,
     }
-    return summary, records
+
+
+def _gather_records(records: list[dict], elapsed: float, world: int) -> tuple[list[dict], float]:
+    """Every process scored rows rank, rank + world, ...: put all of them back in the split's order."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(records, elapsed)])
+    merged: list[Optional[dict]] = [None] * sum(len(part) for part, _ in parts)
+    for rank, (part, _) in enumerate(parts):
+        for j, record in enumerate(part):
+            merged[rank + j * world] = record
+    return [r for r in merged if r is not None], max(t for _, t in parts)
 
 
 # evaluate.py -----------------------------------------------------------------------------------
@@ -119,10 +134,27 @@ def run_evaluate(args) -> dict:
     args.set("max_train_samples", args.max_samples)
     data = qa.load_qa_data(args, need_eval=False)  # the split to score is --dataset_split
 
+    from common.training import is_main_process
+
+    # Under torchrun / accelerate launch each process answers every world-th question.
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rows = data.train
+    if world > 1:
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo on the CPU)
+        rows = rows.select(range(state.process_index, len(rows), world))
     model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
     fmt = qa.prompt_format(args, tokenizer, data.schema)
-    summary, records = evaluate_qa(model, tokenizer, data.train, fmt, args.batch_size, args.max_new_tokens,
-                                   progress=True)
+    summary, records = evaluate_qa(model, tokenizer, rows, fmt, args.batch_size, args.max_new_tokens,
+                                   progress=is_main_process())
+    if world > 1:
+        records, elapsed = _gather_records(records, summary["time_s"], world)
+        summary = summarize(records, elapsed)
+        summary["processes"] = world
+        if not is_main_process():
+            return summary
     summary.update({"model_id": args.model_id, "dataset": data.source, "split": args.dataset_split,
                     "chat_template": fmt.use_chat})
     out.mkdir(parents=True, exist_ok=True)

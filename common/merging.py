@@ -36,6 +36,11 @@ def run_merge(args) -> Path:
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise UsageError(f"`--output_dir` {out} is not empty; pass `--overwrite_output_dir True` or choose another.")
 
+    from common.training import is_main_process
+
+    if not is_main_process():  # launched on several processes: merging is one process's job
+        return out
+
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -239,8 +239,8 @@ def load_for_inference(args, precision: Precision):
     if not is_quantized(model):
         import torch
 
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        if torch.cuda.is_available():  # each process of a multi-process launch on its own GPU
+            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}")
     model.eval()
     return model, tokenizer, source
 

@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,9 @@ def setup_logging(script: str) -> None:
     # On CPUs with AVX-512 BF16, importing bitsandbytes warns that an optional kernel could not be
     # fetched from the Hub; 4-bit layers work without it, so the warning is only noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # PEFT and TRL still read `model.is_gradient_checkpointing`, which transformers 5.24 deprecates
+    # on every access; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 # Output directory ----------------------------------------------------------------------------

@@ -140,3 +140,36 @@ def test_a_late_rank_never_clears_what_the_main_process_is_saving(tiny_llama, tm
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "run_config.json").is_file()
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("orpo.py", []), ("kto.py", []), ("simpo.py", []), ("reward_model.py", []),
+    ("grpo.py", ["--reward_function", "triviaqa_f1", "--num_generations", "4", "--max_completion_length", "4"]),
+])
+def test_every_training_script_runs_with_two_processes(script, extra, tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    done = _launch(torchrun(), script, ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_steps",
+                                        "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                                        "--report_to", "none", "--output_dir", out, *extra], tmp_path)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "run_config.json").is_file() and done.stdout.count("run summary") == 1
+
+
+def test_evaluate_and_merge_with_two_processes(tiny_llama, tmp_path):
+    from tests.helpers import run_script
+
+    adapter = tmp_path / "adapter"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_steps", "2",
+                                  "--save_strategy", "no", "--report_to", "none", "--output_dir", adapter]) == 0
+    flags = ["--model_id", adapter, "--dataset_name", "triviaqa-sample", "--dataset_split", "train", "--max_samples",
+             "41", "--batch_size", "8"]
+    assert run_script("evaluate.py", [*flags, "--output_dir", tmp_path / "one"]) == 0
+    done = _launch(torchrun(), "evaluate.py", [*flags, "--output_dir", tmp_path / "two"], tmp_path)
+    assert done.stdout.count("TriviaQA  n=41") == 1  # each process answered half; one report
+    one, two = ([json.loads(line) for line in open(tmp_path / d / "predictions.jsonl")] for d in ("one", "two"))
+    assert [(r["question"], r["prediction"]) for r in two] == [(r["question"], r["prediction"]) for r in one]
+    assert json.loads((tmp_path / "two" / "eval_results.json").read_text())["processes"] == 2
+
+    done = _launch(torchrun(), "merge.py", ["--adapter", adapter, "--output_dir", tmp_path / "merged"], tmp_path)
+    assert done.stdout.count("plain model written to") == 1
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
