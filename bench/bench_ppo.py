@@ -19,17 +19,13 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
-from bench.bench_sft import bench_env
+from bench.bench_sft import _f, bench_env
 from common.args import FlagParser, UsageError
-
-
-def _f(default: Any = None, help: str = "") -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

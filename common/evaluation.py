@@ -134,10 +134,10 @@ def run_evaluate(args) -> dict:
     args.set("max_train_samples", args.max_samples)
     data = qa.load_qa_data(args, need_eval=False)  # the split to score is --dataset_split
 
-    from common.training import is_main_process
+    from common.training import is_main_process, world_size
 
     # Under torchrun / accelerate launch each process answers every world-th question.
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     rows = data.train
     if world > 1:
         import torch

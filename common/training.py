@@ -34,6 +34,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
+def world_size() -> int:
+    """Processes in this launch (torchrun and `accelerate launch` set WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def setup_logging(script: str) -> None:
     level = logging.INFO if is_main_process() else logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
@@ -109,17 +114,22 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
                 "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def last_complete_checkpoint(out: str) -> Optional[str]:
-    """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
+def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder in `out`, oldest first."""
     p = Path(out)
     if not p.is_dir():
-        return None
+        return []
     steps = []
     for child in p.glob("checkpoint-*"):
         suffix = child.name.split("-", 1)[1]
         if suffix.isdigit() and child.is_dir():
             steps.append((int(suffix), child))
-    for _, child in sorted(steps, reverse=True):
+    return sorted(steps)
+
+
+def last_complete_checkpoint(out: str) -> Optional[str]:
+    """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
+    for _, child in reversed(checkpoint_dirs(out)):
         if is_complete_checkpoint(child):
             return str(child)
         log.warning("skipping %s: incomplete (cut off while being written).", child)
@@ -431,7 +441,7 @@ def _launcher() -> list[str]:
     """`python`, or a torchrun line with this run's process count when several processes run
     (torchrun and `accelerate launch` both set these variables; on several nodes, add the
     rendezvous flags you launched with)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     if world <= 1:
         return ["python"]
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
@@ -533,15 +543,21 @@ def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapte
                 shutil.rmtree(staging / name)
         _absolute_base_path(staging)
         write_json(staging / RUN_CONFIG, config)
-        names = sorted(p.name for p in staging.iterdir())
-        last = [n for n in (RUN_CONFIG, "adapter_config.json") if n in names]
-        for name in [n for n in names if n not in last] + last:
-            target = final / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place(staging, final)
     trainer.accelerator.wait_for_everyone()
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Moves a staged run's files into `final` with adapter_config.json and run_config.json last, the
+    two that make a directory look finished; then removes the staging folder."""
+    names = sorted(p.name for p in staging.iterdir())
+    last = [n for n in (RUN_CONFIG, "adapter_config.json") if n in names]
+    for name in [n for n in names if n not in last] + last:
+        target = final / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _absolute_base_path(folder: Path) -> None:

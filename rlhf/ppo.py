@@ -509,13 +509,7 @@ def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config
         staging.mkdir(parents=True)
         _write_policy(unwrapped, tokenizer, staging, history)
         tr.write_json(staging / tr.RUN_CONFIG, config)
-        names = sorted(p.name for p in staging.iterdir())
-        last = [n for n in (tr.RUN_CONFIG, "adapter_config.json") if n in names]
-        for name in [n for n in names if n not in last] + last:
-            if (target / name).is_dir():
-                shutil.rmtree(target / name)
-            os.replace(staging / name, target / name)
-        shutil.rmtree(staging, ignore_errors=True)
+        tr.move_into_place(staging, target)
         for stale in target.glob(".checkpoint-*.tmp"):  # left by a run killed while saving a checkpoint
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -533,6 +527,8 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
     random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one."""
     import torch
     from safetensors.torch import save_file
+
+    from common import training as tr
 
     staging = folder.parent / f".{folder.name}.tmp"
     accelerator.wait_for_everyone()
@@ -554,10 +550,8 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
         if keep and keep > 0:  # --save_total_limit: the oldest go first
-            old = sorted((int(d.name.split("-", 1)[1]), d) for d in folder.parent.glob("checkpoint-*")
-                         if d.is_dir() and d.name.split("-", 1)[1].isdigit())
-            for _, d in old[:-keep]:
-                shutil.rmtree(d, ignore_errors=True)
+            for _, old in tr.checkpoint_dirs(str(folder.parent))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
