@@ -107,9 +107,9 @@ def test_dpo_and_ppo_run_with_two_processes(tiny_llama, tmp_path):
 SLOW_SAVE = """
 import os, time
 
-from common import training
+from common import outputs, training
 
-_save_final, _absolute_base_path = training.save_final, training._absolute_base_path
+_save_final, _absolute_base_path = outputs.save_final, outputs._absolute_base_path
 
 
 def save_final(*args, **kwargs):
@@ -123,7 +123,7 @@ def absolute_base_path(folder):
     return _absolute_base_path(folder)
 
 
-training.save_final, training._absolute_base_path = save_final, absolute_base_path
+training.save_final, outputs._absolute_base_path = save_final, absolute_base_path
 """
 
 

@@ -1,0 +1,205 @@
+"""Output directories and checkpoints: which run a directory holds, which checkpoints are
+complete, where a run resumes from, and writing final outputs so that a crash never leaves a
+directory that looks finished."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+from common.args import ParsedArgs, UsageError
+
+log = logging.getLogger("finetune")
+
+RUN_CONFIG = "run_config.json"
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def world_size() -> int:
+    """Processes in this launch (torchrun and `accelerate launch` set WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+# Output directory ----------------------------------------------------------------------------
+
+def is_finished_run(path: str) -> bool:
+    """A finished run has its final adapter (or model) and run_config.json in place."""
+    p = Path(path)
+    return (p / RUN_CONFIG).is_file() and ((p / "adapter_config.json").is_file() or (p / "config.json").is_file())
+
+
+def prepare_output_dir(args: ParsedArgs, default: str) -> str:
+    out = args.output_dir or default
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
+    if is_finished_run(out) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise UsageError(f"`--output_dir` {out} already holds a finished run; pass `--overwrite_output_dir True` "
+                         f"to replace it or choose another directory.")
+    return out
+
+
+def clear_previous_run(out: str) -> None:
+    """With --overwrite_output_dir: remove what an earlier run left, never unrelated files. Only the
+    main process deletes (several deleting the same files would trip over each other)."""
+    p = Path(out)
+    if not is_main_process() or not p.is_dir() or not ((p / RUN_CONFIG).exists() or any(p.glob("checkpoint-*"))):
+        return
+    for child in p.iterdir():
+        if child.name.startswith(("checkpoint-", "adapter_", "tokenizer", "special_tokens", "chat_template",
+                                  "training_args", "trainer_state", "all_results", "train_results",
+                                  "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final",
+                                  ".checkpoint-")):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value.lower() in ("auto", "true", "latest"):
+        ckpt = last_complete_checkpoint(out)
+        if ckpt is None:
+            log.info("`--resume_from_checkpoint auto`: no checkpoint in %s yet; starting from scratch.", out)
+        else:
+            log.info("resuming from %s", ckpt)
+        return ckpt
+    if not os.path.isdir(value):
+        raise UsageError(f"`--resume_from_checkpoint` {value}: no such checkpoint directory; use `auto` for the "
+                         f"latest one in --output_dir.")
+    if not is_complete_checkpoint(Path(value)):
+        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
+        hint = f"the latest complete one is {latest}" if latest else "there is no complete one next to it"
+        raise UsageError(f"`--resume_from_checkpoint` {value}: the checkpoint is incomplete (cut off while being "
+                         f"written?); {hint}, and `auto` picks it.")
+    return value
+
+
+# A checkpoint holds the weights under one of these names (PEFT adapter or full model, one file
+# or shards with an index); the trainer writes them first and trainer_state.json last.
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder in `out`, oldest first."""
+    p = Path(out)
+    if not p.is_dir():
+        return []
+    steps = []
+    for child in p.glob("checkpoint-*"):
+        suffix = child.name.split("-", 1)[1]
+        if suffix.isdigit() and child.is_dir():
+            steps.append((int(suffix), child))
+    return sorted(steps)
+
+
+def last_complete_checkpoint(out: str) -> Optional[str]:
+    """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
+    for _, child in reversed(checkpoint_dirs(out)):
+        if is_complete_checkpoint(child):
+            return str(child)
+        log.warning("skipping %s: incomplete (cut off while being written).", child)
+    return None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Valid trainer_state.json, the weights, and every torch file (optimizer, scheduler, RNG) whole."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, or truncated mid-write
+        return False
+    present = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    # FSDP's sharded state dicts are folders of per-rank files, not checked further.
+    sharded = [d for d in folder.glob("pytorch_model_fsdp*") if d.is_dir() and any(d.iterdir())]
+    if not (present or sharded) or not all(_weights_whole(path) for path in present):
+        return False
+    # torch.save writes zip archives, whose directory sits at the end: a cut-off file has none.
+    return all(zipfile.is_zipfile(f) for f in folder.iterdir() if f.suffix in (".pt", ".pth", ".bin"))
+
+
+def _weights_whole(path: Path) -> bool:
+    if path.name.endswith(".index.json"):
+        try:
+            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return bool(shards) and all(_weights_whole(path.parent / shard) for shard in shards)
+    if path.suffix == ".safetensors":
+        return _safetensors_whole(path)
+    return zipfile.is_zipfile(path)
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The header (8-byte length + JSON) says where the last tensor ends: the file must end there."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + length > size:
+                return False
+            header = json.loads(fh.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return size == 8 + length + end
+
+
+# Saving --------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapters: tuple = ()) -> None:
+    """Writes adapter + tokenizer + run_config.json so that a crash never leaves a directory that
+    looks finished: everything goes to a temporary folder first, adapter_config.json last."""
+    final = Path(out)
+    staging = final / ".final.tmp"
+    # Only the main process clears the staging folder, and every process waits for that: a slower
+    # rank that cleared it too could delete what a faster main process is writing there.
+    if trainer.accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process: FSDP and DeepSpeed gather the weights
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(staging))
+        for name in drop_adapters:  # helper adapters (DPO's frozen reference copy) are not the result
+            if (staging / name / "adapter_config.json").is_file():
+                shutil.rmtree(staging / name)
+        _absolute_base_path(staging)
+        write_json(staging / RUN_CONFIG, config)
+        move_into_place(staging, final)
+    trainer.accelerator.wait_for_everyone()
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Moves a staged run's files into `final` with adapter_config.json and run_config.json last, the
+    two that make a directory look finished; then removes the staging folder."""
+    names = sorted(p.name for p in staging.iterdir())
+    last = [n for n in (RUN_CONFIG, "adapter_config.json") if n in names]
+    for name in [n for n in names if n not in last] + last:
+        target = final / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _absolute_base_path(folder: Path) -> None:
+    """Record a local base model by absolute path, so the adapter loads from any working dir."""
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base and os.path.isdir(base) and not os.path.isabs(base):
+        cfg["base_model_name_or_path"] = os.path.abspath(base)
+        write_json(cfg_path, cfg)
