@@ -162,6 +162,9 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
             from trl.experimental.cpo import CPOTrainer as trainer_cls
 
             extra_config = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma}
+        from rlhf.pair_tokens import aligned
+
+        trainer_cls = aligned(trainer_cls)  # the token ids SFT, DPO and KTO train on
         config = Config(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
                         max_completion_length=completion, dataset_num_proc=args.dataset_num_proc,
                         trust_remote_code=args.trust_remote_code, **extra_config)

@@ -1,0 +1,82 @@
+"""Every preference trainer trains on the token ids SFT trains on, for the same question and answer.
+
+The reference is what sft/run.py's SFTTrainer holds as `input_ids` for a row; each preference
+trainer's own processed dataset gives prompt + chosen (DPO, ORPO, SimPO) or prompt + desirable
+completion (KTO). The runs stop right after the trainer is built: tokenisation happens there."""
+
+import shutil
+
+import pytest
+
+ARGV = ["--dataset_name", "triviaqa-sample", "--max_train_samples", "6", "--report_to", "none",
+        "--save_strategy", "no"]
+
+
+class _Built(Exception):
+    def __init__(self, trainer):
+        super().__init__("trainer built")
+        self.trainer = trainer
+
+
+@pytest.fixture
+def stop_before_training(monkeypatch):
+    from common import training
+
+    def stop(trainer, args, out):
+        raise _Built(trainer)
+
+    monkeypatch.setattr(training, "train_guarded", stop)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_bos(tmp_path_factory, tiny_llama):
+    """A Llama-style tokenizer that adds BOS itself (`<s> $A`), unlike the GPT-2 family."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-bos"
+    shutil.copytree(tiny_llama, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path)("Question")["input_ids"][0] == tok.bos_token_id
+    return str(path)
+
+
+MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat_llama"}
+
+
+def _trainer(fn, argv):
+    with pytest.raises(_Built) as built:
+        fn(argv)
+    return built.value.trainer
+
+
+def _sft_ids(model, tmp_path):
+    from sft.run import train
+
+    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *ARGV]).train_dataset
+    return sorted(ds["input_ids"])
+
+
+def _preference_ids(kind, model, tmp_path):
+    from rlhf.run import train
+
+    ds = _trainer(lambda a: train(kind, a), ["--model_id", model, "--output_dir", tmp_path / kind, *ARGV]).train_dataset
+    if kind == "dpo":
+        return sorted(p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
+    if kind == "kto":
+        return sorted(p + c for p, c, good in zip(ds["prompt_ids"], ds["completion_ids"], ds["label"]) if good)
+    return sorted(ds["chosen_input_ids"])  # ORPO and SimPO (CPO) keep whole sequences
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "simpo"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_preference_ids_equal_sft_trainer_ids(arch, kind, request, tmp_path, stop_before_training):
+    model = request.getfixturevalue(MODELS[arch])
+    expected = _sft_ids(model, tmp_path)
+    got = _preference_ids(kind, model, tmp_path)
+    assert len(got) == len(expected) == 6
+    for mine, ref in zip(got, expected):
+        assert mine == ref, f"{kind} on {arch}: {mine} != SFT's {ref}"
