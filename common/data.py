@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from common import network
 from common.args import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -268,6 +269,8 @@ def load_splits(dataset_name: str, dataset_config: Optional[str] = None) -> tupl
     kind, location = resolve_source(dataset_name)
     if kind == "local":
         return _load_local(location), location
+    network.need_hub(f"`--dataset_name {dataset_name}`: not a local file or directory",
+                     HUB_ALIASES.get(location, (location,))[0], "dataset")
     return _load_hub(location, dataset_config), f"hub dataset {HUB_ALIASES.get(location, (location,))[0]}"
 
 

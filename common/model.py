@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from common import network
 from common.args import UsageError
 
 log = logging.getLogger("finetune")
@@ -43,13 +44,18 @@ def resolve_model(model_id: str) -> ModelSource:
             if (base.startswith((".", "/", "~")) or base.count("/") > 1) and not os.path.isdir(os.path.expanduser(base)):
                 raise UsageError(f"`--model_id` {model_id}: its base model {base!r} is not there any more; "
                                  f"edit `base_model_name_or_path` in adapter_config.json.")
-            return ModelSource(base=os.path.expanduser(base), adapter_dir=path, adapter_config=config)
+            source = ModelSource(base=os.path.expanduser(base), adapter_dir=path, adapter_config=config)
+            if not os.path.isdir(source.base):
+                network.need_hub(f"`--model_id` {model_id}: its base model {base!r} is not a local directory", base,
+                                 "model")
+            return source
         if os.path.isfile(os.path.join(path, "config.json")):
             return ModelSource(base=path)
         raise UsageError(f"`--model_id` {model_id}: directory holds neither a model (config.json) nor an adapter "
                          f"(adapter_config.json).")
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # hub ids are `name` or `owner/name`
         raise UsageError(f"`--model_id` {model_id}: no such directory; give a local model dir or a hub id.")
+    network.need_hub(f"`--model_id` {model_id}: not a local directory", model_id, "model")
     return ModelSource(base=model_id)
 
 
@@ -125,6 +131,9 @@ def _hub_error(model_id: str, exc: Exception) -> UsageError:
         return UsageError(f"`--model_id` {model_id} ships its own Python code; pass `--trust_remote_code True` "
                           f"only if you trust that repository.")
     first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError") or "is not a valid model identifier" in text:
+        return UsageError(f"`--model_id` {model_id}: not a local directory, and the hub has no such model (or it is "
+                          f"private or gated: log in with `hf auth login`); check the name.")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return UsageError(f"`--model_id` {model_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
                           f"({first}); pass a local model directory, or download it on a machine with network.")

@@ -493,8 +493,12 @@ class Timer:
 
 
 def run_cli(script: str, train_fn) -> int:
-    """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130."""
+    """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
+    No network unless a hub id is given (common/network.py)."""
+    from common import network
+
     setup_logging(script)
+    network.start_offline()
     try:
         train_fn()
     except UsageError as exc:
@@ -505,6 +509,8 @@ def run_cli(script: str, train_fn) -> int:
             return 128 + exc.signum
         say(f"{script}: interrupted.")
         return 130
+    finally:
+        network.end_run()
     return 0
 
 
