@@ -95,7 +95,8 @@ class DataArguments:
     max_seq_length: int = _f(512, "Longest tokenized example; longer ones are truncated. TriviaQA needs < 128.",
                              aliases=("max_length",))
     completion_only_loss: bool = _f(True, "Compute the loss on the answer only, not on the prompt.")
-    dataset_num_proc: Optional[int] = _f(None, "Processes for dataset preparation (default: 1).")
+    dataset_num_proc: Optional[int] = _f(None, "Processes for dataset preparation (default: 1; every core, up "
+                                               "to 8, for 20,000 rows or more).")
 
 
 # LoRA family
@@ -262,6 +263,37 @@ def _none_or(convert):
     return parse
 
 
+# --help: group titles, and defaults that are not field values (None means "computed at run time").
+GROUP_TITLES = {
+    "ModelArguments": "model & tokenizer", "QuantizationArguments": "quantization (bitsandbytes)",
+    "DataArguments": "data & prompt format", "LoraArguments": "LoRA / DoRA",
+    "PromptLearningArguments": "prompt learning", "TrainingArguments": "training", "EvalArguments": "evaluation",
+    "MergeArguments": "merge", "PreferenceArguments": "preference optimisation", "PPOArguments": "PPO",
+    "GRPOArguments": "GRPO",
+}
+_OUTPUT_DEFAULTS = {"evaluate.py": "outputs/eval", "merge.py": None}
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default once: appended unless its help already says it or there is none to show."""
+
+    SAYS_DEFAULT = ("(default", "default:", "defaults to", "by default")
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # `liger-kernel` stays whole
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default == argparse.SUPPRESS or any(
+                words in text.lower() for words in self.SAYS_DEFAULT):
+            return text
+        shown = str(action.default).replace("\n", "\\n").replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing usage and exiting."""
 
@@ -309,17 +341,21 @@ class FlagParser:
     """
 
     def __init__(self, dataclass_types: list[type], prog: str, description: str = "",
-                 defaults: Optional[dict[str, Any]] = None):
+                 defaults: Optional[dict[str, Any]] = None, hidden: tuple = ()):
+        """`defaults` override field defaults for this script; `hidden` flags are accepted (scripts warn
+        that they are ignored) but left out of `--help`, which lists the script's own flags only."""
         self.types = dataclass_types
         self.prog = prog
         self.overrides = dict(defaults or {})
+        self.hidden = set(hidden)
         self.parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        self.parser.add_argument("--config", default=None,
+                              usage=f"python {prog} [--flag VALUE ...] [--config run.yaml]",
+                              formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32, width=100))
+        self.parser.add_argument("--config", default=None, metavar="FILE",
                                  help="YAML file of flag: value pairs; command-line flags override it.")
         self.names: dict[str, str] = {}  # every accepted spelling -> field name
         for dc in dataclass_types:
-            group = self.parser.add_argument_group(dc.__name__.replace("Arguments", "").strip() or dc.__name__)
+            group = self.parser.add_argument_group(GROUP_TITLES.get(dc.__name__, dc.__name__))
             hints = typing.get_type_hints(dc)
             for f in dataclasses.fields(dc):
                 self._add(group, f, hints[f.name])
@@ -329,6 +365,12 @@ class FlagParser:
         default = self.overrides.get(f.name, f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                                   "help": f.metadata.get("help", "").replace("%", "%%")}
+        if f.name == "output_dir" and default is None:  # computed by the script; shown as it will be
+            shown = _OUTPUT_DEFAULTS.get(self.prog, f"outputs/{os.path.splitext(os.path.basename(self.prog))[0]}")
+            if shown:
+                kwargs["help"] += f" (default: {shown})"
+        if f.name in self.hidden:
+            kwargs["help"] = argparse.SUPPRESS
         if base is bool:
             kwargs.update(type=_none_or(str_to_bool) if optional else str_to_bool, nargs="?", const=True,
                           metavar="{True,False}")
@@ -345,7 +387,7 @@ class FlagParser:
             convert.__name__ = "choice"
             kwargs.update(type=convert, metavar="{" + ",".join(choices) + "}")
         else:
-            kwargs.update(type=_none_or(base) if optional else base)
+            kwargs.update(type=_none_or(base) if optional else base, metavar=_METAVARS.get(base))
         spellings = [f.name, *f.metadata.get("aliases", ())]
         for s in spellings:
             self.names[s] = f.name
@@ -502,8 +544,9 @@ class EvalArguments:
 
 @dataclass
 class MergeArguments:
-    adapter: Optional[str] = _f(None, "Adapter dir (LoRA, DoRA or QLoRA) written by one of the training scripts.")
-    output_dir: Optional[str] = _f(None, "Where the merged model (safetensors) and tokenizer are written.")
+    adapter: Optional[str] = _f(None, "Adapter dir (LoRA, DoRA or QLoRA) written by one of the training scripts "
+                                      "(required).")
+    output_dir: Optional[str] = _f(None, "Where the merged model (safetensors) and tokenizer are written (required).")
     overwrite_output_dir: bool = _f(False, "Replace an existing model in --output_dir.")
     merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
         "auto", "dtype of the merged weights; `auto` keeps the base model's 16/32-bit dtype."

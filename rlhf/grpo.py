@@ -19,7 +19,7 @@ _UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_em_samples",
 
 
 def make_parser() -> FlagParser:
-    return FlagParser(ARG_GROUPS, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
+    return FlagParser(ARG_GROUPS, hidden=_UNUSED, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
                                                             "per_device_train_batch_size": 8},
                       description="GRPO with LoRA on TriviaQA-style prompts, rewarded by exact match / F1 against "
                                   "the gold answers (combinable, weighted) and/or a reward model.")

@@ -40,7 +40,7 @@ _UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "
 
 
 def make_parser() -> FlagParser:
-    return FlagParser(ARG_GROUPS, prog="ppo.py", defaults={"learning_rate": 1e-4, "max_steps": 100,
+    return FlagParser(ARG_GROUPS, hidden=_UNUSED, prog="ppo.py", defaults={"learning_rate": 1e-4, "max_steps": 100,
                                                            "per_device_train_batch_size": 8, "logging_steps": 1},
                       description="PPO with LoRA on TriviaQA-style prompts, rewarded by a reward model "
                                   "(reward_model.py) or by exact match / F1 against the gold answers.")

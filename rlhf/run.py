@@ -37,7 +37,7 @@ _UNUSED = {kind: ("completion_only_loss", "packing", "padding_free", *(f for f i
 
 def make_parser(kind: str) -> FlagParser:
     script, title, defaults = KINDS[kind]
-    return FlagParser(ARG_GROUPS, prog=script, defaults=defaults,
+    return FlagParser(ARG_GROUPS, prog=script, defaults=defaults, hidden=_UNUSED[kind],
                       description=f"{title} with LoRA on preference pairs (prompt/chosen/rejected) or on TriviaQA "
                                   f"turned into pairs. Accepts the SFT scripts' model, quantization, LoRA and "
                                   f"training flags.")

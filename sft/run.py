@@ -51,9 +51,13 @@ ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArgument
 
 def make_parser(technique: str) -> FlagParser:
     t = TECHNIQUES[technique]
-    return FlagParser(ARG_GROUPS, prog=t.script, defaults=t.defaults,
+    # Other techniques' flags are accepted (and warned about), not listed.
+    hidden = [n for n in _TECHNIQUE_GROUPS if n not in t.flags]
+    if technique in LORA_FAMILY:
+        hidden += ["peft_type", "task_type"]
+    return FlagParser(ARG_GROUPS, prog=t.script, defaults=t.defaults, hidden=tuple(hidden),
                       description=f"Supervised fine-tuning with {t.title} on question-answer data (TriviaQA by "
-                                  f"default). Every SFT script accepts the same flags.")
+                                  f"default).")
 
 
 def effective_technique(technique: str, args: ParsedArgs) -> str:
