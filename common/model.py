@@ -154,8 +154,23 @@ def load_tokenizer(source: ModelSource, args):
                                                   trust_remote_code=args.trust_remote_code)
     except Exception as exc:  # OSError (missing), ValueError (remote code), network errors
         raise _hub_error(args.model_id, exc) from None
+    ensure_eos_token(tokenizer, args.model_id)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def ensure_eos_token(tokenizer, model_id: str) -> None:
+    """Every answer is trained to end with EOS and generation stops there. BERT-style tokenizers
+    have none: their SEP token, which closes every sequence they encode, takes its place."""
+    if tokenizer.eos_token is not None:
+        return
+    if tokenizer.sep_token is not None:
+        log.warning("`--model_id` %s: the tokenizer has no EOS token; its SEP token %s ends answers instead.",
+                    model_id, tokenizer.sep_token)
+        tokenizer.eos_token = tokenizer.sep_token
+        return
+    raise UsageError(f"`--model_id` {model_id}: the tokenizer has neither an EOS nor a SEP token to end answers "
+                     f"with; set `eos_token` to a token of its vocabulary in the model's tokenizer_config.json.")
 
 
 def ensure_pad_token(tokenizer) -> None:
