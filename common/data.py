@@ -151,13 +151,48 @@ def _is_whole_document(path: str, first_line: str) -> bool:
     return "Data" in obj and isinstance(obj["Data"], list)
 
 
-def _official_rows(records: list) -> list[dict]:
-    rows = []
-    for rec in records:
-        if not isinstance(rec, dict):
-            rows.append({"Question": rec, "Answer": None})
+def _official_rows(records: list, domain: Any = None, verified: Any = False) -> list[dict]:
+    """The `Data` list of a TriviaQA release file -> raw rows, kept and weighted as the official
+    evaluation (`triviaqa_evaluation.py` with `utils/dataset_utils.py`) reads the file:
+    - a file with `VerifiedEval` true keeps only the questions with `QuestionPartOfVerifiedEval`
+      (and, in the Web domain, only their documents with `DocPartOfVerifiedEval`);
+    - the official ground truth is a dict keyed by `QuestionId` (Wikipedia) or by
+      `QuestionId--Filename` for every document in `EntityPages` + `SearchResults` (Web), and its
+      scores are means over those keys. `Weight` is the number of keys a row holds: a Web question
+      counts once per document, and a repeated key belongs to its last row."""
+    if verified:
+        records = [r for r in records if not isinstance(r, dict) or r.get("QuestionPartOfVerifiedEval")]
+    web = domain == "Web"
+    keys = []
+    for i, rec in enumerate(records):
+        qid = rec.get("QuestionId") if isinstance(rec, dict) else None
+        if not isinstance(qid, (str, int, float)):
+            qid = ("row", i)  # the official script needs an id; without one, the row is its own key
+        if not web:
+            keys.append([qid])
             continue
-        rows.append({"Question": rec.get("Question"), "QuestionId": rec.get("QuestionId"), "Answer": rec.get("Answer")})
+        pages = []
+        for field in ("EntityPages", "SearchResults"):
+            found = rec.get(field) if isinstance(rec, dict) else None
+            pages += [p for p in found or [] if isinstance(p, dict)
+                      and (not verified or p.get("DocPartOfVerifiedEval"))]
+        keys.append([f"{qid}--{p.get('Filename')}" for p in pages])
+    owner = {key: i for i, row_keys in enumerate(keys) for key in row_keys}  # later rows win, as in a dict
+    weights = [0] * len(records)
+    for i in owner.values():
+        weights[i] += 1
+    # Weights are kept only where they change a mean. A Web file that lists no document at all has no
+    # official score (the official script divides by zero); it is scored one question per row.
+    weighted = any(w != 1 for w in weights) and any(weights)
+    rows = []
+    for rec, weight in zip(records, weights):
+        if not isinstance(rec, dict):
+            rows.append({"Question": rec, "QuestionId": None, "Answer": None})
+        else:
+            rows.append({"Question": rec.get("Question"), "QuestionId": rec.get("QuestionId"),
+                         "Answer": rec.get("Answer")})
+        if weighted:
+            rows[-1]["Weight"] = weight
     return rows
 
 
@@ -172,7 +207,7 @@ def _load_json_document(path: str) -> dict:
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text; save the file as UTF-8 JSON.") from None
     if isinstance(obj, dict) and isinstance(obj.get("Data"), list):
-        records = _official_rows(obj["Data"])
+        records = _official_rows(obj["Data"], obj.get("Domain"), obj.get("VerifiedEval"))
     elif isinstance(obj, list):
         records = obj
     elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
@@ -300,20 +335,71 @@ def _text(value: Any, what: str, where: str) -> str:
 
 def _aliases(value: Any, answer: str, what: str, where: str) -> list[str]:
     out = [answer]
-    if value is None:
-        return out
-    if not isinstance(value, (list, tuple)):
-        raise UsageError(f"{where}: `{what}` must be a list of strings.")
-    for item in value:
-        if not isinstance(item, str):
-            raise UsageError(f"{where}: `{what}` must be a list of strings (found {type(item).__name__}).")
+    for item in _strings(value, what, where):
         if item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
 
 
+def _strings(value: Any, what: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{where}: `{what}` must be a list of strings.")
+    for item in value:
+        if not isinstance(item, str):
+            raise UsageError(f"{where}: `{what}` must be a list of strings (found {type(item).__name__}).")
+    return list(value)
+
+
+# What the hub's TriviaQA builder writes where a split has no public answers (the test split).
+PLACEHOLDER_ANSWERS = {"<unk>"}
+
+
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in PLACEHOLDER_ANSWERS
+
+
+def _is_answerless(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or _is_placeholder(value)
+
+
+def _triviaqa_answers(answer: dict, names: dict, where: str) -> tuple[str, list[str]]:
+    """A TriviaQA answer object -> (answer to train on, strings to score against).
+
+    The official script scores against `NormalizedAliases` plus the normalised `HumanAnswers`; the
+    value and the raw aliases count only where a file has no normalised aliases."""
+    from common.metrics import normalize_answer
+
+    field = lambda key: f"{names['prefix']}.{names[key]}"  # noqa: E731
+    raw_value = answer.get(names["value"])
+    normalized = _strings(answer.get(names["normalized_aliases"]), field("normalized_aliases"), where)
+    human_key = next((k for k in names["human"] if answer.get(k) is not None), names["human"][0])
+    human = _strings(answer.get(human_key), f"{names['prefix']}.{human_key}", where)
+    aliases = _strings(answer.get(names["aliases"]), field("aliases"), where)
+    value = _refuse_placeholder(_text(raw_value, field("value"), where), field("value"), where)
+    if normalized:
+        truths = normalized + [normalize_answer(h) for h in human]
+    else:
+        truths = _aliases(aliases + [h for h in human if h.strip()], value, field("aliases"), where)
+    return value, list(dict.fromkeys(truths))
+
+
+_HUB_NAMES = {"prefix": "answer", "value": "value", "aliases": "aliases", "normalized_aliases": "normalized_aliases",
+              "human": ("human_answers", "normalized_human_answers")}
+_OFFICIAL_NAMES = {"prefix": "Answer", "value": "Value", "aliases": "Aliases",
+                   "normalized_aliases": "NormalizedAliases", "human": ("HumanAnswers",)}
+
+
+def _refuse_placeholder(value: str, what: str, where: str) -> str:
+    if _is_placeholder(value):
+        raise UsageError(f"{where}: no answer (`{what}` is the placeholder {value!r}); fix or remove that row.")
+    return value
+
+
 def normalise_row(row: dict, schema: str, where: str) -> dict:
-    """One raw row -> {question, answer, aliases}. Raises UsageError naming the problem."""
+    """One raw row -> {question, answer, aliases} (+ `weight` for a weighted official file), where
+    `aliases` are the strings a prediction is scored against. Raises UsageError naming the problem."""
     if schema == "prompt-completion":
         prompt = row.get("prompt")
         completion = row.get("completion")
@@ -323,31 +409,62 @@ def normalise_row(row: dict, schema: str, where: str) -> dict:
         if not isinstance(completion, str) or not completion.strip():
             raise UsageError(f"{where}: `completion` is {'empty' if isinstance(completion, str) else 'not text'}; "
                              f"fix or remove that row.")
+        _refuse_placeholder(completion, "completion", where)
         return {"question": prompt, "answer": completion, "aliases": [completion.strip()]}
     if schema == "triviaqa-official":
         question = _text(row.get("Question"), "Question", where)
         answer = row.get("Answer")
+        if answer is None:
+            raise UsageError(f"{where}: no `Answer`; fix or remove that row.")
         if not isinstance(answer, dict):
             raise UsageError(f"{where}: `Answer` must be an object with `Value` and `Aliases`.")
-        value = _text(answer.get("Value"), "Answer.Value", where)
-        return {"question": question, "answer": value, "aliases": _aliases(answer.get("Aliases"), value,
-                                                                             "Answer.Aliases", where)}
+        value, truths = _triviaqa_answers(answer, _OFFICIAL_NAMES, where)
+        out = {"question": question, "answer": value, "aliases": truths}
+        if row.get("Weight") is not None:
+            out["weight"] = row["Weight"]
+        return out
     question = _text(row.get("question"), "question", where)
     answer = row.get("answer")
     if isinstance(answer, dict):  # hub TriviaQA
-        value = _text(answer.get("value"), "answer.value", where)
-        return {"question": question, "answer": value,
-                "aliases": _aliases(answer.get("aliases"), value, "answer.aliases", where)}
-    value = _text(answer, "answer", where)
+        value, truths = _triviaqa_answers(answer, _HUB_NAMES, where)
+        return {"question": question, "answer": value, "aliases": truths}
+    value = _refuse_placeholder(_text(answer, "answer", where), "answer", where)
     return {"question": question, "answer": value, "aliases": _aliases(row.get("aliases"), value, "aliases", where)}
+
+
+def has_answer(row: dict, schema: str) -> bool:
+    """False where a row's answer is missing, empty or a placeholder (a split without public
+    answers); anything else, malformed rows included, is left to normalise_row to judge."""
+    if schema == "prompt-completion":
+        return not _is_answerless(row.get("completion"))
+    answer = row.get("Answer" if schema == "triviaqa-official" else "answer")
+    if isinstance(answer, dict):
+        answer = answer.get(_OFFICIAL_NAMES["value"] if schema == "triviaqa-official" else _HUB_NAMES["value"])
+    return not _is_answerless(answer)
+
+
+def require_answers(ds, schema: str, source: str, flag: str, spec: str, splits: dict) -> None:
+    """Refuses a split in which no row has an answer (the hub TriviaQA `test` split: every value is
+    '<unk>'), instead of scoring or training every prediction against a placeholder."""
+    for row in ds:
+        if has_answer(row, schema):
+            return
+    name = parse_split(spec, flag)[0]
+    fix = (f"use `--{flag} validation`" if "validation" in splits and name != "validation"
+           else "give a split or file with answers")
+    why = "; TriviaQA's test answers are not public" if "trivia_qa" in source else ""
+    raise UsageError(f"`--{flag} {spec}` of {source} has no answers (every answer is missing or the placeholder "
+                     f"'<unk>'{why}), so there is nothing to score or train on; {fix}.")
 
 
 def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
     """Dataset of any accepted schema -> Dataset(question, answer, aliases), cached by `datasets`."""
 
+    weighted = schema == "triviaqa-official" and "Weight" in ds.column_names  # see _official_rows
+
     def convert(batch: dict, indices: list[int]) -> dict:
         keys = list(batch)
-        out: dict[str, list] = {"question": [], "answer": [], "aliases": []}
+        out: dict[str, list] = {"question": [], "answer": [], "aliases": [], **({"weight": []} if weighted else {})}
         for i, idx in enumerate(indices):
             row = {k: batch[k][i] for k in keys}
             norm = normalise_row(row, schema, f"{source}: row {idx}")
@@ -359,7 +476,8 @@ def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
 
     # Declared, because `map` otherwise casts a column it rewrites back to its old type: the text
     # "8" of a numeric `answer` column would be 8 again and crash prompt formatting.
-    features = Features({"question": Value("string"), "answer": Value("string"), "aliases": List(Value("string"))})
+    features = Features({"question": Value("string"), "answer": Value("string"), "aliases": List(Value("string")),
+                         **({"weight": Value("int64")} if weighted else {})})
     return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                   num_proc=num_proc, desc="Reading rows")
 
@@ -373,6 +491,7 @@ def load_qa_data(args, need_eval: bool) -> QAData:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if len(train) == 0:
         raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
+    require_answers(train, schema, source, "dataset_split", args.dataset_split, splits)
     train = normalise(train, schema, source, auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
     spec = args.eval_split
@@ -384,7 +503,9 @@ def load_qa_data(args, need_eval: bool) -> QAData:
             eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
         if len(eval_ds) == 0:
             raise UsageError(f"`--eval_split {spec}` of {source} is empty.")
-        eval_ds = normalise(eval_ds, detect_schema(eval_ds, source), source, args.dataset_num_proc)
+        eval_schema = detect_schema(eval_ds, source)
+        require_answers(eval_ds, eval_schema, source, "eval_split", spec, splits)
+        eval_ds = normalise(eval_ds, eval_schema, source, args.dataset_num_proc)
     elif need_eval:
         raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
                          f"set `--eval_split` (e.g. `train[-200:]`).")

@@ -62,28 +62,43 @@ def _stop_ids(tokenizer) -> list[int]:
 
 def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16, max_new_tokens: int = 16,
                 progress: bool = False) -> tuple[dict, list[dict]]:
-    """rows: dataset/list with question, aliases. -> (summary metrics, one record per example)."""
+    """rows: dataset/list with question, aliases (and `weight` for a weighted official file).
+    -> (summary metrics, one record per example)."""
     questions = [r["question"] for r in rows]
     aliases = [r["aliases"] for r in rows]
+    weights = [r.get("weight") for r in rows]
     start = time.perf_counter()
     predictions = generate_answers(model, tokenizer, questions, fmt, batch_size, max_new_tokens, progress)
     elapsed = time.perf_counter() - start
     records = []
-    for q, gold, pred in zip(questions, aliases, predictions):
+    for q, gold, pred, weight in zip(questions, aliases, predictions, weights):
         s = score(pred, gold)
-        records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s})
+        records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s,
+                        **({"weight": weight} if weight is not None else {})})
     return summarize(records, elapsed), records
 
 
 def summarize(records: list[dict], elapsed: float) -> dict:
+    """Means over the official script's ground-truth keys: one per question, except in a Web-domain
+    release file, where a question counts once per document (its `weight`). `exact_match` and `f1`
+    are fractions (0-1); `exact_match_percent` and `f1_percent` are the official script's figures."""
     n = len(records)
-    return {
+    weights = [r.get("weight", 1) for r in records]
+    denominator = sum(weights)
+    em = sum(w * r["em"] for w, r in zip(weights, records))
+    f1 = sum(w * r["f1"] for w, r in zip(weights, records))
+    summary = {
         "n": n,
-        "exact_match": sum(r["em"] for r in records) / n if n else 0.0,
-        "f1": sum(r["f1"] for r in records) / n if n else 0.0,
+        "exact_match": em / denominator if denominator else 0.0,
+        "f1": f1 / denominator if denominator else 0.0,
+        "exact_match_percent": 100.0 * em / denominator if denominator else 0.0,
+        "f1_percent": 100.0 * f1 / denominator if denominator else 0.0,
         "time_s": round(elapsed, 2),
         "samples_per_s": round(n / elapsed, 2) if elapsed else None,
     }
+    if denominator != n:
+        summary["denominator"] = denominator  # question-document pairs, as the official script counts them
+    return summary
 
 
 def _gather_records(records: list[dict], elapsed: float, world: int) -> tuple[list[dict], float]:
@@ -165,7 +180,9 @@ def run_evaluate(args) -> dict:
     os.replace(tmp, out / "predictions.jsonl")
     (out / "eval_results.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(out / "eval_results.json.tmp", out / "eval_results.json")
-    print(f"\nTriviaQA  n={summary['n']}  EM={summary['exact_match']:.4f}  F1={summary['f1']:.4f}  "
+    pairs = f" ({summary['denominator']} question-document pairs)" if "denominator" in summary else ""
+    print(f"\nTriviaQA  n={summary['n']}{pairs}  EM={summary['exact_match_percent']:.2f}  "
+          f"F1={summary['f1_percent']:.2f}  (percent, as the official script)  "
           f"time={summary['time_s']:.1f}s  ({summary['samples_per_s']} samples/s)\n"
           f"written to {out.resolve()}/eval_results.json and predictions.jsonl", flush=True)
     return summary

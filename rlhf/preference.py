@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from common.args import UsageError
 from common.data import (PromptFormat, chat_messages, detect_schema, load_splits, normalise, prompt_text,
-                         select_split)
+                         require_answers, select_split)
 from common.metrics import normalize_answer
 
 log = logging.getLogger("finetune")
@@ -57,6 +57,7 @@ def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -
     if schema == "prompt-completion":
         raise UsageError(f"{source}: `prompt`/`completion` rows have no rejected answer; give `prompt`/`chosen`/"
                          f"`rejected` columns or question-answer data to build pairs from.")
+    require_answers(ds, schema, source, flag, split_spec, splits)
     return PreferenceSource(normalise(ds, schema, source, args.dataset_num_proc), "qa", schema, source)
 
 

@@ -136,7 +136,8 @@ def test_unreachable_hub_dataset_says_what_to_do():
     ('{"q": "a?", "a": "b"}\n', r"columns \['a', 'q'\] match no known schema"),
     ('{"question": "", "answer": "b"}\n', "row 0: `question` is empty"),
     ('{"question": "a?", "answer": "b"}\n{"question": "   ", "answer": "b"}\n', "row 1: `question` is empty"),
-    ('{"question": "a?", "answer": null}\n', "`answer` is missing"),
+    ('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": null}\n', "row 1: `answer` is missing"),
+    ('{"question": "a?", "answer": null}\n', "has no answers"),  # no row has one: the split is refused
     ('{"question": "a?", "answer": {"value": ["x"], "aliases": []}}\n', "`answer.value` is a list"),
     ('{"question": "a?", "answer": "b", "aliases": "b"}\n', "`aliases` must be a list"),
     ('', "empty"),

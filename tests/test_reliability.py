@@ -429,7 +429,7 @@ def _expected(row: dict):
     nested = isinstance(answer, dict)
     question, value = _text(row.get("question")), _text(answer.get("value") if nested else answer)
     aliases = answer.get("aliases") if nested else row.get("aliases")
-    if question is None or value is None:
+    if question is None or value is None or value.lower() == "<unk>":  # '<unk>': the hub's "no answer"
         return None
     if aliases is not None and not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
         return None
