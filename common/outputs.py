@@ -4,10 +4,15 @@ directory that looks finished."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +46,91 @@ def prepare_output_dir(args: ParsedArgs, default: str) -> str:
     if is_finished_run(out) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         raise UsageError(f"`--output_dir` {out} already holds a finished run; pass `--overwrite_output_dir True` "
                          f"to replace it or choose another directory.")
+    lock_output_dir(out)
     return out
+
+
+# One run per output directory ----------------------------------------------------------------
+
+LOCK = ".lock"
+_held: dict[Path, bool] = {}  # lock file -> whether this process created the directory for it
+
+
+def lock_output_dir(out: str) -> None:
+    """The main process holds `out/.lock` (its pid and host) until it exits: a second run into the
+    same directory stops at once naming the holder; a lock whose process is gone is taken over."""
+    if not is_main_process():
+        return
+    folder = Path(out)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    # Written whole to a private file, then linked into place: the link fails if a lock exists, so two
+    # runs starting together cannot both win, and a lock is never seen half-written.
+    tmp = folder / f".lock.{me['pid']}.tmp"
+    tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if holder is None:
+                    continue  # removed meanwhile
+                if holder == me:  # this process again (runs called one after another in one Python)
+                    break
+                pid, host = holder.get("pid"), holder.get("host")
+                if host != me["host"]:
+                    raise UsageError(f"`--output_dir` {out} is in use by process {pid} on {host}; choose another "
+                                     f"directory, or delete {lock} if that run is gone.") from None
+                if _alive(pid):
+                    raise UsageError(f"`--output_dir` {out} is in use by another run (process {pid}); wait for it "
+                                     f"to finish or choose another directory.") from None
+                log.warning("`--output_dir` %s: taking over the lock of process %s, which is no longer running.",
+                            out, pid)
+                lock.unlink(missing_ok=True)
+        else:
+            raise UsageError(f"`--output_dir` {out}: could not take its lock {lock}; delete it if no run is using "
+                             f"the directory.")
+    finally:
+        tmp.unlink(missing_ok=True)
+    if lock not in _held:
+        _held[lock] = created
+    atexit.register(release_output_locks)
+
+
+def _lock_holder(lock: Path) -> Optional[dict]:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": "unknown", "host": "unknown"}  # unreadable: never guess it is stale
+    return holder if isinstance(holder, dict) else {"pid": "unknown", "host": "unknown"}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or a pid we cannot judge
+    return True
+
+
+def release_output_locks() -> None:
+    """Drop this process's locks; a directory this run created and left empty goes too."""
+    for lock, created in list(_held.items()):
+        holder = _lock_holder(lock)
+        if holder is not None and holder.get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                lock.parent.rmdir()  # only if empty
+        del _held[lock]
 
 
 def clear_previous_run(out: str) -> None:
@@ -119,8 +208,67 @@ def is_complete_checkpoint(folder: Path) -> bool:
     sharded = [d for d in folder.glob("pytorch_model_fsdp*") if d.is_dir() and any(d.iterdir())]
     if not (present or sharded) or not all(_weights_whole(path) for path in present):
         return False
+    if missing_rng_states(folder):
+        return False
     # torch.save writes zip archives, whose directory sits at the end: a cut-off file has none.
     return all(zipfile.is_zipfile(f) for f in folder.iterdir() if f.suffix in (".pt", ".pth", ".bin"))
+
+
+_RNG_FILE = re.compile(r"rng_state_(\d+)\.(pth|safetensors)$")
+
+
+def missing_rng_states(folder: Path) -> list[str]:
+    """Each process of a multi-process run writes its own rng_state_<rank> file, and the main process
+    does not wait for the others before trainer_state.json: without every one, a resumed run would
+    draw different random numbers on the missing ranks. -> the names that are missing."""
+    ranks = {int(m.group(1)): m.group(2) for f in folder.iterdir() if (m := _RNG_FILE.match(f.name))}
+    if not ranks:
+        return []
+    expected = max(recorded_world_size(folder) or 0, max(ranks) + 1)
+    suffix = next(iter(ranks.values()))
+    return [f"rng_state_{r}.{suffix}" for r in range(expected) if r not in ranks]
+
+
+def recorded_world_size(folder: Path) -> Optional[int]:
+    """The process count a checkpoint was written with, where the writer recorded it."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        recorded = (state.get("stateful_callbacks", {}).get(RESUME_STATE, {}).get("attributes", {}).get("world_size")
+                    or state.get("ppo", {}).get("num_processes"))
+        return int(recorded) if recorded else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+# The name under which the trainer callback of common.training records, in trainer_state.json, what
+# the trainer itself does not keep (process count, the loss summed so far).
+RESUME_STATE = "ResumeState"
+
+
+def rotate_checkpoints(out: str, keep: Optional[int]) -> list[Path]:
+    """`--save_total_limit`: keep the newest `keep` complete checkpoints; incomplete ones older than the
+    newest complete one (a lower step, or last written before it) can never be resumed from and go as
+    well. A newer incomplete one stays: it may still be being written. Main process only. -> the
+    folders removed."""
+    if not keep or keep <= 0 or not is_main_process():
+        return []
+    checkpoints = checkpoint_dirs(out)
+    complete = [(step, d) for step, d in checkpoints if is_complete_checkpoint(d)]
+    if not complete:
+        return []
+    newest, written = complete[-1][0], _mtime(complete[-1][1] / "trainer_state.json")
+    doomed = [d for _, d in complete[:-keep]]
+    doomed += [d for step, d in checkpoints if (step, d) not in complete and (step < newest or _mtime(d) < written)]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return sorted(doomed)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _weights_whole(path: Path) -> bool:
@@ -203,3 +351,17 @@ def _absolute_base_path(folder: Path) -> None:
     if base and os.path.isdir(base) and not os.path.isabs(base):
         cfg["base_model_name_or_path"] = os.path.abspath(base)
         write_json(cfg_path, cfg)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(out: str, resume: str) -> UsageError:
+    """One line for a save that ran out of space: what is intact and the command that finishes."""
+    shutil.rmtree(Path(out) / ".final.tmp", ignore_errors=True)  # a half-written final save frees its space
+    latest = last_complete_checkpoint(out)
+    kept = (f"the last complete checkpoint {latest} is intact" if latest else
+            "no checkpoint was written (`--save_strategy no`), so the run starts again")
+    return UsageError(f"no space left on the device of {os.path.abspath(out)}; {kept}. Free space, then finish "
+                      f"the run with: {resume}")

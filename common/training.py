@@ -5,6 +5,7 @@ save live in common/outputs.py (their names stay importable from here)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.args import ParsedArgs, UsageError, reporters
-from common.outputs import (RUN_CONFIG, WEIGHT_FILES, _absolute_base_path, checkpoint_dirs,  # noqa: F401
-                            clear_previous_run, is_complete_checkpoint, is_finished_run, is_main_process,
-                            last_complete_checkpoint, move_into_place, prepare_output_dir, resolve_resume,
-                            save_final, world_size, write_json)
+from common.outputs import (RESUME_STATE, RUN_CONFIG, WEIGHT_FILES, _absolute_base_path,  # noqa: F401
+                            checkpoint_dirs, clear_previous_run, disk_full_error, is_complete_checkpoint,
+                            is_disk_full, is_finished_run, is_main_process, last_complete_checkpoint,
+                            move_into_place, prepare_output_dir, release_output_locks, resolve_resume,
+                            rotate_checkpoints, save_final, world_size, write_json)
 
 log = logging.getLogger("finetune")
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
@@ -441,12 +443,135 @@ def train_guarded(trainer, args: ParsedArgs, out: str) -> tuple[dict[str, Any], 
     """trainer.train(), resuming as `--resume_from_checkpoint` asks, with a checkpoint on Ctrl-C or
     SIGTERM and a non-finite loss turned into a one-line error; -> (metrics, wall seconds)."""
     resume = resolve_resume(args, out)
+    exact_resume(trainer, resume)
     with Timer() as timer, save_on_interrupt(trainer, args):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except NonFiniteLoss as exc:
             raise UsageError(str(exc)) from None
-    return dict(result.metrics), timer.elapsed
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(out, resume_command(args)) from None
+            raise
+    metrics = dict(result.metrics)
+    whole_run_loss(trainer, metrics)
+    return metrics, timer.elapsed
+
+
+# Resuming exactly ----------------------------------------------------------------------------
+
+def exact_resume(trainer, resume: Optional[str]) -> None:
+    """Makes a run resumed from any checkpoint end like the run that was never stopped, where the
+    Trainer alone does not:
+    - length-grouped batches are shuffled from a generator seeded with (seed, epoch), not from the
+      global random state, which a resumed run reaches in a different state after epoch 1;
+    - a run resumed from a checkpoint at `max_steps` trains no further step;
+    - the loss summed so far (and the part not yet logged) goes into each checkpoint, so the final
+      `train_loss` and the next logged loss cover the whole run;
+    - the process count is recorded, so a checkpoint missing one process's random state is seen;
+    - `--save_total_limit` counts complete checkpoints only, after every process has written."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_pt_utils import nested_gather
+
+    limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # the Trainer's own rotation runs before the other ranks finish
+    resumed = _resume_attributes(resume)
+
+    class ResumeState(TrainerCallback, ExportableState):
+        saved: dict = {}
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": dict(self.saved)}
+
+        def on_train_begin(self, targs, state, control, **kwargs):
+            state.stateful_callbacks.setdefault(RESUME_STATE, {})  # a checkpoint from before this callback
+            if resumed:
+                trainer._total_loss_scalar = float(resumed.get("loss_sum", 0.0))
+                trainer._tr_loss += float(resumed.get("loss_partial", 0.0))
+                trainer._globalstep_last_logged = int(resumed.get("last_logged_step", state.global_step))
+
+        def on_save(self, targs, state, control, **kwargs):
+            _barrier()  # every process has written its files before the oldest are judged
+            for old in rotate_checkpoints(targs.output_dir, limit):
+                log.info("--save_total_limit %s: removed %s", limit, old.name)
+
+    callback = ResumeState()
+    trainer.add_callback(callback)
+    save_checkpoint, run_epoch = trainer._save_checkpoint, trainer._run_epoch
+
+    def _save_checkpoint(*a, **k):
+        # Every process takes part in the gather; the main process then writes it with the state.
+        partial = nested_gather(trainer._tr_loss.detach().clone(), trainer.args.parallel_mode).mean().item()
+        callback.saved = {"world_size": trainer.args.world_size, "loss_sum": trainer._total_loss_scalar,
+                          "loss_partial": partial, "last_logged_step": trainer._globalstep_last_logged}
+        return save_checkpoint(*a, **k)
+
+    def _run_epoch(*a, **k):
+        if 0 < trainer.state.max_steps <= trainer.state.global_step:  # resumed from the last step
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*a, **k)
+
+    trainer._save_checkpoint, trainer._run_epoch = _save_checkpoint, _run_epoch
+    if trainer.args.train_sampling_strategy == "group_by_length":
+        from transformers import Trainer
+
+        if type(trainer)._get_train_sampler is Trainer._get_train_sampler:
+            trainer._get_train_sampler = lambda dataset=None: _epoch_seeded_sampler(trainer, dataset)
+
+
+def _resume_attributes(resume: Optional[str]) -> dict:
+    if not resume:
+        return {}
+    try:
+        state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
+        return dict(state.get("stateful_callbacks", {}).get(RESUME_STATE, {}).get("attributes", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _epoch_seeded_sampler(trainer, dataset=None):
+    """transformers' LengthGroupedSampler with its shuffle drawn from (seed, epoch): the epoch is read
+    from the trainer state when the epoch's iterator is made (a resumed epoch reads the same number)."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers import Trainer
+
+    base = Trainer._get_train_sampler(trainer, dataset)
+    if not isinstance(base, LengthGroupedSampler):
+        return base
+    seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
+
+    class EpochSeeded(LengthGroupedSampler):
+        def __iter__(self):
+            epoch = int(trainer.state.epoch or 0)
+            self.generator = torch.Generator().manual_seed(seed + epoch)
+            return super().__iter__()
+
+    sampler = EpochSeeded(base.batch_size, lengths=base.lengths)
+    return sampler
+
+
+def whole_run_loss(trainer, metrics: dict[str, Any]) -> None:
+    """`train_loss` over every step of the run, also when it was resumed (the Trainer's covers only the
+    steps since the resume); the closing entry of the log history is set to the same value."""
+    steps = trainer.state.global_step
+    if not steps or "train_loss" not in metrics:
+        return
+    loss = trainer._total_loss_scalar / steps
+    metrics["train_loss"] = loss
+    for entry in reversed(trainer.state.log_history):
+        if "train_loss" in entry:
+            entry["train_loss"] = loss
+            break
 
 
 def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, metrics: dict[str, Any],
@@ -455,11 +580,16 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
     """The end of every Trainer-based run: metrics and trainer state, the final outputs written
     atomically with run_config.json (`extra` plus the summary), reporters closed, plots, summary."""
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
     info = {**summary(trainer, metrics, out, wall), **(more_summary or {})}
-    save_final(trainer, tokenizer, out, run_config(args, technique, {**extra, "summary": info}),
-               drop_adapters=drop_adapters)
+    try:
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()
+        save_final(trainer, tokenizer, out, run_config(args, technique, {**extra, "summary": info}),
+                   drop_adapters=drop_adapters)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(out, resume_command(args)) from None
+        raise
     finish_reporting(report_to)
     write_plots(out)
     print_summary(info)
@@ -511,6 +641,7 @@ def run_cli(script: str, train_fn) -> int:
         return 130
     finally:
         network.end_run()
+        release_output_locks()
     return 0
 
 

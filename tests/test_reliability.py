@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -550,3 +551,133 @@ def test_bad_input_exits_2_with_one_line(script, case, tiny_llama, tmp_path, cap
     for word in words:
         assert word.lower() in errors[0].lower(), errors[0]
     assert not is_finished_run(out) and not (out / "eval_results.json").exists()
+
+
+# Resuming exactly, in any epoch, from any checkpoint -----------------------------------------
+
+def _results(out) -> dict:
+    return json.loads((Path(out) / "all_results.json").read_text())
+
+
+def _summary(out) -> dict:
+    info = json.loads((Path(out) / "run_config.json").read_text())["summary"]
+    return {k: info[k] for k in ("steps", "train_loss")}
+
+
+def test_resume_in_any_epoch_equals_the_uninterrupted_run(tiny_llama, tmp_path):
+    # 16 rows in batches of 4: 4 steps an epoch, so checkpoint-6 lies in epoch 2 and checkpoint-10 is
+    # the last step (what a failed final save leaves). Losses are logged every 3 steps, so each
+    # checkpoint also holds loss not yet logged. The default length-grouped batches are used.
+    argv = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_train_samples", "16",
+            "--per_device_train_batch_size", "4", "--max_steps", "10", "--save_strategy", "steps",
+            "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "3", "--report_to", "none",
+            "--learning_rate", "1e-2"]
+    reference = tmp_path / "reference"
+    assert run_script("lora.py", argv + ["--output_dir", reference]) == 0
+    for step in (6, 10):
+        out = tmp_path / f"from-{step}"
+        out.mkdir()
+        shutil.copytree(reference / f"checkpoint-{step}", out / f"checkpoint-{step}")
+        assert run_script("lora.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"]) == 0
+        assert _state(out)["global_step"] == 10, step
+        assert _tokens_seen(out)[-1] == _tokens_seen(reference)[-1], step  # the same batches
+        assert losses(out)[-1] == pytest.approx(losses(reference)[-1], rel=1e-6), step
+        resumed, uninterrupted = _weights(out), _weights(reference)
+        for name in resumed:
+            torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=1e-5)
+        # The summary and all_results.json cover the whole run, not only the steps after the resume.
+        assert _results(out)["train_loss"] == pytest.approx(_results(reference)["train_loss"], rel=1e-6), step
+        assert _summary(out) == pytest.approx(_summary(reference), rel=1e-6), step
+
+
+def test_checkpoint_missing_one_process_random_state_is_skipped(tmp_path):
+    good, newer = _checkpoint(tmp_path, 4), _checkpoint(tmp_path, 8)
+    for ckpt in (good, newer):  # as two processes write them, the process count recorded
+        (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")
+        torch.save({"python": 1}, ckpt / "rng_state_1.pth")
+        state = _state(ckpt)
+        state["stateful_callbacks"] = {"ResumeState": {"args": {}, "attributes": {"world_size": 2}}}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert last_complete_checkpoint(tmp_path) == str(newer)
+    (newer / "rng_state_1.pth").unlink()  # rank 1 had not written it when rank 0 finished
+    assert not is_complete_checkpoint(newer)
+    assert last_complete_checkpoint(tmp_path) == str(good)
+
+
+def test_save_total_limit_keeps_complete_checkpoints_and_drops_older_broken_ones(tmp_path):
+    from common.outputs import rotate_checkpoints
+
+    now = time.time()
+    for step, age in ((40, 300), (48, 200), (99, 150), (52, 10), (56, 0)):
+        ckpt = _checkpoint(tmp_path, step)
+        for path in (ckpt, *ckpt.iterdir()):
+            os.utime(path, (now - age, now - age))
+    (tmp_path / "checkpoint-99" / "trainer_state.json").unlink()  # a run killed while writing it
+    os.utime(tmp_path / "checkpoint-99", (now - 150, now - 150))
+    _truncate(tmp_path / "checkpoint-56" / "optimizer.pt")  # newer than any complete one: may be in flight
+    rotate_checkpoints(str(tmp_path), 2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-48", "checkpoint-52",
+                                                                     "checkpoint-56"]
+
+
+# One run per output directory ----------------------------------------------------------------
+
+HOLD_LOCK = "import sys, time; from common.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); " \
+            "print('locked', flush=True); time.sleep(120)"
+
+
+def test_second_run_into_a_used_output_dir_exits_2_naming_the_holder(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "shared"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["--model_id", tiny_llama, "--max_steps", "1", "--output_dir", out, *FAST]
+        assert run_script("lora.py", argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"process {holder.pid}" in err[0] and "--output_dir" in err[0], err
+        assert not (out / "run_config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its stale lock is taken over with one line, and the run finishes.
+    assert run_script("lora.py", argv) == 0
+    err = capsys.readouterr().err
+    assert f"taking over the lock of process {holder.pid}" in err
+    assert is_finished_run(out) and not (out / ".lock").exists()
+
+
+# Disk full -----------------------------------------------------------------------------------
+
+def test_disk_full_on_the_final_save_is_one_line_and_the_printed_command_finishes(tiny_llama, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import errno
+
+    from common import outputs
+
+    argv = ["--model_id", tiny_llama, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3", *FAST]
+    reference, out = tmp_path / "reference", tmp_path / "full"
+    assert run_script("lora.py", argv + ["--output_dir", reference]) == 0
+    move = outputs.move_into_place
+
+    def no_space(staging, final):
+        raise OSError(errno.ENOSPC, "No space left on device", str(final / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(outputs, "move_into_place", no_space)
+    capsys.readouterr()
+    assert run_script("lora.py", argv + ["--output_dir", out]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert str(out) in err[0] and f"{out / 'checkpoint-3'} is intact" in err[0], err
+    assert not is_finished_run(out) and not (out / ".final.tmp").exists()
+
+    monkeypatch.setattr(outputs, "move_into_place", move)  # space freed
+    command = shlex.split(err[0].split("finish the run with: ", 1)[1])
+    assert command[:2] == ["python", "lora.py"] and command[-2:] == ["--resume_from_checkpoint", "auto"]
+    assert run_script("lora.py", command[2:]) == 0
+    assert is_finished_run(out)
+    assert _state(out)["global_step"] == 3  # not one step more
+    assert _summary(out) == pytest.approx(_summary(reference), rel=1e-6)
+    for name, tensor in _weights(out).items():
+        torch.testing.assert_close(tensor, _weights(reference)[name])
