@@ -25,6 +25,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -389,6 +390,38 @@ def child_argv(args, variant: str, work: Path) -> list[str]:
     return argv
 
 
+class Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (what `timeout` and schedulers send) raises like Ctrl-C while a worker runs, so that the
+    worker is stopped too instead of training on, orphaned."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_child(child: subprocess.Popen, grace: float = 10.0) -> None:
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def spawn(args, variant: str, work: Path) -> dict:
     log_path = work / f"{variant}.log"
     print(f"running {variant} (log: {log_path}) ...", flush=True)
@@ -396,7 +429,12 @@ def spawn(args, variant: str, work: Path) -> dict:
     with open(log_path, "w", encoding="utf-8") as log:
         child = subprocess.Popen(child_argv(args, variant, work), stdout=log, stderr=subprocess.STDOUT,
                                  cwd=Path(__file__).resolve().parent.parent)
-        _, status, usage = os.wait4(child.pid, 0)
+        try:
+            with stop_signals():
+                _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # stopped by its user (Ctrl-C, `timeout`): the worker stops too
+            stop_child(child)
+            raise
         child.returncode = rc = os.waitstatus_to_exitcode(status)
     wall, after = time.perf_counter() - started, cpu_busy_seconds()
     if rc != 0:
@@ -551,6 +589,10 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"bench_sft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"bench_sft: stopped ({signal.Signals(signum).name}); its worker was stopped too.", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -2,8 +2,17 @@
 on a quiet machine, and are never asserted here)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from bench import bench_ppo, bench_sft
+from tests.conftest import ROOT
 
 
 def test_bench_sft_compares_both_variants_on_the_same_tokens(tmp_path, capsys):
@@ -35,3 +44,25 @@ def test_bench_bad_flags_exit_2(capsys):
     assert bench_ppo.main(["--ppo_flags", "'unclosed"]) == 2
     err = capsys.readouterr().err
     assert "--hidden_size 100" in err and "--ppo_flags" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_bench_sft_stops_its_worker(signum, tmp_path):
+    """`timeout` (SIGTERM) or Ctrl-C (SIGINT to the benchmark): no worker is left training, orphaned."""
+    work = tmp_path / "work"
+    bench = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--num_examples", "48", "--hidden_size", "64",
+                              "--num_layers", "1", "--work_dir", str(work), "--output", str(tmp_path / "o.json")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    deadline = time.monotonic() + 120
+    workers = []
+    while not workers and time.monotonic() < deadline and bench.poll() is None:
+        workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+        time.sleep(0.05)
+    assert workers, "the benchmark never started its worker"
+    bench.send_signal(signum)
+    assert bench.wait(timeout=60) == 128 + signum, bench.stderr.read()[-2000:]
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
