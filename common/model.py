@@ -73,6 +73,30 @@ class Precision:
 
 
 def select_precision(args, warn=log.warning) -> Precision:
+    """From the flags; under `accelerate launch` the launcher's mixed precision must agree with them
+    (the shipped configs say "no" and leave it to the flags), and is then set to what the flags chose."""
+    precision = _precision_from_flags(args, warn)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is None:
+        return precision
+    chosen = "no" if precision.mode == "fp32" else precision.mode
+    if launcher.lower() not in ("no", chosen):
+        given = {"use_bfloat16", "fp16"} & set(getattr(args, "explicit", ()))
+        import torch
+
+        usable = torch.cuda.is_available() and (launcher.lower() != "bf16" or torch.cuda.is_bf16_supported())
+        if given or not usable:
+            flags = " and ".join(f"`--{n} {getattr(args, n)}`" for n in sorted(given)) or "the flags"
+            raise UsageError(f"the accelerate config sets `mixed_precision: {launcher}`, but {flags} give "
+                             f"{precision.mode}{'' if usable else ' on this machine'}; set `mixed_precision: \"no\"` "
+                             f"in the config (the flags then decide) or pass the matching flag.")
+        log.info("precision %s, as the accelerate config sets (`mixed_precision: %s`).", launcher, launcher)
+        precision, chosen = Precision(launcher.lower()), launcher.lower()
+    os.environ["ACCELERATE_MIXED_PRECISION"] = chosen  # what the Trainer's accelerator (and DeepSpeed) use
+    return precision
+
+
+def _precision_from_flags(args, warn) -> Precision:
     import torch
 
     if args.use_bfloat16:

@@ -681,3 +681,33 @@ def test_disk_full_on_the_final_save_is_one_line_and_the_printed_command_finishe
     assert _summary(out) == pytest.approx(_summary(reference), rel=1e-6)
     for name, tensor in _weights(out).items():
         torch.testing.assert_close(tensor, _weights(reference)[name])
+
+
+# Precision: the flags decide, the launcher agrees ----------------------------------------------
+
+def test_shipped_accelerate_configs_leave_precision_to_the_flags():
+    import yaml
+
+    for config in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        assert yaml.safe_load(config.read_text())["mixed_precision"] == "no", config.name
+
+
+def test_a_launcher_precision_the_flags_contradict_is_one_line_exit_2(tiny_llama, tmp_path, monkeypatch, capsys):
+    # What `accelerate launch` with `mixed_precision: bf16` sets; on this CPU the flags give fp32.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    argv = ["--model_id", tiny_llama, "--max_steps", "1", "--output_dir", tmp_path / "o", *FAST]
+    assert run_script("lora.py", argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "mixed_precision: bf16" in err[0], err
+    assert not (tmp_path / "o" / "run_config.json").exists()
+
+
+def test_run_config_records_the_precision_the_trainer_ran_with(tiny_llama, tmp_path, monkeypatch):
+    from sft.run import train
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    result = train("lora", [str(a) for a in ["--model_id", tiny_llama, "--max_steps", "1", "--output_dir",
+                                             tmp_path / "o", *FAST]])
+    recorded = json.loads((tmp_path / "o" / "run_config.json").read_text())["model"]["precision"]
+    ran = result.trainer.accelerator.mixed_precision
+    assert {"no": "fp32"}.get(ran, ran) == recorded
