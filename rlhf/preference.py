@@ -98,18 +98,19 @@ def _prompt(question: str, fmt: PromptFormat):
     return chat_messages(question, fmt) if fmt.use_chat else prompt_text(question, fmt)
 
 
-def other_answers(rows, seed: int) -> list[Optional[str]]:
-    """For each row, the answer of another question that matches none of this row's aliases."""
-    answers = list(rows["answer"])
+def other_answers(rows, seed: int, pool=None) -> list[Optional[str]]:
+    """For each row, the answer of another question that matches none of this row's aliases, drawn
+    from `rows` themselves or, if given, from the rows of `pool`."""
+    answers = list((rows if pool is None else pool)["answer"])
     aliases = [{normalize_answer(a) for a in al} for al in rows["aliases"]]
     rng = random.Random(seed)
     out: list[Optional[str]] = []
     n = len(answers)
-    for i in range(n):
+    for i in range(len(aliases)):
         pick = None
         for _ in range(20):
             j = rng.randrange(n)
-            if j != i and normalize_answer(answers[j]) not in aliases[i]:
+            if (pool is not None or j != i) and normalize_answer(answers[j]) not in aliases[i]:
                 pick = answers[j]
                 break
         out.append(pick)
@@ -186,13 +187,14 @@ def limit_prompt_length(ds, tokenizer, max_prompt_length: Optional[int], source:
 
 
 def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed: int, model=None,
-                       tokenizer=None, batch_size: int = 32):
-    """-> (Dataset of pairs, stats)."""
+                       tokenizer=None, batch_size: int = 32, pool=None):
+    """-> (Dataset of pairs, stats). `pool`: the rows `--rejected_source other` draws from (default:
+    the source's own rows)."""
     if src.kind == "pairs":
         ds = check_pairs(src.rows, src.source)
         return ds, {"built": len(ds), "skipped": len(src.rows) - len(ds)}
     if how == "other":
-        rejected = other_answers(src.rows, seed)
+        rejected = other_answers(src.rows, seed, pool)
     else:
         rejected = model_answers(model, tokenizer, src.rows, fmt, batch_size)
     return build_pairs(src.rows, fmt, rejected, src.source, how)

@@ -51,6 +51,53 @@ def _flatten(ds, fmt, tokenizer):
     return ds.map(render, batched=True, desc="Rendering chat")
 
 
+def _split_then_pair(src, fmt, args):
+    """-> (train pairs, their stats, held-out pairs). Rows are split first, so that a training
+    pair's rejected answer is never a held-out row's answer; a held-out pair's rejected answer may
+    come from any row."""
+    from dataclasses import replace
+
+    from rlhf import preference as pref
+
+    split = src.rows.train_test_split(test_size=0.1, seed=args.seed)
+    train_ds, stats = pref.preference_dataset(replace(src, rows=split["train"]), fmt, args.rejected_source,
+                                              args.seed)
+    eval_ds, _ = pref.preference_dataset(replace(src, rows=split["test"]), fmt, args.rejected_source, args.seed + 1,
+                                         pool=src.rows)
+    return train_ds, stats, eval_ds
+
+
+def pooled_accuracy_trainer():
+    """TRL's RewardTrainer reports the mean of per-batch accuracies, which weighs a short last batch
+    like a full one (60 pairs in batches of 8: 0.5625 for 35/60). This one reports the share of
+    all held-out pairs whose chosen answer scores above the rejected one."""
+    import torch
+    from trl import RewardTrainer
+
+    class PooledAccuracyRewardTrainer(RewardTrainer):
+        _wins = _pairs = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if not self.model.training:
+                with torch.no_grad():
+                    chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+                    wins = self.accelerator.gather_for_metrics((chosen > rejected).float())
+                self._wins += int(wins.sum().item())
+                self._pairs += wins.numel()
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if not self.model.training and self._pairs:  # the end of an evaluation
+                self._metrics["eval"]["accuracy"] = [self._wins / self._pairs]
+                logs["eval_pairs"] = self._pairs
+                self._wins = self._pairs = 0
+            super().log(logs, start_time)
+
+    return PooledAccuracyRewardTrainer
+
+
 def run_reward_model(args: ParsedArgs) -> dict:
     from common import data as qa
     from common import training as tr
@@ -76,7 +123,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     from common.model import (count_parameters, get_quantization_config, load_tokenizer, select_precision,
                               _device_map, _hub_error)
@@ -88,12 +135,11 @@ def run_reward_model(args: ParsedArgs) -> dict:
     if args.rejected_source == "model" and train_src.kind == "qa":
         raise UsageError("`--rejected_source model` needs a policy to generate answers; reward_model.py builds "
                          "question-answer pairs with `--rejected_source other`, or takes prompt/chosen/rejected data.")
-    train_ds, stats = pref.preference_dataset(train_src, fmt, args.rejected_source, args.seed)
     if eval_src is not None:
+        train_ds, stats = pref.preference_dataset(train_src, fmt, args.rejected_source, args.seed)
         eval_ds, _ = pref.preference_dataset(eval_src, fmt, args.rejected_source, args.seed + 1)
-    else:  # no held-out split: keep 10% of the pairs aside, reproducibly
-        split = train_ds.train_test_split(test_size=0.1, seed=args.seed)
-        train_ds, eval_ds = split["train"], split["test"]
+    else:  # no held-out split: keep 10% of the rows aside, reproducibly, before any pair is built
+        train_ds, stats, eval_ds = _split_then_pair(train_src, fmt, args)
         log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
     train_ds, eval_ds = _flatten(train_ds, fmt, tokenizer), _flatten(eval_ds, fmt, tokenizer)
 
@@ -123,7 +169,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
     kwargs["train_sampling_strategy"] = "random"
     if args.eval_strategy == "no":
         kwargs["eval_strategy"] = "no"
-    trainer = RewardTrainer(model=model, args=RewardConfig(**kwargs, max_length=args.max_seq_length,
+    trainer = pooled_accuracy_trainer()(model=model, args=RewardConfig(**kwargs, max_length=args.max_seq_length,
                                                           dataset_num_proc=args.dataset_num_proc),
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                             callbacks=[tr.nan_guard_callback()])
@@ -134,5 +180,6 @@ def run_reward_model(args: ParsedArgs) -> dict:
              "parameters": {"trainable": trainable, "total": total}}
     info = tr.finish_run(trainer, tokenizer, args, out, "reward_model", metrics, wall, extra, report_to,
                          more_summary={"heldout_accuracy": metrics.get("eval_accuracy")})
-    log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0, len(eval_ds))
+    log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0,
+             metrics.get("eval_pairs", len(eval_ds)))
     return info

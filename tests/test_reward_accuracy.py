@@ -1,0 +1,80 @@
+"""reward_model.py: the held-out accuracy it reports, recounted on the saved model; and a held-out
+share that no training pair borrows its rejected answer from."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import run_script, write_jsonl
+
+WORDS = ["red", "blue", "green", "Paris", "Rome", "seven", "a cat", "the moon", "never", "1066", "gold", "tea"]
+
+
+def _pairs(n, start):
+    return [{"prompt": f"Question: what goes with item {start + i}?\nAnswer:", "chosen": " " + WORDS[(start + i) % 12],
+             "rejected": " " + WORDS[(start * 7 + 5 * i + 3) % 12]} for i in range(n)]
+
+
+def test_heldout_accuracy_equals_recount_of_saved_model(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", _pairs(16, 0))
+    heldout = _pairs(7, 100)  # batches of 3, 3 and 1: a mean of batch means weighs the last pair 3x
+    write_jsonl(data / "validation.jsonl", heldout)
+    out = tmp_path / "rm"
+    assert run_script("reward_model.py", ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", out,
+                                          "--max_steps", "3", "--per_device_train_batch_size", "4",
+                                          "--per_device_eval_batch_size", "3", "--learning_rate", "1e-3",
+                                          "--report_to", "none", "--save_strategy", "no"]) == 0
+    reported = json.loads((out / "run_config.json").read_text())["summary"]["heldout_accuracy"]
+
+    # Independent recount: the saved adapter and head, one unpadded sequence at a time.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, out).eval()
+
+    def score(text):
+        ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt")
+        with torch.no_grad():
+            return model(**ids).logits[0, 0].item()
+
+    wins = sum(score(p["prompt"] + p["chosen"]) > score(p["prompt"] + p["rejected"]) for p in heldout)
+    assert 0 < wins < len(heldout), "an all-right or all-wrong model cannot tell pooled from batch-mean accuracy"
+    assert reported == pytest.approx(wins / len(heldout), abs=1e-9), (reported, wins)
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_training_pairs_never_reject_with_a_heldout_answer(tiny_llama, tmp_path, monkeypatch):
+    import trl
+
+    seen = {}
+
+    class Recorder:  # stands in for TRL's RewardTrainer: records the pairs it would be given
+        def __init__(self, *args, train_dataset=None, eval_dataset=None, **kwargs):
+            seen["train"], seen["eval"] = train_dataset, eval_dataset
+            raise _Captured
+
+    monkeypatch.setattr(trl, "RewardTrainer", Recorder)
+    rows = [{"question": f"Which answer belongs to question {i}?", "answer": f"answer number {i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)  # a train split only: 10% of it is held out
+    from rlhf import reward
+
+    with pytest.raises(_Captured):
+        reward.main(["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", tmp_path / "rm",
+                     "--report_to", "none"])
+    train, heldout = seen["train"], seen["eval"]
+    assert len(train) + len(heldout) == 40 and len(heldout) == 4
+    heldout_answers = {c.strip() for c in heldout["chosen"]}
+    train_answers = {c.strip() for c in train["chosen"]}
+    assert heldout_answers.isdisjoint(train_answers)
+    borrowed = heldout_answers & {r.strip() for r in train["rejected"]}
+    assert not borrowed, f"training pairs reject with held-out answers: {sorted(borrowed)}"
+    assert {r.strip() for r in train["rejected"]} <= train_answers
