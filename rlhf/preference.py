@@ -11,6 +11,7 @@ answer, rejected comes from `--rejected_source`:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -221,3 +222,61 @@ def unpaired_dataset(src: PreferenceSource, pairs):
         rows["completion"] += [c, r]
         rows["label"] += [True, False]
     return Dataset.from_dict(rows)
+
+
+# KTO's class balance ---------------------------------------------------------------------------
+
+# The KTO paper (Ethayarajh et al. 2024, eq. 8) recommends
+# desirable_weight * n_desirable / (undesirable_weight * n_undesirable) within [1, 4/3].
+KTO_RATIO = (1.0, 4 / 3)
+
+
+def kto_counts(labels) -> dict:
+    desirable = sum(bool(label) for label in labels)
+    return {"desirable": desirable, "undesirable": len(labels) - desirable}
+
+
+def kto_rebalanced_weights(desirable: int, undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight), one of them 1, that bring the ratio just above 1."""
+    from fractions import Fraction
+
+    if desirable < undesirable:  # round up: the ratio stays >= 1 and, by < 1%, above it
+        return math.ceil(Fraction(100 * undesirable, desirable)) / 100, 1.0
+    return 1.0, math.floor(Fraction(100 * desirable, undesirable)) / 100
+
+
+def balance_kto(args, counts: dict) -> None:
+    """Unbalanced beyond the paper's range: with neither weight flag given, set the weights that
+    rebalance the examples and say so in one line; with either given, keep them and warn."""
+    n_d, n_u = counts["desirable"], counts["undesirable"]
+    if not n_d or not n_u:
+        return  # one kind only: nothing to balance (unpaired_dataset has warned)
+    ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
+    if KTO_RATIO[0] <= ratio <= KTO_RATIO[1]:
+        return
+    dw, uw = kto_rebalanced_weights(n_d, n_u)
+    given = {"desirable_weight", "undesirable_weight"} & set(args.explicit)
+    if given:
+        log.warning("KTO: %d desirable and %d undesirable examples with `--desirable_weight %g --undesirable_weight "
+                    "%g` give a ratio of %.2f, outside the [1, 4/3] the KTO paper recommends; "
+                    "`--desirable_weight %g --undesirable_weight %g` would rebalance them.", n_d, n_u,
+                    args.desirable_weight, args.undesirable_weight, ratio, dw, uw)
+        return
+    args.set("desirable_weight", dw)
+    args.set("undesirable_weight", uw)
+    log.warning("KTO: %d desirable and %d undesirable examples: training with `--desirable_weight %g "
+                "--undesirable_weight %g` to rebalance them (the KTO paper's ratio range [1, 4/3]); pass either "
+                "flag to choose the weights yourself.", n_d, n_u, dw, uw)
+
+
+class _DropTrlBalanceWarning(logging.Filter):
+    """balance_kto has said it in one line; TRL's own multi-line advice would repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("You have different amounts of desirable")
+
+
+def quiet_trl_balance_warning() -> None:
+    trl_log = logging.getLogger("trl.trainer.kto_trainer")
+    if not any(isinstance(f, _DropTrlBalanceWarning) for f in trl_log.filters):
+        trl_log.addFilter(_DropTrlBalanceWarning())

@@ -116,7 +116,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                 raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
                                  f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
             ds = pref.unpaired_dataset(src, None)
-            return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), {"built": len(ds)}
+            return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
         ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
         if kind == "kto":  # each pair becomes one desirable and one undesirable example
@@ -146,6 +146,8 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
         # KTO's KL term pairs each example with its neighbours in a fixed order: shuffle once, by --seed.
         common_kwargs["train_sampling_strategy"] = "sequential"
         train_ds = train_ds.shuffle(seed=args.seed)
+        pref.balance_kto(args, pref.kto_counts(train_ds["label"]))
+        pref.quiet_trl_balance_warning()
         config = KTOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
                            desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
                            dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
@@ -170,12 +172,17 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                         trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    data = {"source": train_src.source, "schema": train_src.schema, "pairs": stats}
+    if kind == "kto":  # what was trained: each pair gave one desirable and one undesirable example
+        data["examples"] = pref.kto_counts(trainer.train_dataset["label"])
+        log.info("KTO: %d desirable and %d undesirable examples (weights %g and %g).", data["examples"]["desirable"],
+                 data["examples"]["undesirable"], args.desirable_weight, args.undesirable_weight)
     metrics, wall = tr.train_guarded(trainer, args, out)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
-             "data": {"source": train_src.source, "schema": train_src.schema, "pairs": stats,
+             "data": {**data,
                       "rejected_source": args.rejected_source if train_src.kind == "qa" else None,
                       "chat_template": fmt.use_chat},
              "parameters": {"trainable": trainable, "total": total}}
