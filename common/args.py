@@ -97,6 +97,12 @@ class DataArguments:
     completion_only_loss: bool = _f(True, "Compute the loss on the answer only, not on the prompt.")
     dataset_num_proc: Optional[int] = _f(None, "Processes for dataset preparation (default: 1; every core, up "
                                                "to 8, for 20,000 rows or more).")
+    dataset_format: str = _f(
+        "auto", "Data format, detected from the columns by default (`auto`): `messages`, `sharegpt`, `alpaca`, "
+                "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...). README: \"Your own "
+                "data\".")
+    assistant_turns: Literal["all", "last"] = _f(
+        "all", "Conversations: train on every assistant turn (`all`) or on the last one only (`last`).")
 
 
 # LoRA family

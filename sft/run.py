@@ -130,6 +130,7 @@ class SFTResult:
 
 
 def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
+    from common import chat
     from common import data as qa
     from common import training as tr
     from common.model import inherit_from_adapter, resolve_model
@@ -138,7 +139,11 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     out = tr.prepare_output_dir(args, default=f"outputs/{technique}")
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
-    dataset = qa.load_qa_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
+    dataset = chat.load_sft_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
+    own_format = dataset.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.chat
+    if own_format and args.eval_em_samples:
+        raise UsageError(f"`--eval_em_samples` scores answers to questions; {dataset.source} is {dataset.schema} "
+                         f"data. Leave it at 0 (held-out loss is reported with `--eval_strategy`).")
     log.info("data: %d training rows from %s (schema: %s)%s", len(dataset.train), dataset.source, dataset.schema,
              f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
 
@@ -150,10 +155,15 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, dataset.schema)
     num_proc = qa.auto_num_proc(args.dataset_num_proc, len(dataset.train))
-    train_ds = qa.to_sft_dataset(dataset.train, fmt, num_proc)
+    if own_format:
+        to_sft = chat.sft_dataset_builder(args, tokenizer)
+        fmt.use_chat = chat.has_template(tokenizer)
+    else:
+        to_sft = lambda ds, n: qa.to_sft_dataset(ds, fmt, n)  # noqa: E731
+    train_ds = to_sft(dataset.train, num_proc)
     eval_ds = None
     if dataset.eval is not None and args.eval_strategy != "no":
-        eval_ds = qa.to_sft_dataset(dataset.eval, fmt, args.dataset_num_proc)
+        eval_ds = to_sft(dataset.eval, args.dataset_num_proc)
     if args.dora_ephemeral_gpu_offload and technique in LORA_FAMILY:
         import torch
 
@@ -211,7 +221,8 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
                        "quantized": is_quantized(model)},
              "data": {"source": dataset.source, "schema": dataset.schema, "train_rows": len(dataset.train),
                       "eval_rows": len(dataset.eval) if dataset.eval is not None else 0,
-                      "chat_template": fmt.use_chat},
+                      "chat_template": fmt.use_chat,
+                      **({"assistant_turns": args.assistant_turns} if own_format else {})},
              "parameters": {"trainable": trainable, "total": total}}
     info = tr.finish_run(trainer, tokenizer, args, out, technique, metrics, wall, extra, report_to)
     return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)

@@ -1,0 +1,355 @@
+"""Your own data for SFT: conversations (`messages`, ShareGPT), Alpaca instructions and plain text.
+
+Each row becomes a list of {role, content} messages (or, for `text`, one string), checked before
+any model is loaded: a row that fits no format, an empty assistant turn, or roles out of order
+stop the run with one line naming the file, the row and the problem.
+
+Masking. A conversation is rendered once with the tokenizer's chat template and tokenised with
+nothing added (the template writes its own special tokens, as SFTTrainer does). The trained
+tokens of an assistant turn are the characters the template adds between the conversation so
+far rendered with the generation prompt (`<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
+`<|im_start|>assistant\\n`, ...) and the conversation rendered through that turn: the reply and
+its end-of-turn token (`<|eot_id|>`, `<|im_end|>`, `</s>`), without the whitespace a template
+writes after it. Characters become tokens through the tokenizer's offsets. This needs no
+`{% generation %}` markers, which Llama 3, Qwen 2.5 and Mistral templates do not have.
+
+A tokenizer without a chat template gets PLAIN_RENDERING (see `plain_template`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from common.args import UsageError
+
+log = logging.getLogger("finetune")
+
+FORMATS = {
+    "messages": "`messages`: list of {`role`, `content`} (system/user/assistant)",
+    "sharegpt": "ShareGPT `conversations`: list of {`from`, `value`} (system/human/gpt)",
+    "alpaca": "Alpaca `instruction` + optional `input` + `output` (optional `system`)",
+    "text": "plain `text` (loss on every token)",
+}
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def detect_format(columns) -> Optional[str]:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols and not ({"question", "prompt", "chosen"} & cols):
+        return "text"
+    return None
+
+
+# Rows -> messages ----------------------------------------------------------------------------
+
+def _content(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}, not text"
+        raise UsageError(f"{where}: {what} is {kind}; fix or remove that row.")
+    return value
+
+
+def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[dict]:
+    """An optional system message, then user and assistant turns alternating, ending with the
+    assistant; every assistant turn non-empty. -> the messages as plain {role, content} dicts."""
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f"{where}: {what} must be a non-empty list of {{role, content}} messages; "
+                         f"fix or remove that row.")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UsageError(f"{where}: {what}[{i}] is not a {{role, content}} message; fix or remove that row.")
+        role = m["role"]
+        content = _content(m["content"], f"{what}[{i}].content", where)
+        if role not in ("system", "user", "assistant"):
+            raise UsageError(f"{where}: {what}[{i}] has role {role!r}; use system, user or assistant.")
+        out.append({"role": role, "content": content})
+    expected = "user"
+    for i, m in enumerate(out):
+        if m["role"] == "system":
+            if i != 0:
+                raise UsageError(f"{where}: roles out of order: a system message at turn {i} (only the first "
+                                 f"message may be the system's); fix or remove that row.")
+            continue
+        if m["role"] != expected:
+            raise UsageError(f"{where}: roles out of order: turn {i} is {m['role']!r} where {expected!r} was "
+                             f"expected (user and assistant alternate, starting with the user); fix or remove "
+                             f"that row.")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UsageError(f"{where}: the assistant turn {i} is empty; fix or remove that row.")
+        expected = "assistant" if expected == "user" else "user"
+    if out[-1]["role"] != "assistant":
+        raise UsageError(f"{where}: the conversation ends with a {out[-1]['role']!r} turn, so there is no "
+                         f"assistant reply to train on; end it with the assistant's turn or remove that row.")
+    return out
+
+
+def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
+    if fmt == "messages":
+        return check_messages(row.get("messages"), where)
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise UsageError(f"{where}: `conversations` must be a non-empty list of {{from, value}} turns; "
+                             f"fix or remove that row.")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise UsageError(f"{where}: `conversations`[{i}] is not a {{from, value}} turn; fix or remove "
+                                 f"that row.")
+            role = SHAREGPT_ROLES.get(t["from"])
+            if role is None:
+                raise UsageError(f"{where}: `conversations`[{i}] is from {t['from']!r}; use system, human or gpt.")
+            messages.append({"role": role, "content": t["value"]})
+        return check_messages(messages, where, "`conversations`")
+    if fmt == "alpaca":
+        instruction = _content(row.get("instruction"), "`instruction`", where)
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise UsageError(f"{where}: `input` is a {type(extra).__name__}, not text; fix or remove that row.")
+        if not instruction.strip():
+            raise UsageError(f"{where}: `instruction` is empty; fix or remove that row.")
+        output = _content(row.get("output"), "`output`", where)
+        if not output.strip():
+            raise UsageError(f"{where}: `output` (the assistant turn) is empty; fix or remove that row.")
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        system = row.get("system")
+        messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+        return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    raise ValueError(fmt)
+
+
+def row_text(row: dict, where: str) -> str:
+    text = _content(row.get("text"), "`text`", where)
+    if not text.strip():
+        raise UsageError(f"{where}: `text` is empty; fix or remove that row.")
+    return text
+
+
+def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
+    """Dataset in a conversation format -> Dataset(messages); `text` -> Dataset(text)."""
+    from datasets import Features, List, Value
+
+    def convert(batch: dict, indices: list[int]) -> dict:
+        keys = list(batch)
+        out = []
+        for i, idx in enumerate(indices):
+            row = {k: batch[k][i] for k in keys}
+            where = f"{source}: row {idx}"
+            out.append(row_text(row, where) if fmt == "text" else row_messages(row, fmt, where))
+        return {"text" if fmt == "text" else "messages": out}
+
+    if fmt == "text":
+        features = Features({"text": Value("string")})
+    else:
+        features = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
+                  num_proc=num_proc, desc="Reading rows")
+
+
+# Loading -------------------------------------------------------------------------------------
+
+def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format") -> Optional[str]:
+    """-> a conversation/text format, or None for question-answer data (common.data's schemas)."""
+    from common.data import SCHEMAS
+
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return detect_format(ds.column_names)
+    if requested in SCHEMAS:
+        return None
+    if requested not in FORMATS:
+        raise UsageError(f"`--{flag} {requested}` is unknown; use auto, {', '.join(FORMATS)} or "
+                         f"{', '.join(SCHEMAS)}.")
+    needed = {"messages": ["messages"], "sharegpt": ["conversations"], "alpaca": ["instruction", "output"],
+              "text": ["text"]}[requested]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise UsageError(f"`--{flag} {requested}`: {source} has no {', '.join(f'`{c}`' for c in missing)} column "
+                         f"(columns: {', '.join(sorted(ds.column_names))}).")
+    return requested
+
+
+def load_sft_data(args, need_eval: bool):
+    """Like common.data.load_qa_data, for every SFT format: conversation and text data are read
+    here, question-answer data by load_qa_data. -> QAData (rows are `messages` or `text` for the
+    formats of this module)."""
+    from common import data as qa
+
+    splits, source = qa.load_splits(args.dataset_name, args.dataset_config)
+    train = qa.select_split(splits, args.dataset_split, source, "dataset_split")
+    fmt = resolve_format(train, getattr(args, "dataset_format", "auto"), source)
+    if fmt is None:
+        try:
+            qa.detect_schema(train, source)
+        except UsageError:
+            accepted = "; ".join(list(FORMATS.values()) + list(qa.SCHEMAS.values()))
+            raise UsageError(f"{source}: row 0 has the columns {sorted(train.column_names)}, which fit no format. "
+                             f"Accepted: {accepted}.") from None
+        if (getattr(args, "dataset_format", "auto") or "auto").lower() not in ("auto",):
+            forced = args.dataset_format.lower()
+            if forced != qa.detect_schema(train, source):
+                raise UsageError(f"`--dataset_format {forced}`: {source} has the columns of "
+                                 f"{qa.detect_schema(train, source)!r}, not of {forced!r}.")
+        return qa.load_qa_data(args, need_eval)
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
+    train = normalise(train, fmt, source, qa.auto_num_proc(args.dataset_num_proc, len(train)))
+    eval_ds = None
+    spec = args.eval_split
+    if spec.lower() == "auto":
+        spec = "validation" if ("validation" in splits and need_eval) else "none"
+    if need_eval and spec.lower() != "none":
+        eval_ds = qa.select_split(splits, spec, source, "eval_split")
+        if args.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+        if len(eval_ds) == 0:
+            raise UsageError(f"`--eval_split {spec}` of {source} is empty.")
+        eval_ds = normalise(eval_ds, resolve_format(eval_ds, fmt, source, "eval_split"), source,
+                            args.dataset_num_proc)
+    elif need_eval:
+        raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
+                         f"set `--eval_split` (e.g. `train[-20:]`).")
+    return qa.QAData(train=train, eval=eval_ds, schema=fmt, source=source)
+
+
+# Rendering -----------------------------------------------------------------------------------
+
+def adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def plain_template(tokenizer) -> str:
+    """PLAIN_RENDERING, for tokenizers without a chat template:
+
+        [BOS]{system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}{EOS}\\n\\nUser: ...
+
+    BOS only where the tokenizer adds one to text; the generation prompt is `Assistant:`."""
+    bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
+    return (bos + "{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+            "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+            "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def say_plain(tokenizer, model_id: str = "the model") -> None:
+    if not has_template(tokenizer):
+        log.info("%s has no chat template: conversations are rendered as plain text (`User: ...`, "
+                 "`Assistant: ...` + EOS; README, \"Your own data\").", model_id)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    template = None if has_template(tokenizer) else plain_template(tokenizer)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+# Masking -------------------------------------------------------------------------------------
+
+def assistant_spans(tokenizer, messages: list[dict], turns: str = "all") -> tuple[str, list[tuple[int, int]]]:
+    """-> (full rendering, character spans [start, end) trained for each chosen assistant turn)."""
+    full = render(tokenizer, messages)
+    spans = []
+    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if turns == "last":
+        indices = indices[-1:]
+    for i in indices:
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[:i + 1])
+        if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
+            raise UsageError(
+                "the chat template does not render a conversation's turns as prefixes of the whole (it moves "
+                "earlier text when a turn is added), so the assistant's tokens cannot be located; use "
+                "`--use_chat_template false` for the plain-text rendering.")
+        end = len(through.rstrip())  # the whitespace a template writes after the end-of-turn token is not trained
+        spans.append((len(before), max(end, len(before))))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> dict:
+    """-> {input_ids, labels}: labels are -100 except on the assistant's tokens (see module doc)."""
+    full, spans = assistant_spans(tokenizer, messages, turns)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [-100] * len(ids)
+    for k, (start, end) in enumerate(offsets):
+        # A token belongs to a span when it starts inside it (special tokens have exact offsets).
+        if end > start and any(s <= start < e for s, e in spans):
+            labels[k] = ids[k]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_text(tokenizer, text: str) -> dict:
+    """Language modelling: the tokenizer's own special tokens plus EOS, every token trained."""
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int] = None):
+    """Dataset(messages) or Dataset(text) -> Dataset(input_ids, labels), which SFTTrainer takes as
+    it is (length grouping reads `input_ids`)."""
+    if not tokenizer.is_fast:
+        raise UsageError("conversation data needs a fast tokenizer (character offsets); this model's tokenizer "
+                         "is a slow one.")
+    text = "text" in ds.column_names
+
+    def convert(batch: dict) -> dict:
+        rows = ([tokenize_text(tokenizer, t) for t in batch["text"]] if text
+                else [tokenize_conversation(tokenizer, m, turns) for m in batch["messages"]])
+        return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+
+    return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
+
+
+@dataclass
+class Sample:
+    prompt: str
+    reference: str
+
+
+def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
+    """Prompts for sample generations: the conversation up to its last assistant turn (with the
+    generation prompt), or the first half of a text's words."""
+    out = []
+    for row in ds.select(range(min(n, len(ds)))):
+        if "messages" in row:
+            messages = row["messages"]
+            out.append(Sample(render(tokenizer, messages[:-1], add_generation_prompt=True),
+                              messages[-1]["content"]))
+        else:
+            words = row["text"].split(" ")
+            half = max(1, len(words) // 2)
+            out.append(Sample(" ".join(words[:half]), " " + " ".join(words[half:])))
+    return out
+
+
+def sft_dataset_builder(args, tokenizer):
+    """-> fn(dataset, num_proc) for sft/run.py. `--use_chat_template false` renders conversations
+    as plain text even where the tokenizer has a template (the saved tokenizer then has none, so
+    later runs from the adapter use the same rendering)."""
+    if args.use_chat_template == "false" and has_template(tokenizer):
+        tokenizer.chat_template = None
+    if args.use_chat_template == "true" and not has_template(tokenizer):
+        raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
+    say_plain(tokenizer, args.model_id)
+    return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)
