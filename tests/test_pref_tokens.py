@@ -44,7 +44,22 @@ def tiny_llama_bos(tmp_path_factory, tiny_llama):
     return str(path)
 
 
-MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat_llama"}
+@pytest.fixture(scope="module")
+def tiny_chat_bos(tmp_path_factory, tiny_llama_bos):
+    """A BOS-adding tokenizer with a chat template that writes no BOS: SFT's chat ids have none."""
+    from transformers import AutoTokenizer
+
+    from common.tiny_model import CHAT_TEMPLATE
+
+    path = tmp_path_factory.mktemp("models") / "tiny-chat-bos"
+    shutil.copytree(tiny_llama_bos, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return str(path)
+
+
+MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat_llama", "chat_bos": "tiny_chat_bos"}
 
 
 def _trainer(fn, argv):
