@@ -392,6 +392,8 @@ class FlagParser:
 
             convert.__name__ = "choice"
             kwargs.update(type=convert, metavar="{" + ",".join(choices) + "}")
+        elif typing.get_origin(base) is list:  # `--runs a b c`
+            kwargs.update(type=typing.get_args(base)[0], nargs="+")
         else:
             kwargs.update(type=_none_or(base) if optional else base, metavar=_METAVARS.get(base))
         spellings = [f.name, *f.metadata.get("aliases", ())]
@@ -439,7 +441,10 @@ class FlagParser:
                     ",".join(map(str, value)) if isinstance(value, list) else str(value))
                 action = next(a for a in self.parser._actions if f"--{key}" in a.option_strings)
                 try:
-                    converted = action.type(text) if action.type else text
+                    if action.nargs == "+":
+                        converted = [action.type(str(v)) for v in (value if isinstance(value, list) else [value])]
+                    else:
+                        converted = action.type(text) if action.type else text
                 except (argparse.ArgumentTypeError, ValueError) as exc:
                     raise UsageError(f"`--config` {pre.config}: `{key}`: {exc}") from None
                 self.parser.set_defaults(**{self.names[key]: converted})

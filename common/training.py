@@ -414,14 +414,20 @@ def write_plots(out: str) -> None:
 
 # Summary -------------------------------------------------------------------------------------
 
-def peak_memory() -> str:
+def peak_memory_gib() -> tuple[float, str]:
+    """(GiB, what was measured): this process's peak allocated GPU memory, or its peak RSS on the CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (allocated)"
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU (allocated)"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_bytes = rss if sys.platform == "darwin" else rss * 1024
-    return f"{rss_bytes / 2**30:.2f} GiB process RSS"
+    return rss_bytes / 2**30, "process RSS"
+
+
+def peak_memory() -> str:
+    gib, kind = peak_memory_gib()
+    return f"{gib:.2f} GiB {kind}"
 
 
 def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str, Any]:
@@ -434,6 +440,7 @@ def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str
         "tokens_trained": int(tokens),
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory": peak_memory(),
+        "peak_memory_gib": round(peak_memory_gib()[0], 3),  # the same figure as a number (compare.py)
         "output_dir": os.path.abspath(out),
     }
     return info

@@ -298,7 +298,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
             "time_sampling_s": round(seconds["sampling"], 2), "time_scoring_s": round(seconds["scoring"], 2),
             "time_optimisation_s": round(seconds["optimisation"], 2),
             "score_first": history[0]["score"], "score_last": history[-1]["score"],
-            "peak_memory": tr.peak_memory(), "output_dir": os.path.abspath(out)}
+            "peak_memory": tr.peak_memory(), "peak_memory_gib": round(tr.peak_memory_gib()[0], 3),
+            "output_dir": os.path.abspath(out)}
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": quantized},
              "data": {"source": data.source, "schema": data.schema, "prompts": len(prompts), "chat_template":

@@ -1,0 +1,1 @@
+"""compare.py: several techniques on the same model, data and budget, in one table."""
