@@ -6,57 +6,56 @@ import time
 from typing import Optional
 
 from common.data import PromptFormat, generation_prompt
-from common.metrics import extract_answer, score
+from common.metrics import END_OF_TURN_TOKENS, extract_answer, score
 
 
 def generate_answers(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = False) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache, stopped at newline or EOS."""
-    import torch
+    """Greedy answers (see common/generation.py), each cut by `extract_answer`, in question order."""
+    stops = _stop_ids(tokenizer)
+    generated = generate_ids(model, tokenizer, questions, fmt, batch_size, max_new_tokens, progress)
+    return [answer_from_ids(tokenizer, ids, stops) for ids in generated]
+
+
+def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
+                 max_new_tokens: int = 16, progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of the questions' prompts, as token ids up to and including the first
+    stop id or newline token: the same tokens as a cache-free greedy decode through the training
+    forward, for every technique and batch size."""
+    from common.generation import greedy_generate, newline_ids
 
     prompts = [generation_prompt(q, fmt, tokenizer) for q in questions]
-    # Sort by length so that each batch pads little; answers are put back in order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[Optional[str]] = [None] * len(prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters()).device
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    add_special = not fmt.use_chat  # a chat template already writes its own BOS
+    encoded = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+    stops = _stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="Answering", unit="q")
     try:
-        for idx in batches:
-            add_special = not fmt.use_chat  # a chat template already writes its own BOS
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
-                                     stop_strings=["\n"], tokenizer=tokenizer)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = extract_answer(text)
-            if bar is not None:
-                bar.update(len(idx))
+        return greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=newline_ids(tokenizer),
+                               batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               on_batch=bar.update if bar is not None else None)
     finally:
-        tokenizer.padding_side = side
         if bar is not None:
             bar.close()
-        model.train(was_training)
-    return [a or "" for a in answers]
+
+
+def answer_from_ids(tokenizer, ids: list[int], stop_ids) -> str:
+    """Generated ids -> answer: up to the first stop id, decoded, then `extract_answer`."""
+    stops = set(stop_ids)
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return extract_answer(tokenizer.decode(ids[:cut], skip_special_tokens=True))
 
 
 def _stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(tid)
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.add(vocab[token])
     return sorted(i for i in ids if i is not None)
 
 

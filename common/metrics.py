@@ -47,6 +47,20 @@ def score(prediction: str, aliases: Iterable[str]) -> dict[str, float]:
             "f1": best_over_aliases(f1_score, prediction, aliases)}
 
 
+# Tokens that end a model's turn. Generation stops at them and at the tokenizer's EOS; a text that
+# still shows one (decoded without skipping special tokens) ends there too.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+_END_TEXTS = ("\n",) + END_OF_TURN_TOKENS + ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+
+
 def extract_answer(generated: str) -> str:
-    """The answer is the generated text up to the first newline."""
-    return generated.strip().split("\n", 1)[0].strip()
+    """The one answer rule, for evaluation, the in-training EM, the RL rewards and the preference
+    data: the generated text up to its first newline or end-of-turn marker, then stripped. Nothing
+    is stripped before the cut, so a completion that opens with a newline answers "" (generation
+    stops at that newline)."""
+    end = len(generated)
+    for marker in _END_TEXTS:
+        at = generated.find(marker)
+        if at != -1:
+            end = min(end, at)
+    return generated[:end].strip()

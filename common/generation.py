@@ -1,0 +1,148 @@
+"""Greedy decoding with the KV cache for every model this project trains or loads, including
+prompt-learning adapters, token for token as a cache-free decode through the training forward.
+
+PEFT's own `generate()` cannot be trusted here with the pinned libraries (transformers 5, PEFT
+0.21): a prefix-tuning prefix never reaches the model, P-tuning and prompt tuning feed their
+virtual tokens again at every step, and left padding loses the position ids. So the virtual
+inputs are built here, once per batch, exactly as `PeftModelForCausalLM.forward` builds them for
+training (`get_prompt`), and the base model then decodes with its cache:
+
+- prefix tuning: the prefix is the cache the prompt is run against (positions start after it);
+- prompt tuning / P-tuning: the virtual embeddings go before the padded prompt, positions count
+  only real inputs, so a row's answer does not depend on the rest of its batch;
+- everything else (LoRA, DoRA, QLoRA, merged or plain models): the model's own forward.
+
+Prompts are sorted by length into batches (little padding), answers come back in input order,
+and a batch stops as soon as every row has emitted a stop id or a newline.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence
+
+_NEWLINE_IDS: dict[tuple[int, int], frozenset] = {}
+
+
+def newline_ids(tokenizer) -> frozenset:
+    """Ids of the tokens whose text contains a newline: the answer ends at the first of them."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _NEWLINE_IDS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_IDS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+    return _NEWLINE_IDS[key]
+
+
+def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, stop_ids: Sequence[int],
+                    end_ids: Sequence[int] = (), batch_size: int = 16, max_new_tokens: int = 16,
+                    on_batch: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, each up to and including its first stop/end id.
+
+    stop_ids end a row (EOS, end of turn); end_ids too (newline tokens). Prompts are batched by
+    length; the result is in the order of `prompts`."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Optional[list[int]]] = [None] * len(prompts)
+    finish = torch.tensor(sorted(set(stop_ids) | set(end_ids)), dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                for i, ids in zip(idx, _greedy_batch(model, [prompts[i] for i in idx], pad_id, finish,
+                                                     max_new_tokens)):
+                    out[i] = ids
+                if on_batch is not None:
+                    on_batch(len(idx))
+    finally:
+        model.train(was_training)
+    return [o or [] for o in out]
+
+
+def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> list[list[int]]:
+    import torch
+
+    device = _input_device(model)
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every row's next token is in the last column
+        if len(p):
+            ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    ids, mask, finish = ids.to(device), mask.to(device), finish.to(device)
+
+    forward, inputs, mask = _first_inputs(model, ids, mask, max_new_tokens)
+    # Positions count real inputs only (virtual tokens included), as in an unpadded forward.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    fed = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1]
+    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    step = forward(**inputs, attention_mask=mask, position_ids=positions[:, -fed:], use_cache=True, **extra)
+    next_position = positions[:, -1] + 1
+
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    new = []
+    for t in range(max_new_tokens):
+        token = step.logits[:, -1, :].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        new.append(token)
+        done |= torch.isin(token, finish)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+        step = forward(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                       past_key_values=step.past_key_values, use_cache=True, **extra)
+        next_position = next_position + 1
+
+    generated = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(rows)]
+    finishing = set(finish.tolist())
+    result = []
+    for row in generated:
+        kept = []
+        for tok in row:
+            kept.append(tok)
+            if tok in finishing:
+                break
+        result.append(kept)
+    return result
+
+
+def _first_inputs(model, ids, mask, max_new_tokens: int):
+    """(callable, first-step inputs, attention mask over everything the first step attends to)."""
+    import torch
+
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model, {"input_ids": ids}, mask
+    from peft import PeftType
+
+    rows, n_virtual = ids.shape[0], config.num_virtual_tokens
+    base = model.get_base_model()
+    mask = torch.cat([mask.new_ones((rows, n_virtual)), mask], dim=1)
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        prefix = model.get_prompt(rows, max_cache_len=n_virtual + ids.shape[1] + max_new_tokens)
+        return base, {"input_ids": ids, "past_key_values": prefix}, mask
+    if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        embeds = model.word_embeddings(ids)
+        virtual = model.get_prompt(batch_size=rows).to(embeds.dtype)
+        return base, {"inputs_embeds": torch.cat([virtual, embeds], dim=1)}, mask
+    raise ValueError(f"generation from a {config.peft_type} adapter is not supported; this project trains "
+                     f"prefix tuning, P-tuning and prompt tuning.")
+
+
+def _input_device(model):
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM can skip the vocabulary projection for all but the last position."""
+    fn = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    try:
+        return "logits_to_keep" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,140 @@
+"""Generation from every adapter this project trains equals a cache-free greedy decode through the
+training forward (tests/oracles.py), at batch size 1 and 16, with plain and chat prompts; and one
+answer-extraction rule for evaluation, the in-training EM, the RL rewards and preference data."""
+
+import pytest
+import torch
+
+from tests.helpers import run_script
+from tests.oracles import cache_free_greedy
+
+TECHNIQUES = ["lora", "dora", "qlora", "prefix_tuning", "p_tuning", "prompt_tuning"]
+MAX_NEW = 8
+N_QUESTIONS = 24  # batch 16 makes two batches of unequal length: sorting and restoring order matter
+
+
+@pytest.fixture(scope="module")
+def questions():
+    import json
+
+    from common.data import BUNDLED
+
+    lines = (BUNDLED["triviaqa-sample"] / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["question"] for line in lines[:N_QUESTIONS]]
+
+
+@pytest.fixture(scope="module", params=TECHNIQUES)
+def trained(request, tiny_chat_llama, tmp_path_factory):
+    """One adapter per technique, trained briefly with a high learning rate on chat prompts so that
+    its answers differ from the base model's."""
+    technique = request.param
+    out = tmp_path_factory.mktemp("gen") / technique
+    lr = "3e-2" if technique in ("prefix_tuning", "p_tuning", "prompt_tuning") else "1e-2"
+    assert run_script(f"{technique}.py", [
+        "--model_id", tiny_chat_llama, "--dataset_name", "triviaqa-sample", "--output_dir", out,
+        "--max_train_samples", "64", "--per_device_train_batch_size", "16", "--max_steps", "12",
+        "--learning_rate", lr, "--num_virtual_tokens", "8", "--logging_steps", "50", "--save_strategy", "no",
+        "--report_to", "none"]) == 0
+    return technique, out
+
+
+def _load(run_dir, technique, chat: bool):
+    from common import data as qa
+    from common.evaluation import make_parser
+    from common.model import inherit_from_adapter, load_for_inference, resolve_model, select_precision
+
+    argv = ["--model_id", str(run_dir), "--use_chat_template", "true" if chat else "false"]
+    if technique == "qlora":
+        argv += ["--load_in_4bit", "True"]
+    args = make_parser().parse(argv)
+    inherit_from_adapter(args, resolve_model(args.model_id))
+    model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
+    return model, tokenizer, qa.prompt_format(args, tokenizer, "triviaqa")
+
+
+def _oracle(model, tokenizer, questions, fmt):
+    from common.data import generation_prompt
+    from common.evaluation import _stop_ids
+
+    stops = set(_stop_ids(tokenizer))
+    out = []
+    for q in questions:
+        prompt = tokenizer(generation_prompt(q, fmt, tokenizer), add_special_tokens=not fmt.use_chat)["input_ids"]
+        out.append(cache_free_greedy(model, prompt, stops, lambda new: "\n" in tokenizer.decode(new), MAX_NEW))
+    return out
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_generation_equals_cache_free_greedy(trained, chat, questions):
+    from common.evaluation import _stop_ids, answer_from_ids, generate_answers, generate_ids
+
+    technique, run_dir = trained
+    model, tokenizer, fmt = _load(run_dir, technique, chat)
+    assert fmt.use_chat is chat
+    expected = _oracle(model, tokenizer, questions, fmt)
+    expected_answers = [answer_from_ids(tokenizer, ids, _stop_ids(tokenizer)) for ids in expected]
+    for batch_size in (1, 16):
+        assert generate_ids(model, tokenizer, questions, fmt, batch_size, MAX_NEW) == expected, batch_size
+        assert generate_answers(model, tokenizer, questions, fmt, batch_size, MAX_NEW) == expected_answers
+    # The adapter must matter, or the comparison above proves nothing about it.
+    with model.disable_adapter():
+        plain = _oracle(model, tokenizer, questions, fmt)
+    assert plain != expected
+
+
+class _Scripted(torch.nn.Module):
+    """A 'model' whose greedy continuation of any prompt is a fixed list of token ids."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size = script, vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.prompt_width = 0
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **_):
+        from types import SimpleNamespace
+
+        if past_key_values is None:
+            self.prompt_width = attention_mask.shape[1]
+        step = attention_mask.shape[1] - self.prompt_width
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 1.0
+        return SimpleNamespace(logits=logits, past_key_values="cache")
+
+
+# Generated text (as the model wrote it, "</s>" being its EOS token) -> the answer evaluate.py scores.
+COMPLETIONS = [
+    (" Paris", "Paris"),
+    ("\n Paris", ""),                        # leading newline: generation ends before the answer
+    (" \nParis", ""),
+    (" Paris\nQuestion: What else?", "Paris"),  # trailing text after the line
+    (" Paris France", "Paris France"),        # trailing text on the line: partial F1
+    (" Paris</s> and more", "Paris"),         # EOS mid-line
+    ("</s> Paris", ""),
+    ("   ", ""),                             # whitespace only
+    ("\n", ""),
+    (" The paris.", "The paris."),
+]
+
+
+@pytest.mark.parametrize("text,answer", COMPLETIONS)
+def test_rl_reward_equals_evaluate_score_of_the_same_text(text, answer, tiny_llama):
+    """The TriviaQA rewards of GRPO/PPO score a completion exactly as evaluate.py scores the same
+    generated text (one extraction rule); evaluate's answer is checked against the hand-written one."""
+    from transformers import AutoTokenizer
+
+    from common.data import PromptFormat
+    from common.evaluation import evaluate_qa
+    from common.model import ensure_pad_token
+    from rlhf.rewards import triviaqa_em, triviaqa_f1
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ensure_pad_token(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    model = _Scripted(ids, len(tokenizer))
+    aliases = ["Paris", "Paris, France"]
+    _, records = evaluate_qa(model, tokenizer, [{"question": "Capital of France?", "aliases": aliases}],
+                             PromptFormat())
+    assert records[0]["prediction"] == answer
+    assert triviaqa_em([text], [aliases]) == [records[0]["em"]]
+    assert triviaqa_f1([text], [aliases]) == [records[0]["f1"]]
