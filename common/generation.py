@@ -78,7 +78,12 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
     # Positions count real inputs only (virtual tokens included), as in an unpadded forward.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     fed = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1]
-    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    params = _forward_parameters(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    # transformers 5.24 renamed the cache argument and output `past_key_values` -> `cache`.
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    if "past_key_values" in inputs:
+        inputs[cache_name] = inputs.pop("past_key_values")
     step = forward(**inputs, attention_mask=mask, position_ids=positions[:, -fed:], use_cache=True, **extra)
     next_position = positions[:, -1] + 1
 
@@ -93,7 +98,7 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
             break
         mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
         step = forward(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                       past_key_values=step.past_key_values, use_cache=True, **extra)
+                       **{cache_name: _cache_of(step)}, use_cache=True, **extra)
         next_position = next_position + 1
 
     generated = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(rows)]
@@ -139,10 +144,15 @@ def _input_device(model):
     return next(model.parameters()).device
 
 
-def _takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM can skip the vocabulary projection for all but the last position."""
+def _forward_parameters(model) -> set:
+    """The causal LM's forward arguments (under a PeftModel, the base model's)."""
     fn = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
     try:
-        return "logits_to_keep" in inspect.signature(fn).parameters
+        return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _cache_of(output):
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
