@@ -234,6 +234,12 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
         kwargs["quantization_config"] = quant
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
+    if _encoder_only(source, args):
+        # BERT-style models attend both ways unless told they are decoders; a causal LM trained that
+        # way sees the answer it is asked to predict, and generates from a context it never had.
+        log.warning("`--model_id` %s is an encoder model; it is loaded with causal attention "
+                    "(is_decoder=True), as next-token training needs.", args.model_id)
+        kwargs["is_decoder"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source.base, **{k: v for k, v in kwargs.items() if v is not None})
     except ImportError as exc:
@@ -255,6 +261,18 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
+
+
+def _encoder_only(source: ModelSource, args) -> bool:
+    """True for configs with an `is_decoder` switch that is off (BERT, RoBERTa, ELECTRA...). Decoder-only
+    configs have no such attribute."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.base, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    except Exception:
+        return False  # from_pretrained below reports the real problem
+    return getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
 
 
 def is_quantized(model) -> bool:

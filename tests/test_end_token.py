@@ -102,3 +102,27 @@ def test_tokenizer_without_eos_or_sep_exits_2(tiny_llama, tmp_path, capsys):
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "eos_token" in lines[0] and str(model) in lines[0] and "Traceback" not in err
     assert not (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_bert_logits_equal_prefix_only_logits(bert_base_shaped, caplog):
+    """A causal LM must not see the future: the logits at each position of a BERT-shaped model loaded
+    by the scripts equal those computed from that position's prefix alone (the reference). Loaded
+    as saved (is_decoder false, as bert-base-uncased ships), BERT attends both ways."""
+    import logging
+
+    import torch
+
+    from common.evaluation import make_parser
+    from common.model import load_for_inference, select_precision
+
+    args = make_parser().parse(["--model_id", bert_base_shaped, "--dataset_name", "triviaqa-sample"])
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        model, tokenizer, _ = load_for_inference(args, select_precision(args))
+    ids = tokenizer("question : who wrote hamlet ? answer : shakespeare", return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0]
+        for t in range(1, ids.shape[1] + 1):
+            prefix = model(input_ids=ids[:, :t]).logits[0, -1]
+            torch.testing.assert_close(full[t - 1], prefix, rtol=1e-4, atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if "is_decoder" in r.getMessage()]
+    assert len(said) == 1 and "encoder model" in said[0]
