@@ -522,6 +522,16 @@ class PromptFormat:
     raw: bool = False  # prompt-completion data: the prompt is used verbatim
 
 
+_ESCAPES = re.compile(r"\\([\\nt])")
+
+
+def unescape(text: str) -> str:
+    r"""`\n` and `\t` typed as two characters (on a command line, in a single-quoted YAML string)
+    become a newline and a tab, `\\` one backslash; anything else stays as typed. The flags keep what
+    was typed (so does run_config.json): this runs once, where the prompt format is built."""
+    return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
     choice = args.use_chat_template
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -529,8 +539,8 @@ def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
         raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
     use_chat = has_template if choice == "auto" else choice == "true"
     system = args.system_prompt if args.system_prompt and args.system_prompt.lower() != "none" else None
-    return PromptFormat(template=args.prompt_template, use_chat=use_chat, system_prompt=system,
-                        raw=schema == "prompt-completion")
+    return PromptFormat(template=unescape(args.prompt_template), use_chat=use_chat,
+                        system_prompt=unescape(system) if system else None, raw=schema == "prompt-completion")
 
 
 def chat_messages(question: str, fmt: PromptFormat) -> list[dict]:

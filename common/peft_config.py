@@ -158,5 +158,11 @@ def attach_adapter(technique: str, args, model, source):
         log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
                  source.adapter_dir)
         return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+    if technique in LORA_FAMILY and getattr(args, "dora_ephemeral_gpu_offload", False):
+        import torch
+
+        if not torch.cuda.is_available():  # PEFT would move DoRA weights to "cuda" and crash
+            log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
+            args.set("dora_ephemeral_gpu_offload", False)
     tokenizer_path = source.adapter_dir or source.base
     return get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path))

@@ -102,9 +102,9 @@ def parse(technique: str, argv: Optional[list[str]]) -> tuple[str, ParsedArgs]:
     check_sft(effective, args)
     warn_ignored(effective, args)
     if effective == "prefix_tuning" and args.gradient_checkpointing:
-        if "gradient_checkpointing" in args.explicit:
-            log.warning("`--gradient_checkpointing`: prefix tuning cannot use it (PEFT refuses the combination); "
-                        "training without it.")
+        given = "`--gradient_checkpointing`" if "gradient_checkpointing" in args.explicit else \
+            "gradient checkpointing (on by default)"
+        log.warning("%s: prefix tuning cannot use it (PEFT refuses the combination); training without it.", given)
         args.set("gradient_checkpointing", False)
     return effective, args
 
@@ -164,11 +164,6 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     eval_ds = None
     if dataset.eval is not None and args.eval_strategy != "no":
         eval_ds = to_sft(dataset.eval, args.dataset_num_proc)
-    if args.dora_ephemeral_gpu_offload and technique in LORA_FAMILY:
-        import torch
-
-        if not torch.cuda.is_available():
-            log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
     model = load_model(source, args, precision, training=True)
     from transformers import set_seed
 
@@ -210,7 +205,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != __import__("torch").float32:
                 param.data = param.data.float()
-    metrics, wall = tr.train_guarded(trainer, args, out)
+    metrics, wall = tr.train_guarded(trainer, args, out, technique)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
     elif em is not None:
