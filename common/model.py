@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -312,21 +313,30 @@ def load_for_inference(args, precision: Precision):
 
 
 def saved_run_config(source: ModelSource) -> dict:
-    """run_config.json of the run that wrote an adapter dir ({} for anything else)."""
-    if not source.adapter_dir:
+    """run_config.json of the run that wrote an adapter dir, one of its checkpoint-N folders (older
+    checkpoints without their own copy take their run's), or a model merged by merge.py; {} for
+    anything else (a hub model, a model of someone else's)."""
+    folder = source.adapter_dir or (source.base if os.path.isdir(source.base) else None)
+    if not folder:
         return {}
-    path = os.path.join(source.adapter_dir, "run_config.json")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return {}
+    candidates = [os.path.join(folder, "run_config.json")]
+    if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(folder))):
+        candidates.append(os.path.join(os.path.dirname(os.path.normpath(folder)), "run_config.json"))
+    for path in candidates:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return {}
 
 
 # Settings an adapter dir's own run fixes: the base must be loaded the same way (4-bit stays
 # 4-bit) and prompts must be formatted as in training. Taken over unless given explicitly.
+# A merged model records only the prompt flags (its weights are no longer quantized).
+PROMPT_FLAGS = ("prompt_template", "use_chat_template", "system_prompt")
 INHERITED_FLAGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                   "prompt_template", "use_chat_template", "system_prompt")
+                   *PROMPT_FLAGS)
 
 
 def inherit_from_adapter(args, source: ModelSource, names=INHERITED_FLAGS) -> None:
@@ -342,4 +352,4 @@ def inherit_from_adapter(args, source: ModelSource, names=INHERITED_FLAGS) -> No
                 args.set(name, trained[name])
                 taken.append(f"--{name} {trained[name]!r}")
     if taken:
-        log.info("from the run that wrote %s: %s", source.adapter_dir, ", ".join(taken))
+        log.info("from the run that wrote %s: %s", source.adapter_dir or source.base, ", ".join(taken))

@@ -177,6 +177,26 @@ def nan_guard_callback():
     return NanGuard()
 
 
+def run_config_callback(args: ParsedArgs, technique: str):
+    """Writes run_config.json into every checkpoint-N the trainer saves: a checkpoint evaluated,
+    merged or chained from is then prompted exactly as the run trained (template, system prompt,
+    chat template, quantization), like the final output directory."""
+    from transformers import TrainerCallback
+
+    class RunConfigInCheckpoints(TrainerCallback):
+        def on_save(self, targs, state, control, model=None, **kwargs):
+            folder = Path(targs.output_dir) / f"checkpoint-{state.global_step}"
+            if not state.is_world_process_zero or not folder.is_dir():
+                return
+            from common.model import is_quantized
+
+            extra = {"model": {"quantized": bool(model is not None and is_quantized(model))},
+                     "checkpoint": {"step": state.global_step}}
+            write_json(folder / RUN_CONFIG, run_config(args, technique, extra))
+
+    return RunConfigInCheckpoints()
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -446,9 +466,12 @@ def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str
     return info
 
 
-def train_guarded(trainer, args: ParsedArgs, out: str) -> tuple[dict[str, Any], float]:
+def train_guarded(trainer, args: ParsedArgs, out: str,
+                  technique: Optional[str] = None) -> tuple[dict[str, Any], float]:
     """trainer.train(), resuming as `--resume_from_checkpoint` asks, with a checkpoint on Ctrl-C or
-    SIGTERM and a non-finite loss turned into a one-line error; -> (metrics, wall seconds)."""
+    SIGTERM and a non-finite loss turned into a one-line error; every checkpoint carries
+    run_config.json; -> (metrics, wall seconds)."""
+    trainer.add_callback(run_config_callback(args, technique or Path(args.script).stem))
     resume = resolve_resume(args, out)
     exact_resume(trainer, resume)
     with Timer() as timer, save_on_interrupt(trainer, args):

@@ -221,7 +221,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
         state = {"cursor": cursor, "seconds": seconds, "runtime_s": time.perf_counter() - start,
                  "num_processes": accelerator.num_processes, "kl_coef": kl_ctl.value}
         _save_checkpoint(unwrapped, tokenizer, folder, accelerator, history, optimizer, scheduler, state,
-                         generator, order, args.save_total_limit)
+                         generator, order, args.save_total_limit,
+                         config=tr.run_config(args, "ppo", {"model": {"base": source.base, "quantized": quantized},
+                                                            "checkpoint": {"step": step}}))
         return folder
 
     def ppo_step(step: int) -> dict:
@@ -523,7 +525,8 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: list, optimizer, scheduler,
-                     loop_state: dict, generator, order: list, keep: Optional[int]) -> None:
+                     loop_state: dict, generator, order: list, keep: Optional[int],
+                     config: Optional[dict] = None) -> None:
     """Everything the loop needs to go on: written into a hidden folder (every process adds its
     random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one."""
     import torch
@@ -545,6 +548,8 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
     if accelerator.is_main_process:
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        if config is not None:  # the run's prompt format travels with the checkpoint
+            tr.write_json(staging / tr.RUN_CONFIG, config)
         _write_policy(unwrapped, tokenizer, staging, history, loop_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -177,7 +177,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
         data["examples"] = pref.kto_counts(trainer.train_dataset["label"])
         log.info("KTO: %d desirable and %d undesirable examples (weights %g and %g).", data["examples"]["desirable"],
                  data["examples"]["undesirable"], args.desirable_weight, args.undesirable_weight)
-    metrics, wall = tr.train_guarded(trainer, args, out)
+    metrics, wall = tr.train_guarded(trainer, args, out, kind)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
