@@ -48,6 +48,10 @@ def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -
     cols = set(ds.column_names)
     if {"prompt", "completion", "label"} <= cols:  # unpaired feedback (KTO)
         return PreferenceSource(ds, "unpaired", "unpaired", source)
+    if {"chosen", "rejected"} <= cols and "prompt" not in cols:  # implicit prompt (Anthropic HH, message lists)
+        from rlhf.pref_formats import implicit_prompt_pairs
+
+        return PreferenceSource(implicit_prompt_pairs(ds, source)[0], "pairs", "implicit-prompt", source)
     if "chosen" in cols or "rejected" in cols:
         missing = [c for c in PAIR_COLUMNS if c not in cols]
         if missing:

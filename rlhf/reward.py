@@ -38,11 +38,12 @@ def _flatten(ds, fmt, tokenizer):
     """Conversational pairs become text with the chat template, so the scorer sees what PPO sees."""
     if not ds or isinstance(ds[0]["prompt"], str):
         return ds
+    from common.chat import render
 
     def render(batch):
         out = {"prompt": [], "chosen": [], "rejected": []}
         for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-            prompt = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            prompt = render(tokenizer, p, add_generation_prompt=True)  # plain text without a chat template
             out["prompt"].append(prompt)
             out["chosen"].append(c[-1]["content"])
             out["rejected"].append(r[-1]["content"])

@@ -110,17 +110,20 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
              100 * trainable / max(total, 1))
 
     # Dataset: pairs (rejected answers from the starting model, before any training, if asked)
+    from rlhf.pref_formats import plain_if_no_template
+
     def pairs_of(src):
         if src.kind == "unpaired":
             if kind != "kto":
                 raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
                                  f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
-            ds = pref.unpaired_dataset(src, None)
+            ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer, args.model_id)
             return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
         ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
         if kind == "kto":  # each pair becomes one desirable and one undesirable example
             ds = pref.unpaired_dataset(src, ds)
+        ds = plain_if_no_template(ds, tokenizer, args.model_id)
         return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
 
     train_ds, stats = pairs_of(train_src)

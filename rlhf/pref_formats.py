@@ -1,0 +1,123 @@
+"""Preference data in every common shape, brought to explicit `prompt`/`chosen`/`rejected`.
+
+Implicit prompt (only `chosen` and `rejected`, each the whole exchange):
+  - text with a shared beginning, as Anthropic HH (`\\n\\nHuman: ...\\n\\nAssistant: ...`): the prompt
+    is the shared beginning, cut back to the last `\\n\\nAssistant:` it holds, or else to the last
+    whitespace (an answer never starts mid-word); each answer is the rest, its leading space kept
+    (` Paris.`, as this project writes answers);
+  - message lists whose last assistant turn differs: the prompt is the messages before it.
+Pairs whose chosen equals rejected are counted, reported and skipped.
+
+A tokenizer without a chat template renders conversational pairs as plain text (common.chat's
+plain rendering), so every trainer sees text it can tokenise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common.args import UsageError
+
+log = logging.getLogger("finetune")
+
+HH_TURN = "\n\nAssistant:"
+
+
+def split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    shared = chosen[:n]
+    cut = shared.rfind(HH_TURN)
+    if cut >= 0:
+        cut += len(HH_TURN)
+    else:
+        cut = max(shared.rfind(" "), shared.rfind("\n"), shared.rfind("\t"))
+    if cut <= 0 or not chosen[:cut].strip():
+        raise UsageError(f"{where}: `chosen` and `rejected` share no prompt (no common beginning to split them at); "
+                         f"add a `prompt` column or fix that row.")
+    prompt, c, r = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not c.strip() or not r.strip():
+        side = "chosen" if not c.strip() else "rejected"
+        raise UsageError(f"{where}: `{side}` has no answer after the prompt they share ({prompt[-40:]!r}); fix or "
+                         f"remove that row.")
+    return prompt, c, r
+
+
+def split_messages(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:
+    from common.chat import check_messages
+
+    chosen = check_messages(chosen, where, "`chosen`")
+    rejected = check_messages(rejected, where, "`rejected`")
+    if len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
+        raise UsageError(f"{where}: `chosen` and `rejected` must be the same conversation up to their last "
+                         f"assistant turn; they differ earlier. Add a `prompt` column or fix that row.")
+    return chosen[:-1], chosen[-1:], rejected[-1:]
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def implicit_prompt_pairs(ds, source: str):
+    """Dataset(chosen, rejected) -> (Dataset(prompt, chosen, rejected), ties skipped)."""
+    from datasets import Dataset
+
+    out = {"prompt": [], "chosen": [], "rejected": []}
+    ties = 0
+    for idx, row in enumerate(ds):
+        where = f"{source}: row {idx}"
+        chosen, rejected = row["chosen"], row["rejected"]
+        if chosen == rejected:
+            ties += 1
+            continue
+        if _is_text(chosen) and _is_text(rejected):
+            p, c, r = split_text(chosen, rejected, where)
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            p, c, r = split_messages(chosen, rejected, where)
+        else:
+            raise UsageError(f"{where}: `chosen` and `rejected` must both be text or both message lists.")
+        out["prompt"].append(p)
+        out["chosen"].append(c)
+        out["rejected"].append(r)
+    if not out["prompt"]:
+        raise UsageError(f"{source}: `chosen` equals `rejected` in every row; there is no preference to learn.")
+    if ties:
+        log.warning("%s: skipped %d pairs whose chosen equals rejected.", source, ties)
+    log.info("%s: implicit prompt: the shared beginning of chosen and rejected is the prompt (%d pairs).", source,
+             len(out["prompt"]))
+    return Dataset.from_dict(out), ties
+
+
+def _is_conversational(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def plain_if_no_template(ds, tokenizer, model_id: str):
+    """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
+    prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
+    each answer = what the whole rendering adds to it, without the EOS the trainers append."""
+    from common import chat
+
+    if chat.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
+        return ds
+    chat.say_plain(tokenizer, model_id)
+    answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
+    bos = tokenizer.bos_token if chat.adds_bos(tokenizer) else None
+    eos = tokenizer.eos_token
+
+    def convert(batch):
+        out = {k: list(v) for k, v in batch.items()}
+        for i, prompt in enumerate(batch["prompt"]):
+            head = chat.render(tokenizer, prompt, add_generation_prompt=True)
+            for col in answers:
+                full = chat.render(tokenizer, prompt + batch[col][i]).rstrip()
+                answer = full[len(head):]
+                out[col][i] = answer[:-len(eos)] if eos and answer.endswith(eos) else answer
+            out["prompt"][i] = head[len(bos):] if bos and head.startswith(bos) else head
+        return out
+
+    return ds.map(convert, batched=True, desc="Rendering as plain text")
