@@ -200,6 +200,9 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
                          processing_class=tokenizer, callbacks=callbacks)
     if em is not None:
         em.trainer = trainer
+    from common import loss
+
+    loss.install(trainer)  # the LM head and cross-entropy only at labelled positions
     if is_quantized(model) and precision.mode != "bf16":
         # TRL stores QLoRA adapters in bf16; without bf16 training (T4, CPU) keep them in fp32.
         for param in trainer.model.parameters():
