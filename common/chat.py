@@ -325,6 +325,7 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
 class Sample:
     prompt: str
     reference: str
+    add_special_tokens: bool = False  # a rendered conversation carries its own; a text prefix does not
 
 
 def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
@@ -339,7 +340,7 @@ def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
         else:
             words = row["text"].split(" ")
             half = max(1, len(words) // 2)
-            out.append(Sample(" ".join(words[:half]), " " + " ".join(words[half:])))
+            out.append(Sample(" ".join(words[:half]), " " + " ".join(words[half:]), add_special_tokens=True))
     return out
 
 

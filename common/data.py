@@ -27,6 +27,7 @@ SCHEMAS = {
     "triviaqa-official": "TriviaQA release JSON: `Data` list of {`Question`, `Answer` {`Value`, `Aliases`}}",
     "qa": "flat `question` + `answer` (optional `aliases` list)",
     "prompt-completion": "`prompt` + `completion`",
+    "qa-answers": "`question` + `answers` (SQuAD `{text: [...]}` or a list; optional `context`)",
 }
 
 
@@ -315,6 +316,8 @@ def detect_schema(ds, source: str) -> str:
     cols = set(ds.column_names)
     if {"question", "answer"} <= cols:
         return "triviaqa" if len(ds) and isinstance(ds[0]["answer"], dict) else "qa"
+    if {"question", "answers"} <= cols:
+        return "qa-answers"
     if {"Question", "Answer"} <= cols:
         return "triviaqa-official"
     if {"prompt", "completion"} <= cols:
@@ -411,6 +414,8 @@ def normalise_row(row: dict, schema: str, where: str) -> dict:
                              f"fix or remove that row.")
         _refuse_placeholder(completion, "completion", where)
         return {"question": prompt, "answer": completion, "aliases": [completion.strip()]}
+    if schema == "qa-answers":
+        return _answers_row(row, where)
     if schema == "triviaqa-official":
         question = _text(row.get("Question"), "Question", where)
         answer = row.get("Answer")
@@ -432,11 +437,33 @@ def normalise_row(row: dict, schema: str, where: str) -> dict:
     return {"question": question, "answer": value, "aliases": _aliases(row.get("aliases"), value, "aliases", where)}
 
 
+def _answer_list(value: Any) -> list:
+    """SQuAD's `answers: {text: [...], answer_start: [...]}` or a plain list -> the list of answers."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    return list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+
+
+def _answers_row(row: dict, where: str) -> dict:
+    """`question` + a list of reference answers: trained on the first, scored against all (EM/F1 as
+    for TriviaQA aliases). A `context` passage goes before the question."""
+    question = _text(row.get("question"), "question", where)
+    context = row.get("context")
+    if isinstance(context, str) and context.strip():
+        question = f"{context.strip()}\n\n{question}"
+    answers = [a.strip() for a in _strings(_answer_list(row.get("answers")), "answers", where) if a.strip()]
+    if not answers or _is_placeholder(answers[0]):
+        raise UsageError(f"{where}: `answers` holds no answer; fix or remove that row.")
+    return {"question": question, "answer": answers[0], "aliases": list(dict.fromkeys(answers))}
+
+
 def has_answer(row: dict, schema: str) -> bool:
     """False where a row's answer is missing, empty or a placeholder (a split without public
     answers); anything else, malformed rows included, is left to normalise_row to judge."""
     if schema == "prompt-completion":
         return not _is_answerless(row.get("completion"))
+    if schema == "qa-answers":
+        return any(not _is_answerless(a) for a in _answer_list(row.get("answers")))
     answer = row.get("Answer" if schema == "triviaqa-official" else "answer")
     if isinstance(answer, dict):
         answer = answer.get(_OFFICIAL_NAMES["value"] if schema == "triviaqa-official" else _HUB_NAMES["value"])

@@ -146,7 +146,9 @@ def run_evaluate(args) -> dict:
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     args.set("max_train_samples", args.max_samples)
-    data = qa.load_qa_data(args, need_eval=False)  # the split to score is --dataset_split
+    from common.chat import FORMATS, load_sft_data
+
+    data = load_sft_data(args, need_eval=False)  # the split to score is --dataset_split
 
     from common.training import is_main_process, world_size
 
@@ -160,6 +162,13 @@ def run_evaluate(args) -> dict:
         state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo on the CPU)
         rows = rows.select(range(state.process_index, len(rows), world))
     model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
+    if data.schema in FORMATS:  # conversations or text: held-out loss, perplexity and sample generations
+        from common.lm_eval import run_lm_evaluate
+
+        if world > 1 and not is_main_process():
+            return {}  # one process scores conversation and text data
+
+        return run_lm_evaluate(args, data, out, model, tokenizer)
     fmt = qa.prompt_format(args, tokenizer, data.schema)
     summary, records = evaluate_qa(model, tokenizer, rows, fmt, args.batch_size, args.max_new_tokens,
                                    progress=is_main_process())
