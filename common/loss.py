@@ -1,4 +1,4 @@
-"""The SFT loss, with the vocabulary projection computed only where the loss is taken.
+"""The SFT (and DPO, KTO) loss, with the vocabulary projection computed only where the loss is taken.
 
 Completion-only SFT trains on the answer tokens: on TriviaQA about 5 of 30 tokens a row. TRL's
 SFTTrainer already avoids keeping full `[batch, seq, vocab]` logits, but on devices without
@@ -14,6 +14,10 @@ forward that TRL patched in for `model(..., fused_lm_head=True)`. Prompt-learnin
 the same forward through PEFT, with their virtual tokens prepended and labelled -100, so every
 SFT technique takes this path. Models whose logits are scaled or soft-capped, MoE models asking
 for router logits, and pre-shifted labels (sequence parallelism) keep TRL's head.
+
+TRL's DPO and KTO trainers call the same head (with completion-only labels), so they take this
+path too. ORPO and CPO (SimPO) build full logits in their own `concatenated_forward` and are left
+as they are; so is WPO weighting (`use_weighting`), which needs a statistic computed only by TRL's head.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 
 
 def _chunk_stats(hidden, weight, bias, targets):
-    """Log-probability of each target, with the entropy and whether the target is the argmax
-    (these two without gradient), for one chunk of positions."""
+    """Log-probability of each target, and without gradient the entropy, whether the target is the
+    argmax and the mean logit (what TRL's trainers log), for one chunk of positions."""
     logits = F.linear(hidden, weight, bias)
     if logits.element_size() < 4:  # 16-bit models: the softmax in float32
         logits = logits.float()
@@ -48,12 +52,14 @@ def _chunk_stats(hidden, weight, bias, targets):
     with torch.no_grad():
         entropy = -(log_p.exp() * log_p).sum(-1)
         is_top1 = logits.argmax(-1) == targets
-    return log_probs, entropy, is_top1
+        mean_logits = logits.mean(-1)
+    return log_probs, entropy, is_top1, mean_logits
 
 
 def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
                        chunk_elements: int | None = None):
-    """hidden [N, H] at the positions that are scored, targets [N] -> (log_probs, entropy, is_top1), each [N].
+    """hidden [N, H] at the positions that are scored, targets [N] -> (log_probs, entropy, is_top1,
+    mean_logits), each [N].
 
     The logits of a chunk exist only while it is computed; with more than one chunk each is
     recomputed in the backward pass (one chunk alone is kept: that is no more than its peak)."""
@@ -76,9 +82,19 @@ def supports(model) -> bool:
 
 
 def install(trainer) -> bool:
-    """Make the SFTTrainer's fused LM head score only the positions with a label. -> whether installed."""
+    """Make the fused LM head that TRL's SFT, DPO and KTO trainers call score only the positions with a
+    label (the policy's, and the reference model's where there is one). -> whether installed."""
+    if getattr(trainer, "use_weighting", False):  # WPO weights need log(sum p^2): TRL's head computes it
+        return False
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    installed = _patch(base)
+    if installed and getattr(trainer, "ref_model", None) is not None:
+        _patch(trainer.ref_model)
+    return installed
+
+
+def _patch(base) -> bool:
     trl_forward = base.__dict__.get("forward")  # TRL sets it on the instance
     code = getattr(getattr(trl_forward, "__func__", trl_forward), "__code__", None)
     if not supports(base) or code is None or "fused_lm_head" not in code.co_varnames:
@@ -97,15 +113,13 @@ def install(trainer) -> bool:
         head = self.get_output_embeddings()
         labels = labels[:, 1:].to(head.weight.device)
         mask = labels != -100
-        log_probs, entropy, is_top1 = selected_log_probs(hidden.to(head.weight.device)[mask], head.weight,
-                                                         head.bias, labels[mask])
+        stats = selected_log_probs(hidden.to(head.weight.device)[mask], head.weight, head.bias, labels[mask])
         # Back to [batch, seq - 1], zero where there is no label; masked_scatter keeps a batch without
         # labels connected to the graph (a differentiable zero).
-        log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
-                                       for x in (log_probs, entropy, is_top1))
+        log_probs, entropy, is_top1, mean_logits = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
-                                   is_top1=is_top1, label_mask=mask)
+                                   is_top1=is_top1, mean_logits=mean_logits, label_mask=mask)
 
     base.forward = types.MethodType(forward, base)
     return True

@@ -175,6 +175,9 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                         trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    from common import loss
+
+    loss.install(trainer)  # DPO, KTO: the LM head only at completion positions (ORPO, SimPO keep full logits)
     data = {"source": train_src.source, "schema": train_src.schema, "pairs": stats}
     if kind == "kto":  # what was trained: each pair gave one desirable and one undesirable example
         data["examples"] = pref.kto_counts(trainer.train_dataset["label"])

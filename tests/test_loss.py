@@ -167,3 +167,64 @@ def test_chunked_log_probs_equal_one_chunk():
     assert torch.allclose(whole[0], reference)
     for a, b in zip(g_whole, g_chunked):
         assert torch.allclose(a, b)
+
+
+def _preference_trainer(kind, model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from common.model import ensure_pad_token
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), _peft_config("lora"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_pad_token(tokenizer)
+    common = dict(output_dir=str(tmp_path / "out"), report_to="none", max_length=64, use_cpu=True)
+    if kind == "dpo":
+        rows = [{"prompt": p, "chosen": c, "rejected": " Paris"} for p, c in ROWS]
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)
+    else:
+        rows = [{"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c) in enumerate(ROWS)]
+        trainer = KTOTrainer(model=model, args=KTOConfig(**common, per_device_train_batch_size=4),
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, batch
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_loss_grads_and_metrics_equal_trl_head(kind, tiny_llama, tmp_path):
+    """DPO and KTO with the head at labelled positions only against TRL's own fused head, which
+    scores every position on the CPU: same loss, gradients and logged metrics."""
+    trainer, batch = _preference_trainer(kind, tiny_llama, tmp_path)
+    model = trainer.model
+
+    def run():
+        model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(model, {k: v for k, v in batch.items()})
+        loss.backward()
+        return loss.item(), _grads(model), {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    want_loss, want_grads, want_metrics = run()
+    assert sft_loss.install(trainer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    spy = _VocabWideTensors(vocab)
+    with spy:
+        got_loss, got_grads, got_metrics = run()
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    assert max(_rel(got_grads[n], want_grads[n]) for n in want_grads) <= 1e-5
+    assert want_metrics.keys() == got_metrics.keys()
+    for name, value in want_metrics.items():
+        if name == "num_tokens":  # a running total
+            continue
+        assert got_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+    assert max(spy.rows) < positions  # the prompts' positions were not projected
