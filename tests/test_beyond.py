@@ -86,11 +86,14 @@ def test_grpo_mean_reward_rises_with_a_learnable_reward(sft_run, tiny_llama, tmp
     result = train(["--model_id", sft_run, "--output_dir", out, "--dataset_name", "triviaqa-sample",
                     "--reward_function", "has_digit,triviaqa_f1", "--reward_weights", "1,0.5", "--max_steps", "30",
                     "--learning_rate", "1e-2", "--per_device_train_batch_size", "32", "--num_generations", "8",
-                    "--max_completion_length", "4", "--logging_steps", "1", "--save_strategy", "no",
-                    "--report_to", "none"])
+                    "--max_completion_length", "4", "--temperature", "0.7", "--logging_steps", "1",
+                    "--save_strategy", "no", "--report_to", "none"])
     history = _history(out)
     rewards_ = [e["rewards/has_digit/mean"] for e in history if "rewards/has_digit/mean" in e]
-    assert _mean(rewards_[-4:]) > _mean(rewards_[:4]) + 0.2, rewards_
+    # At temperature 1 the near-uniform tiny policy learns this or not depending on the seed and the
+    # CPU's rounding; at 0.7 it rises from ~0.1 to ~0.9 within 30 steps for every seed and kernel
+    # tried (seeds 1, 2, 42; 1 and 2 threads; ATEN_CPU_CAPABILITY=default).
+    assert _mean(rewards_[-5:]) > _mean(rewards_[:5]) + 0.4, rewards_
     assert all("kl" in e for e in history if "reward" in e)
     assert (out / "plots" / "rewards.png").is_file() and (out / "plots" / "kl.png").is_file()
     _reloads(out, tiny_llama, result.trainer.model)

@@ -104,14 +104,19 @@ def test_ppo_learns_a_learnable_reward(sft_run, tiny_llama, tmp_path, monkeypatc
     from rlhf.ppo import train
 
     # Reward: the answer contains a digit. The SFT model gives numeric answers now and then; PPO
-    # has to make that its habit.
+    # has to make that its habit. The tiny SFT model is close to uniform over its vocabulary, and at
+    # temperature 1 sixteen rollouts a step carry too little signal: whether it learns then depends on
+    # the CPU's rounding. At temperature 0.7 it learns from ~0.05 to ~0.95 within 30 steps for every
+    # seed and kernel tried (seeds 1, 2, 3, 42; 1 and 2 threads; ATEN_CPU_CAPABILITY=default), so the
+    # test asks for a rise of 0.4 between the means of the first and the last five steps.
     monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "has_digit",
                         lambda responses, aliases: [float(any(c.isdigit() for c in r)) for r in responses])
     out = tmp_path / "ppo"
     result = train(["--model_id", sft_run, "--output_dir", out, "--reward_function", "has_digit", "--max_steps",
-                    "30", "--learning_rate", "3e-3", "--kl_coef", "0.01", "--response_length", "4", *PPO])
+                    "30", "--learning_rate", "3e-3", "--kl_coef", "0.01", "--response_length", "4",
+                    "--temperature", "0.7", "--gradient_checkpointing", "False", *PPO])
     scores = [e["score"] for e in result.history]
-    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.3, scores
+    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.4, scores
     for entry in result.history:
         for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
                     "response_length", "learning_rate"):
