@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (a few minutes on a recent GPU): the gpu-marked
 # tests (4-bit on CUDA, bf16, the T4 fp16 path), then lora.py and qlora.py against plain TRL, the
-# padding-free and Liger variants where flash-attn / liger-kernel are installed, and PPO.
+# padding-free and Liger variants where flash-attn / liger-kernel are installed, PPO, and a short
+# QLoRA training under FSDP (configs/accelerate/fsdp.yaml).
 #
 #     bash bench/gpu_check.sh [RESULTS_DIR]        # default: outputs/gpu_check
 set -uo pipefail
@@ -34,4 +35,22 @@ else
 fi
 python -m bench.bench_ppo --output "$results/ppo.json" >"$results/ppo.log" 2>&1 || status=1
 tail -n 8 "$results/ppo.log"
+
+# QLoRA under FSDP, trained for real with the shipped config (one process per GPU; the CPU tests in
+# tests/test_fsdp.py only check that FSDP wraps the model): a tiny local model, bf16, a few steps.
+tiny="$results/tiny-llama"
+[ -d "$tiny" ] || python -m common.tiny_model --output_dir "$tiny" >/dev/null
+gpus=$(nvidia-smi -L | wc -l)
+rm -rf "$results/qlora_fsdp"
+if accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes "$gpus" qlora.py --model_id "$tiny" \
+        --dataset_name triviaqa-sample --use_bfloat16 True --max_steps 6 --per_device_train_batch_size 4 \
+        --logging_steps 1 --save_strategy no --report_to none --output_dir "$results/qlora_fsdp" \
+        >"$results/qlora_fsdp.log" 2>&1 \
+    && python -c "import sys; from common.outputs import is_finished_run; sys.exit(not is_finished_run(sys.argv[1]))" \
+        "$results/qlora_fsdp"; then
+    echo "QLoRA under FSDP ($gpus GPU(s)): trained and saved"
+else
+    echo "QLoRA under FSDP ($gpus GPU(s)): FAILED, see $results/qlora_fsdp.log"; tail -n 20 "$results/qlora_fsdp.log"
+    status=1
+fi
 exit $status

@@ -133,13 +133,20 @@ def get_quantization_config(args, precision: Precision):
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=compute_dtype,  # matching storage lets FSDP shard 4-bit weights
+        # FSDP flattens the 4-bit weights with the layer's other parameters, which must share one dtype:
+        # the training dtype (an explicit compute dtype may differ from it).
+        bnb_4bit_quant_storage=precision.torch_dtype if fsdp_enabled() else compute_dtype,
     )
+
+
+def fsdp_enabled() -> bool:
+    """`accelerate launch` with an FSDP config (ours: configs/accelerate/fsdp.yaml) sets this."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
 def _device_map(quantized: bool):
     """Each process of a multi-process launch loads onto its own device."""
-    if not quantized or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if not quantized or fsdp_enabled():
         return None  # the Trainer places (or FSDP shards) the model
     import torch
 
@@ -226,7 +233,9 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
 
     quant = get_quantization_config(args, precision)
     kwargs: dict[str, Any] = {
-        "dtype": precision.torch_dtype if quant is None or precision.mode != "fp32" else None,
+        # fp32 QLoRA loads the checkpoint's dtype (PEFT casts to fp32 later), except under FSDP, where
+        # every weight must have the 4-bit storage dtype.
+        "dtype": precision.torch_dtype if quant is None or precision.mode != "fp32" or fsdp_enabled() else None,
         "trust_remote_code": args.trust_remote_code,
         "revision": args.revision,
         "device_map": _device_map(quant is not None),
@@ -255,12 +264,37 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
         use_cache = not training
     model.config.use_cache = use_cache
     if training and quant is not None:
+        model = prepare_kbit_training(model, args.gradient_checkpointing)
+    return model
+
+
+def prepare_kbit_training(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a quantized model for training, except under FSDP: there it would cast
+    embeddings and norms to float32 next to 4-bit weights stored in the training dtype, and FSDP
+    refuses to flatten mixed dtypes (TRL skips it for sharded QLoRA too). Frozen base either way."""
+    gc_kwargs = {"use_reentrant": False}
+    if not fsdp_enabled():
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=gc_kwargs)
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    return model
+
+
+def shardable(model):
+    """Under FSDP, a 4-bit model with its adapter attached: every parameter in the 4-bit storage dtype
+    (PEFT creates adapters in float32 or the compute dtype). FSDP keeps float32 copies of the trainable
+    ones under mixed precision (accelerate upcasts them); elsewhere nothing changes."""
+    if not (fsdp_enabled() and getattr(model, "is_loaded_in_4bit", False)):
+        return model
+    storage = model.hf_quantizer.quantization_config.bnb_4bit_quant_storage
+    for param in model.parameters():
+        if param.__class__.__name__ != "Params4bit" and param.is_floating_point() and param.dtype != storage:
+            param.data = param.data.to(storage)
     return model
 
 

@@ -147,6 +147,8 @@ def attach_adapter(technique: str, args, model, source):
     """A new adapter, or the adapter of --model_id continued (runs chain)."""
     from peft import PeftModel, get_peft_model
 
+    from common.model import shardable
+
     expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
                                                           "prompt_tuning": "PROMPT_TUNING"}[technique]
     if source.adapter_dir:
@@ -157,7 +159,7 @@ def attach_adapter(technique: str, args, model, source):
                              f"the merged model, or start from the base model.")
         log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
                  source.adapter_dir)
-        return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+        return shardable(PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True))
     if technique in LORA_FAMILY and getattr(args, "dora_ephemeral_gpu_offload", False):
         import torch
 
@@ -165,4 +167,4 @@ def attach_adapter(technique: str, args, model, source):
             log.warning("`--dora_ephemeral_gpu_offload`: no CUDA GPU, so there is nothing to offload to; ignored.")
             args.set("dora_ephemeral_gpu_offload", False)
     tokenizer_path = source.adapter_dir or source.base
-    return get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path))
+    return shardable(get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path)))

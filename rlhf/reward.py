@@ -127,7 +127,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
     from trl import RewardConfig
 
     from common.model import (count_parameters, get_quantization_config, load_tokenizer, select_precision,
-                              _device_map, _hub_error)
+                              shardable, _device_map, _hub_error)
     from common.peft_config import resolve_target_modules
 
     precision = select_precision(args)
@@ -153,13 +153,13 @@ def run_reward_model(args: ParsedArgs) -> dict:
         raise _hub_error(args.model_id, exc) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
+        from common.model import prepare_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = prepare_kbit_training(model, args.gradient_checkpointing)
     config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
                         target_modules=resolve_target_modules(model, args.target_modules))
-    model = get_peft_model(model, config)
+    model = shardable(get_peft_model(model, config))
     trainable, total = count_parameters(model)
     log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
 
