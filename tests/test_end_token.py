@@ -74,7 +74,7 @@ def test_sep_token_ends_the_sft_answers(bert_base_shaped, tmp_path, monkeypatch)
 
     seen = {}
 
-    def stop(trainer, args, out):
+    def stop(trainer, *_):
         seen["ids"] = trainer.train_dataset["input_ids"]
         raise KeyboardInterrupt
 

@@ -22,7 +22,7 @@ class _Built(Exception):
 def stop_before_training(monkeypatch):
     from common import training
 
-    def stop(trainer, args, out):
+    def stop(trainer, *_):
         raise _Built(trainer)
 
     monkeypatch.setattr(training, "train_guarded", stop)
