@@ -24,9 +24,7 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     forward, for every technique and batch size."""
     from common.generation import greedy_generate, newline_ids
 
-    prompts = [generation_prompt(q, fmt, tokenizer) for q in questions]
-    add_special = not fmt.use_chat  # a chat template already writes its own BOS
-    encoded = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+    encoded = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], fmt.use_chat)
     stops = _stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bar = None
@@ -41,6 +39,23 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     finally:
         if bar is not None:
             bar.close()
+
+
+def prompt_ids(tokenizer, prompts: list[str], use_chat: bool) -> list[list[int]]:
+    """Prompt texts -> the ids SFT training puts before the answer. A chat template's rendering is
+    tokenized with nothing added (it writes its own BOS). Plain text keeps the special tokens the
+    tokenizer puts in front (BOS, BERT's [CLS]) but not those it appends ([SEP], an added EOS):
+    training tokenizes prompt + answer + EOS, and its prompt is the part that prompt alone shares."""
+    if use_chat:
+        return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompts)["input_ids"]
+    bare = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    out = []
+    for ids, text_ids in zip(full, bare):
+        n = len(text_ids)
+        at = next((k for k in range(len(ids) - n + 1) if ids[k:k + n] == text_ids), None) if n else None
+        out.append(ids[:at + n] if at is not None else ids)
+    return out
 
 
 def answer_from_ids(tokenizer, ids: list[int], stop_ids) -> str:

@@ -1,0 +1,97 @@
+"""The prompt a model answers at inference is, token for token, the prompt it was trained on.
+
+The reference is SFTTrainer's own `input_ids` for a row, up to its first trained label: the ids
+sft/run.py trains the model to continue. The ids generation feeds the model are recorded by a stub
+model that ends every answer at once. A BERT tokenizer closes every text it encodes with [SEP] (the
+end-of-answer token of these models); training never puts it between prompt and answer."""
+
+import collections
+import json
+import re
+
+import pytest
+import torch
+
+from tests.test_pref_tokens import stop_before_training, tiny_llama_bos, _Built  # noqa: F401 (fixtures)
+
+N = 4
+ARGV = ["--dataset_name", "triviaqa-sample", "--max_train_samples", str(N), "--report_to", "none",
+        "--save_strategy", "no"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A small BERT: WordPiece tokenizer ([CLS] ... [SEP], no EOS) on the bundled sample's words."""
+    from transformers import AutoModelForCausalLM, BertConfig, BertTokenizer
+
+    from common.tiny_model import _corpus
+
+    words = collections.Counter()
+    for line in _corpus():
+        words.update(re.findall(r"\w+|[^\w\s]", line.lower()))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
+             *(w for w, _ in words.most_common(400) if len(w) > 1)]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("models") / "tiny-bert"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+class _Recorder(torch.nn.Module):
+    """Records the (unpadded) prompt ids of each first step; its answer is EOS at once."""
+
+    def __init__(self, eos_id: int, vocab_size: int):
+        super().__init__()
+        self.eos_id, self.vocab_size, self.prompts = eos_id, vocab_size, []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **_):
+        from types import SimpleNamespace
+
+        if past_key_values is None:
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                self.prompts.append([t for t, m in zip(ids, mask) if m])
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        logits[:, -1, self.eos_id] = 1.0
+        return SimpleNamespace(logits=logits, past_key_values="cache")
+
+
+MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat_llama", "bert": "tiny_bert"}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_generation_prompt_ids_equal_sft_trainer_prompt_ids(arch, request, tmp_path, stop_before_training):
+    from common import data as qa
+    from common.data import BUNDLED
+    from common.evaluation import generate_ids, make_parser
+    from common.model import load_tokenizer, resolve_model
+    from sft.run import train
+
+    model_id = request.getfixturevalue(MODELS[arch])
+    argv = ["--model_id", model_id, "--output_dir", tmp_path / "sft", *ARGV]
+    if arch == "bert":
+        argv += ["--target_modules", "query,value"]
+    with pytest.raises(_Built) as built:
+        train("lora", argv)
+    ds = built.value.trainer.train_dataset
+    trained = []
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        trained.append(ids[:first])
+
+    args = make_parser().parse(["--model_id", model_id, "--dataset_name", "triviaqa-sample"])
+    tokenizer = load_tokenizer(resolve_model(model_id), args)
+    fmt = qa.prompt_format(args, tokenizer, "triviaqa")
+    lines = (BUNDLED["triviaqa-sample"] / "train.jsonl").read_text(encoding="utf-8").splitlines()[:N]
+    questions = [json.loads(line)["question"] for line in lines]
+    recorder = _Recorder(tokenizer.eos_token_id, len(tokenizer))
+    for batch_size in (1, N):
+        recorder.prompts.clear()
+        generate_ids(recorder, tokenizer, questions, fmt, batch_size=batch_size, max_new_tokens=2)
+        assert sorted(recorder.prompts) == sorted(trained), [tokenizer.convert_ids_to_tokens(p[-3:])
+                                                             for p in recorder.prompts]
