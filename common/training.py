@@ -26,6 +26,7 @@ from common.outputs import (RESUME_STATE, RUN_CONFIG, WEIGHT_FILES, _absolute_ba
                             is_disk_full, is_finished_run, is_main_process, last_complete_checkpoint,
                             move_into_place, prepare_output_dir, release_output_locks, resolve_resume,
                             rotate_checkpoints, save_final, world_size, write_json)
+from common.quiet import checkpointing_kwargs, readable_progress
 
 log = logging.getLogger("finetune")
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
@@ -45,6 +46,9 @@ def setup_logging(script: str) -> None:
     # PEFT and TRL still read `model.is_gradient_checkpointing`, which transformers 5.24 deprecates
     # on every access; nothing for a user to change.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    from common.quiet import quiet_libraries
+
+    quiet_libraries()
 
 
 # Reporting -----------------------------------------------------------------------------------
@@ -106,8 +110,7 @@ def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: l
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **checkpointing_kwargs(args.gradient_checkpointing),
         optim=args.optimizer,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
@@ -457,8 +460,8 @@ def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str
         "steps": trainer.state.global_step,
         "train_loss": metrics.get("train_loss"),
         "runtime_s": round(runtime, 2),
-        "tokens_trained": int(tokens),
-        "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "tokens_trained": int(tokens) or None,  # None: this trainer does not count them (ORPO, SimPO)
+        "tokens_per_s": round(tokens / runtime, 1) if runtime and tokens else None,
         "peak_memory": peak_memory(),
         "peak_memory_gib": round(peak_memory_gib()[0], 3),  # the same figure as a number (compare.py)
         "output_dir": os.path.abspath(out),
@@ -474,6 +477,7 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
     trainer.add_callback(run_config_callback(args, technique or Path(args.script).stem))
     resume = resolve_resume(args, out)
     exact_resume(trainer, resume)
+    readable_progress(trainer)  # one readable line per logging step instead of raw dicts
     with Timer() as timer, save_on_interrupt(trainer, args):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
@@ -609,7 +613,6 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
                more_summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The end of every Trainer-based run: metrics and trainer state, the final outputs written
     atomically with run_config.json (`extra` plus the summary), reporters closed, plots, summary."""
-    trainer.log_metrics("train", metrics)
     info = {**summary(trainer, metrics, out, wall), **(more_summary or {})}
     try:
         trainer.save_metrics("all", metrics)
@@ -636,7 +639,8 @@ def print_summary(info: dict[str, Any]) -> None:
         f"  steps        {info['steps']}",
         f"  train loss   {loss:.4f}" if isinstance(loss, float) else "  train loss   n/a",
         f"  runtime      {info['runtime_s']:.1f} s",
-        f"  tokens/s     {info['tokens_per_s']} ({info['tokens_trained']} non-padding tokens)",
+        f"  tokens/s     {info['tokens_per_s']} ({info['tokens_trained']} non-padding tokens)" if info.get(
+            "tokens_trained") else "  tokens/s     not counted by this trainer",
         f"  peak memory  {info['peak_memory']}",
         f"  written to   {info['output_dir']}  (adapter, tokenizer, {RUN_CONFIG}, metrics)",
     ]

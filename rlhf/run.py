@@ -161,12 +161,13 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
             from trl.experimental.orpo import ORPOConfig as Config
             from trl.experimental.orpo import ORPOTrainer as trainer_cls
 
-            extra_config = {}
+            extra_config = {"remove_unused_columns": False}  # its pair collator needs every column
         else:  # SimPO is CPO's trainer with the SimPO loss and no behaviour-cloning term
             from trl.experimental.cpo import CPOConfig as Config
             from trl.experimental.cpo import CPOTrainer as trainer_cls
 
-            extra_config = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma}
+            extra_config = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma,
+                            "remove_unused_columns": False}
         from rlhf.pair_tokens import aligned
 
         trainer_cls = aligned(trainer_cls)  # the token ids SFT, DPO and KTO train on

@@ -81,3 +81,35 @@ def gpt2_base_shaped(tmp_path_factory):
 @pytest.fixture
 def sample():
     return "triviaqa-sample"
+
+
+@pytest.fixture(scope="session")
+def plain_runs(tiny_llama, tmp_path_factory):
+    """Scripts run once each as a user runs them: in a subprocess, with local inputs, without the
+    HF_*_OFFLINE variables set above, and with tests/network_spy recording (and refusing) every
+    network attempt. -> (folder holding network.log, {script: CompletedProcess})."""
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("plain-runs")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                        "TRL_EXPERIMENTAL_SILENCE")}
+    env.update(PYTHONPATH=str(ROOT / "tests" / "network_spy"), NETWORK_SPY_LOG=str(tmp / "network.log"),
+               HF_HOME=str(tmp / "hf"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    small = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_train_samples", "16",
+             "--per_device_train_batch_size", "4", "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+             "--lora_r", "4"]
+    commands = {
+        "lora.py": [*small, "--output_dir", tmp / "lora", "--eval_strategy", "steps", "--eval_steps", "2",
+                    "--max_eval_samples", "4", "--eval_em_samples", "4"],
+        "evaluate.py": ["--model_id", tmp / "lora", "--dataset_name", "triviaqa-sample", "--dataset_split",
+                        "validation", "--max_samples", "4", "--output_dir", tmp / "eval"],
+        "prefix_tuning.py": [*small, "--output_dir", tmp / "prefix"],
+        "orpo.py": [*small, "--output_dir", tmp / "orpo"],
+        "reward_model.py": [*small, "--output_dir", tmp / "rm"],
+    }
+    runs = {}
+    for script, argv in commands.items():
+        runs[script] = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, env=env,
+                                      capture_output=True, text=True, timeout=600)
+    return tmp, runs

@@ -36,25 +36,11 @@ def attempts(tmp_path: Path) -> str:
     return log.read_text() if log.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def local_run(tiny_llama, tmp_path_factory):
-    """lora.py then evaluate.py on a local model and the bundled sample, as a user without HF_HUB_OFFLINE."""
-    tmp = tmp_path_factory.mktemp("local-run")
-    env = user_env(tmp)
-    out = tmp / "lora"
-    train = run("lora.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--output_dir", out,
-                            "--max_train_samples", "32", "--per_device_train_batch_size", "8", "--max_steps", "4",
-                            "--logging_steps", "2", "--save_strategy", "no", "--eval_strategy", "steps",
-                            "--eval_steps", "2", "--max_eval_samples", "8", "--lora_r", "4"], env)
-    evaluate = run("evaluate.py", ["--model_id", out, "--dataset_name", "triviaqa-sample", "--dataset_split",
-                                   "validation", "--max_samples", "4", "--output_dir", tmp / "eval"], env)
-    return tmp, train, evaluate
-
-
-def test_local_run_makes_no_network_attempt(local_run):
-    tmp, train, evaluate = local_run
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+def test_local_runs_make_no_network_attempt(plain_runs):
+    """lora.py, evaluate.py, prefix_tuning.py, orpo.py and reward_model.py on local inputs (conftest.py)."""
+    tmp, runs = plain_runs
+    for script, result in runs.items():
+        assert result.returncode == 0, (script, result.stderr[-3000:])
     assert attempts(tmp) == "", attempts(tmp)[:3000]
 
 

@@ -1,0 +1,89 @@
+"""What a run prints: the progress bar, one readable line per logging step and the summary.
+
+Library messages that tell the user nothing they can act on are dropped here, each for a stated
+reason; every other warning stays visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def quiet_libraries() -> None:
+    """Called once per run, before the libraries are imported."""
+    # trl.experimental (ORPO, CPO/SimPO) announces on import that its API may change: a note to us, the
+    # developers who pinned TRL, not to the user.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # PEFT's prefix tuning hands the model its prefix as `past_key_values`, which transformers 5.24
+    # deprecates on every forward pass; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+    logging.getLogger("transformers.modeling_utils").addFilter(_load_report)
+
+
+def _load_report(record: logging.LogRecord) -> bool:
+    """transformers' LOAD REPORT table: dropped when it only says what a reward model's load must do
+    (a new `score` head, the unused `lm_head`); otherwise kept, without raw colour codes."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message:
+        return True
+    rows = re.findall(r"^(\S+)\s*\|\s*(MISSING|UNEXPECTED|MISMATCH\w*)", _ANSI.sub("", message), re.MULTILINE)
+    if rows and all((status == "MISSING" and key.startswith("score.")) or
+                    (status == "UNEXPECTED" and key.startswith("lm_head.")) for key, status in rows):
+        return False
+    record.msg, record.args = _ANSI.sub("", message), ()
+    return True
+
+
+def checkpointing_kwargs(enabled: bool) -> dict:
+    """Gradient checkpointing for a TrainingArguments, under the name this transformers uses
+    (`activation_checkpointing` since 5.24; `gradient_checkpointing` before)."""
+    from transformers import TrainingArguments
+
+    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": enabled,
+            f"{name}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+# The console's log line: these keys, in this order, where logged (everything logged still goes to
+# trainer_state.json, the reporters and the plots).
+LINE_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/accuracies", "rewards/margins", "eval_loss",
+             "eval_em", "eval_f1", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins")
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str | None:
+    """One readable line for a Trainer log record; None for the end-of-training totals (the run
+    summary says them) and records with nothing to show."""
+    if "train_loss" in logs:  # the end-of-training totals
+        return None
+    parts = []
+    for key in LINE_KEYS:
+        value = logs.get(key)
+        if isinstance(value, (int, float)):
+            name = key.replace("rewards/", "")
+            parts.append(f"{name} {value:.2e}" if key == "learning_rate" else f"{name} {value:.4g}")
+    if not parts:
+        return None
+    epoch = logs.get("epoch")
+    where = f"step {step}/{max_steps}" + (f" (epoch {epoch:.2f})" if isinstance(epoch, (int, float)) else "")
+    return where + ": " + ", ".join(parts)
+
+
+def readable_progress(trainer) -> None:
+    """Replace the Trainer's printing of raw metric dicts with `log_line`; the bar stays."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                line = log_line(logs, state.global_step, state.max_steps)
+                if line:
+                    self.training_bar.write(line)
+
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ReadableProgress)
