@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers import run_script
 from tests.oracles import cache_free_greedy
+from tests.test_inference_prompt import tiny_bert  # noqa: F401 (fixture)
 
 TECHNIQUES = ["lora", "dora", "qlora", "prefix_tuning", "p_tuning", "prompt_tuning"]
 MAX_NEW = 8
@@ -138,3 +139,45 @@ def test_rl_reward_equals_evaluate_score_of_the_same_text(text, answer, tiny_lla
     assert records[0]["prediction"] == answer
     assert triviaqa_em([text], [aliases]) == [records[0]["em"]]
     assert triviaqa_f1([text], [aliases]) == [records[0]["f1"]]
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_bert"])
+def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, peft_type, request, questions):
+    """GPT-2 and BERT learn absolute position embeddings: under left padding (batch 16, prompts of
+    unequal length) a wrong position id changes the answer. Fresh adapters (random virtual tokens,
+    scaled up so that they matter) against the cache-free oracle; no training needed."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.data import PromptFormat, generation_prompt
+    from common.evaluation import _stop_ids, generate_ids
+    from common.model import ensure_eos_token, ensure_pad_token
+
+    path = request.getfixturevalue(arch)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_eos_token(tokenizer, path)
+    ensure_pad_token(tokenizer)
+    config = {"PREFIX_TUNING": PrefixTuningConfig, "PROMPT_TUNING": PromptTuningConfig,
+              "P_TUNING": PromptEncoderConfig}[peft_type](task_type="CAUSAL_LM", num_virtual_tokens=5)
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(path, **({"is_decoder": True} if arch == "tiny_bert" else {}))
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)
+    fmt = PromptFormat()
+    stops = set(_stop_ids(tokenizer))
+    from common.evaluation import prompt_ids
+
+    prompts = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], False)
+    assert len({len(p) for p in prompts}) > 1
+    expected = [cache_free_greedy(model, p, stops, lambda new: "\n" in tokenizer.decode(new), MAX_NEW)
+                for p in prompts]
+    for batch_size in (1, 16):
+        assert generate_ids(model, tokenizer, questions, fmt, batch_size, MAX_NEW) == expected, batch_size
+    with model.disable_adapter():
+        plain = [cache_free_greedy(model, p, stops, lambda new: "\n" in tokenizer.decode(new), MAX_NEW)
+                 for p in prompts]
+    assert plain != expected
