@@ -526,6 +526,9 @@ def check_common(args: ParsedArgs) -> None:
         raise UsageError(f"`{flag}` needs held-out data: set `--eval_split` (e.g. `validation`).")
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise UsageError("`--resume_from_checkpoint` and `--overwrite_output_dir` contradict; pick one.")
+    from common.hub import check_push
+
+    check_push(args)
     if args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise UsageError("`--use_liger_kernel` needs the liger-kernel package (CUDA GPUs): `pip install "
                          "liger-kernel`, or leave the flag off.")

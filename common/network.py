@@ -73,6 +73,12 @@ def start_offline() -> None:
     _apply(offline=True)
 
 
+def go_online() -> None:
+    """The hub on for this run (an upload), unless the user set HF_HUB_OFFLINE."""
+    if not user_wants_offline():
+        _apply(offline=False)
+
+
 def endpoint() -> tuple[str, int]:
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)

@@ -132,7 +132,7 @@ def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: l
         fp16=precision_mode == "fp16",
         report_to=report_to,
         run_name=args.run_name or Path(out).name,
-        push_to_hub=args.push_to_hub,
+        push_to_hub=False,  # uploaded by finish_run once the result is saved locally (common/hub.py)
         hub_model_id=args.hub_model_id,
         hub_token=None,  # taken from HF_TOKEN: the trainer pickles its arguments into every checkpoint
         use_liger_kernel=args.use_liger_kernel,
@@ -626,6 +626,11 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
     finish_reporting(report_to)
     write_plots(out)
     print_summary(info)
+    if args.push_to_hub and is_main_process():
+        from common.hub import push_result
+
+        repo = push_result(args, out)  # UploadFailed: run_cli says so and exits with hub.UPLOAD_FAILED
+        log.info("uploaded to the hub: %s", repo)
     return info
 
 
@@ -659,7 +664,7 @@ class Timer:
 def run_cli(script: str, train_fn) -> int:
     """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
     No network unless a hub id is given (common/network.py)."""
-    from common import network
+    from common import hub, network
 
     setup_logging(script)
     network.start_offline()
@@ -668,6 +673,9 @@ def run_cli(script: str, train_fn) -> int:
     except UsageError as exc:
         say(f"{script}: error: {exc}")
         return 2
+    except hub.UploadFailed as exc:
+        say(f"{script}: upload failed: {exc}")
+        return hub.UPLOAD_FAILED
     except KeyboardInterrupt as exc:
         if isinstance(exc, Interrupted):  # announce_stop already said how to resume
             return 128 + exc.signum
