@@ -19,18 +19,22 @@ and a batch stops as soon as every row has emitted a stop id or a newline.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Callable, Optional, Sequence
 
-_NEWLINE_IDS: dict[tuple[int, int], frozenset] = {}
+# tokenizer -> (its length, newline ids). Keyed by the object itself, not id(): a freed
+# tokenizer's address may be reused by another one.
+_NEWLINE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def newline_ids(tokenizer) -> frozenset:
     """Ids of the tokens whose text contains a newline: the answer ends at the first of them."""
-    key = (id(tokenizer), len(tokenizer))
-    if key not in _NEWLINE_IDS:
+    cached = _NEWLINE_IDS.get(tokenizer)
+    if cached is None or cached[0] != len(tokenizer):
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_IDS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
-    return _NEWLINE_IDS[key]
+        cached = (len(tokenizer), frozenset(i for i, t in enumerate(texts) if "\n" in t))
+        _NEWLINE_IDS[tokenizer] = cached
+    return cached[1]
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, stop_ids: Sequence[int],

@@ -181,3 +181,20 @@ def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, pe
         plain = [cache_free_greedy(model, p, stops, lambda new: "\n" in tokenizer.decode(new), MAX_NEW)
                  for p in prompts]
     assert plain != expected
+
+
+def test_newline_ids_belong_to_their_tokenizer_even_at_a_reused_address(monkeypatch):
+    """Reference: the ids whose decoded text holds a newline, computed here per tokenizer. Two
+    tokenizers of one length, the first gone before the second is made, may share an id() in
+    CPython; simulated by making id() constant. The second must not get the first's newline ids."""
+    from common import generation
+    from common.tiny_model import build_tokenizer
+
+    monkeypatch.setattr(generation, "id", lambda obj: 12345, raising=False)
+    with_newline, without = build_tokenizer(), build_tokenizer()
+    with_newline.add_tokens(["odd\ntoken"])
+    without.add_tokens(["oddtoken"])
+    assert len(with_newline) == len(without)
+    for tok in (with_newline, without):
+        reference = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
+        assert generation.newline_ids(tok) == reference
