@@ -77,7 +77,7 @@ def run_merge(args) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
-    print(f"merged {args.adapter} into {source.base}; plain model written to {out.resolve()}")
+    print(f"wrote the merged model to {out.resolve()} (base {source.base} + adapter {args.adapter}; both unchanged)")
     return out
 
 

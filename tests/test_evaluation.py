@@ -120,6 +120,9 @@ def test_merged_model_answers_like_base_plus_adapter(lora_run, tmp_path, capsys)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "adapter_config.json").exists()
     cfg = json.loads((lora_run / "adapter_config.json").read_text())
+    said = capsys.readouterr().out.strip().splitlines()[-1]  # the output is new; base and adapter stay as they were
+    assert said == (f"wrote the merged model to {out.resolve()} (base {cfg['base_model_name_or_path']} + adapter "
+                    f"{lora_run}; both unchanged)"), said
     questions = ["What is the capital of France?", "Who wrote Hamlet?", "Which planet is the Red Planet?"]
     tokenizer = AutoTokenizer.from_pretrained(lora_run)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
