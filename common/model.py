@@ -65,12 +65,58 @@ def resolve_model(model_id: str) -> ModelSource:
 @dataclass
 class Precision:
     mode: str  # "bf16" | "fp16" | "fp32"
+    cpu_autocast: bool = False  # bf16 on a CPU: float32 weights, bf16 matmuls under the Trainer's autocast
 
     @property
     def torch_dtype(self):
         import torch
 
+        if self.cpu_autocast:
+            return torch.float32
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.mode]
+
+
+# CPU bf16 autocast pays only where the matrix products outweigh the casts around them. Issue #17
+# measured, on a CPU with bf16 instructions, a 3M-parameter Llama 1.3x slower under autocast and an
+# 80M one 2.3x faster; below this size `--use_bfloat16` stays in float32 on the CPU. On our AMD EPYC
+# (AVX512-BF16), bench/bench_bf16.py saw autocast win from ~1M parameters, on a loaded machine:
+# README "Performance". 10M is above the slow case on both.
+CPU_BF16_MIN_PARAMETERS = 10_000_000
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bfloat16 instructions, from /proc/cpuinfo (x86: AMX, AVX512-BF16; Arm: BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = set()
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: no bf16 detection, so float32
+        return []
+    return sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def estimate_parameters(model_id: str) -> Optional[int]:
+    """Parameters of a decoder from its config.json (local dir or the hub cache; no network). None if unknown."""
+    path = os.path.join(os.path.expanduser(model_id), "config.json")
+    try:
+        if not os.path.isfile(path):
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(model_id, "config.json")
+            if not isinstance(path, str):
+                return None
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        config = config.get("text_config", config)
+        width = config.get("hidden_size") or config.get("n_embd") or config["d_model"]
+        layers = config.get("num_hidden_layers") or config["n_layer"]
+        inner = config.get("intermediate_size") or config.get("n_inner") or 4 * width
+        embeddings = config["vocab_size"] * width * (1 if config.get("tie_word_embeddings", True) else 2)
+        return int(embeddings + layers * (4 * width * width + 3 * width * inner))
+    except Exception:  # an adapter dir, an unusual config: size unknown
+        return None
 
 
 def select_precision(args, warn=log.warning) -> Precision:
@@ -106,13 +152,35 @@ def _precision_from_flags(args, warn) -> Precision:
                 return Precision("bf16")
             warn("`--use_bfloat16`: this GPU has no bfloat16 support (e.g. T4); training in float16 instead.")
             return Precision("fp16")
-        warn("`--use_bfloat16`: no CUDA GPU; training in float32 on the CPU.")
-        return Precision("fp32")
+        return _cpu_bf16(args, warn)
     if args.fp16:
         if torch.cuda.is_available():
             return Precision("fp16")
         warn("`--fp16`: no CUDA GPU; training in float32 on the CPU.")
     return Precision("fp32")
+
+
+def _cpu_bf16(args, warn) -> Precision:
+    """bf16 autocast on a CPU with bf16 instructions and a model big enough to gain; float32 elsewhere."""
+    flags = cpu_bf16_flags()
+    if not flags:
+        warn("`--use_bfloat16`: no CUDA GPU, and this CPU has no bfloat16 instructions (AMX or AVX512-BF16); "
+             "training in float32 on the CPU.")
+        return Precision("fp32")
+    model_id = args.model_id
+    if os.path.isdir(os.path.expanduser(model_id)):  # a local model or adapter dir; hub ids: the cache only
+        try:
+            model_id = resolve_model(model_id).base
+        except UsageError:  # reported where the model is loaded
+            pass
+    size = estimate_parameters(model_id)
+    if size is not None and size < CPU_BF16_MIN_PARAMETERS:
+        warn(f"`--use_bfloat16`: this CPU has bfloat16 ({', '.join(flags)}), but at ~{size / 1e6:.1f}M parameters "
+             f"the casts cost more than bf16 saves (it pays from ~{CPU_BF16_MIN_PARAMETERS / 1e6:.0f}M); training in "
+             f"float32 on the CPU.")
+        return Precision("fp32")
+    log.info("precision: bf16 autocast on the CPU (%s), weights in float32.", ", ".join(flags))
+    return Precision("bf16", cpu_autocast=True)
 
 
 # Quantization --------------------------------------------------------------------------------

@@ -244,3 +244,30 @@ def test_seed_commands_run_as_written(name, request, tmp_path, monkeypatch, caps
     if script == "prefix_tuning.py":
         assert "ignores flags" in err or "P-Tuning" in name
         assert "prefix tuning cannot use it" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU behaviour")
+def test_bf16_on_a_bf16_cpu_trains_under_autocast_with_float32_weights(tiny_llama, tmp_path, monkeypatch):
+    import common.model as model_module
+    from sft.run import train
+
+    monkeypatch.setattr(model_module, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(model_module, "CPU_BF16_MIN_PARAMETERS", 0)
+    seen = []
+    import torch.nn.functional as F
+
+    linear = F.linear
+
+    def spy(x, *args, **kwargs):  # the dtype the adapted layers' products run in
+        out = linear(x, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(F, "linear", spy)
+    result = train("lora", ["--model_id", tiny_llama, "--output_dir", tmp_path / "out", "--max_steps", "2",
+                            "--use_bfloat16", "True", *FAST])
+    import torch
+
+    assert torch.bfloat16 in seen  # autocast ran the products in bf16
+    assert all(p.dtype == torch.float32 for p in result.trainer.model.parameters())  # the weights stay float32
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["model"]["precision"] == "bf16"
