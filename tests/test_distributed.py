@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -173,3 +174,39 @@ def test_evaluate_and_merge_with_two_processes(tiny_llama, tmp_path):
     done = _launch(torchrun(), "merge.py", ["--adapter", adapter, "--output_dir", tmp_path / "merged"], tmp_path)
     assert done.stdout.count("plain model written to") == 1
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_two_process_resume_past_the_first_epoch_equals_the_uninterrupted_run(tiny_llama, tmp_path):
+    # 16 rows, 2 processes with batches of 2: 4 steps an epoch, so checkpoint-6 lies in epoch 2. The
+    # default length-grouped batches; losses logged every 3 steps, so the checkpoint holds loss not yet
+    # logged.
+    from safetensors.torch import load_file
+
+    argv = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_train_samples", "16",
+            "--per_device_train_batch_size", "2", "--max_steps", "10", "--save_strategy", "steps", "--save_steps",
+            "6", "--logging_steps", "3", "--report_to", "none", "--learning_rate", "1e-2"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _launch(torchrun(), "lora.py", [*argv, "--output_dir", reference], tmp_path)
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-6", resumed / "checkpoint-6")
+    _launch(torchrun(), "lora.py", [*argv, "--output_dir", resumed, "--resume_from_checkpoint", "auto"], tmp_path)
+
+    def state(out):
+        return json.loads((out / "trainer_state.json").read_text())
+
+    def seen(out):
+        return [e["num_input_tokens_seen"] for e in state(out)["log_history"] if "loss" in e]
+
+    def summary(out):
+        info = json.loads((out / "run_config.json").read_text())["summary"]
+        return {k: info[k] for k in ("steps", "train_loss")}
+
+    assert state(resumed)["global_step"] == state(reference)["global_step"] == 10
+    assert seen(resumed)[-1] == seen(reference)[-1]  # the same batches after the resume
+    assert _losses(resumed)[-1] == pytest.approx(_losses(reference)[-1], rel=1e-6)
+    assert summary(resumed) == pytest.approx(summary(reference), rel=1e-6)
+    results = [json.loads((out / "all_results.json").read_text())["train_loss"] for out in (resumed, reference)]
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    weights = [load_file(out / "adapter_model.safetensors") for out in (resumed, reference)]
+    for name in weights[1]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)
