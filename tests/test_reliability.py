@@ -711,3 +711,31 @@ def test_run_config_records_the_precision_the_trainer_ran_with(tiny_llama, tmp_p
     recorded = json.loads((tmp_path / "o" / "run_config.json").read_text())["model"]["precision"]
     ran = result.trainer.accelerator.mixed_precision
     assert {"no": "fp32"}.get(ran, ran) == recorded
+
+
+def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_summary_and_results(tiny_llama, tmp_path):
+    # Issue repro: DPO resumed from checkpoint-4 of 8 reported the mean loss of steps 5-8 only.
+    argv = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_train_samples", "32",
+            "--per_device_train_batch_size", "4", "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
+            "--logging_steps", "1", "--report_to", "none", "--learning_rate", "1e-2"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    ref = _start(tmp_path, "dpo.py", argv + ["--output_dir", reference])
+    proc = _start(tmp_path, "dpo.py", argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
+    _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4"), proc)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert ref.wait(timeout=300) == 0, _stderr(ref)[-3000:]
+    assert not is_finished_run(out)
+    resumed = _start(tmp_path, "dpo.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"])
+    assert resumed.wait(timeout=300) == 0, _stderr(resumed)[-3000:]
+    assert f"resuming from {out / 'checkpoint-4'}" in _stderr(resumed)
+
+    assert _state(out)["global_step"] == _state(reference)["global_step"] == 8
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    # The whole run's mean, as the uninterrupted run reports it, not the mean of steps 5-8.
+    whole = sum(losses(reference)) / 8
+    assert _results(reference)["train_loss"] == pytest.approx(whole, rel=1e-4)
+    assert _results(out)["train_loss"] == pytest.approx(_results(reference)["train_loss"], rel=1e-5)
+    assert _summary(out) == pytest.approx(_summary(reference), rel=1e-5)
+    for name, tensor in _weights(reference).items():
+        torch.testing.assert_close(_weights(out)[name], tensor, atol=1e-5, rtol=1e-4)
