@@ -555,9 +555,7 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
-        if keep and keep > 0:  # --save_total_limit: the oldest go first
-            for _, old in tr.checkpoint_dirs(str(folder.parent))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        tr.rotate_checkpoints(str(folder.parent), keep)  # --save_total_limit: counts complete checkpoints only
     accelerator.wait_for_everyone()
 
 

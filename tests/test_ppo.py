@@ -290,6 +290,26 @@ def test_ppo_stopped_and_resumed_matches_an_uninterrupted_run(signum, tiny_llama
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+def test_ppo_save_total_limit_counts_only_complete_checkpoints(tiny_llama, tmp_path):
+    # The same rule as the Trainer-based scripts (common.outputs.rotate_checkpoints): an incomplete
+    # checkpoint, here one of a higher step left by an earlier killed run, never pushes the newest
+    # complete one out, and goes itself once a complete one is newer.
+    from common.training import is_complete_checkpoint
+
+    out = tmp_path / "run"
+    leftover = out / "checkpoint-100"
+    leftover.mkdir(parents=True)
+    (leftover / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    os.utime(leftover, (1, 1))
+    argv = ["--model_id", tiny_llama, "--reward_function", "triviaqa_f1", "--max_steps", "5", "--response_length",
+            "4", "--per_device_train_batch_size", "4", "--num_mini_batches", "2", "--dataset_name",
+            "triviaqa-sample", "--max_train_samples", "10", "--report_to", "none", "--save_strategy", "steps",
+            "--save_steps", "2", "--save_total_limit", "1", "--output_dir", out]  # checkpoints at steps 2 and 4
+    assert run_script("ppo.py", argv) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert is_complete_checkpoint(out / "checkpoint-4")
+
+
 def test_ppo_resume_refuses_a_checkpoint_it_did_not_write(tiny_llama, tmp_path, capsys):
     sft = tmp_path / "sft"
     assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", sft, "--max_steps", "2", *SFT,
