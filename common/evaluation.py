@@ -31,7 +31,7 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), desc="Answering", unit="q")
+        bar = tqdm(total=len(encoded), desc="Answering", unit="q")
     try:
         return greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=newline_ids(tokenizer),
                                batch_size=batch_size, max_new_tokens=max_new_tokens,
