@@ -67,6 +67,24 @@ def build_model_config(arch: str, vocab_size: int, **overrides):
                    eos_token_id=2, initializer_range=0.1)
         cfg.update(overrides)
         return GPT2Config(**cfg)
+    # OPT and GPT-NeoX with dropout 0.1, as their released configs ship it: OPT's decoder layers
+    # call F.dropout themselves, the case where "dropout off" needs more than eval mode.
+    if arch == "opt":
+        from transformers import OPTConfig
+
+        cfg = dict(vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0, dropout=0.1, attention_dropout=0.1, init_std=0.1)
+        cfg.update(overrides)
+        return OPTConfig(**cfg)
+    if arch == "gpt_neox":
+        from transformers import GPTNeoXConfig
+
+        cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                   hidden_dropout=0.1, attention_dropout=0.1, initializer_range=0.1, tie_word_embeddings=False)
+        cfg.update(overrides)
+        return GPTNeoXConfig(**cfg)
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -91,12 +109,13 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--arch", choices=["llama", "gpt2"], default="llama")
+    parser.add_argument("--arch", choices=["llama", "gpt2", "opt", "gpt_neox"], default="llama")
     parser.add_argument("--chat_template", action="store_true", help="Ship a chat template, like instruct models.")
     parser.add_argument("--hidden_size", type=int, default=64, help="Width; 128 memorises the bundled sample.")
     args = parser.parse_args(argv)
-    width = {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size} if args.arch == "llama" \
-        else {"n_embd": args.hidden_size}
+    width = {"n_embd": args.hidden_size} if args.arch == "gpt2" else \
+        {"hidden_size": args.hidden_size, "word_embed_proj_dim": args.hidden_size, "ffn_dim": 2 * args.hidden_size} \
+        if args.arch == "opt" else {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}
     path = build_tiny_model(args.output_dir, args.arch, chat=args.chat_template, **width)
     print(f"tiny {args.arch} model written to {path}")
     return 0

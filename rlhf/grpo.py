@@ -64,6 +64,10 @@ def _text(completion) -> str:
     return completion
 
 
+def _as_list(ids) -> list:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def _as_grpo_reward(name: str, fn):
     """Our reward (responses, aliases) -> TRL's reward function (prompts, completions, **columns)."""
 
@@ -109,6 +113,13 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
 
     set_seed(args.seed)
     model = attach_adapter(technique, args, model, source)
+    # Dropout off (TRL's GRPOConfig leaves it on, and a continued SFT adapter brings its
+    # lora_dropout: policy and reference would then differ at step 0), and TRL's sampling follows
+    # the policy alone, not the decoding settings of generation_config.json.
+    from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
+
+    disable_dropout(model)
+    sample_from_the_policy_only(model)
     trainable, total = count_parameters(model)
     log.info("GRPO (%s): %s trainable parameters of %s", technique, f"{trainable:,}", f"{total:,}")
 
@@ -120,11 +131,16 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
 
         scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
 
-        def reward_model(prompts, completions, **_):
-            texts = [(p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False,
-                                                                               add_generation_prompt=True))
-                     + _text(c) for p, c in zip(prompts, completions)]
-            return scorer(texts)
+        from common.evaluation import _stop_ids
+
+        stops = set(_stop_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
+
+        def reward_model(prompts, completions, completion_ids, **_):
+            prompts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False,
+                                                                                add_generation_prompt=True)
+                       for p in prompts]
+            finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]  # truncated ones have no EOS
+            return scorer.score_answers(prompts, [_text(c) for c in completions], finished)
 
         reward_funcs.append(reward_model)
     weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
@@ -138,7 +154,8 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     kwargs["train_sampling_strategy"] = "random"
     config = GRPOConfig(**kwargs, num_generations=args.num_generations,
                         max_completion_length=args.max_completion_length, temperature=args.temperature,
-                        beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code)
+                        beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code,
+                        disable_dropout=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
     metrics, wall = tr.train_guarded(trainer, args, out)

@@ -130,6 +130,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     from common.model import (count_parameters, is_quantized, load_model, load_tokenizer, select_precision)
     from common.peft_config import attach_adapter
     from rlhf import ppo_core as core
+    from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
     precision = select_precision(args)
@@ -155,6 +156,10 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     if source.adapter_dir:  # the SFT model is the reference: keep a frozen copy of its adapter
         policy.load_adapter(source.adapter_dir, adapter_name="ref", is_trainable=False)
         policy.set_adapter("default")
+    # Dropout off everywhere (also where gradient checkpointing puts layers in training mode), and
+    # rollouts sampled from the policy's distribution alone, whatever generation_config.json says.
+    disable_dropout(policy)
+    sample_from_the_policy_only(policy)
     if args.gradient_checkpointing and not quantized:  # (4-bit bases have it from prepare_model_for_kbit_training)
         policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = policy.get_base_model().config.get_text_config().hidden_size
@@ -194,7 +199,10 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     updates = steps * args.ppo_epochs * args.num_mini_batches
     warmup = args.warmup_steps or int(args.warmup_ratio * updates)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
-    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    # Not through accelerator.prepare: its scheduler steps once per process at every optimizer step
+    # (made for data loaders whose batches grow with the processes), so with N processes the
+    # schedule would end N times too early. It is stepped in _ppo_updates after each optimizer step.
+    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
     if trackers:
         accelerator.init_trackers(args.run_name or Path(out).name, config=tr.redact(args.to_dict(),
                                                                                    args.secret_fields()))
@@ -239,7 +247,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                         ref_adapter=bool(source.adapter_dir))
         responses = tokenizer.batch_decode(roll["responses"], skip_special_tokens=True)
         if args.reward_model:
-            scores = scorer([prompts[i] + r for i, r in zip(batch_idx, responses)])
+            scores = scorer.score_answers([prompts[i] for i in batch_idx], responses, roll["has_eos"].tolist())
         else:
             scores = reward_fn(responses, [aliases[i] for i in batch_idx])
         scores = torch.tensor(scores, dtype=torch.float32, device=accelerator.device)
@@ -267,6 +275,11 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
             "eos_fraction": accelerator.gather(roll["has_eos"].float()).mean().item(),
         }
         kl_ctl.update(gathered["kl"], rollouts_per_step * accelerator.num_processes)
+        first = stats.pop("first_microbatch")
+        # Before the step's first optimizer update the policy is the one that sampled: ratio 1.
+        gathered["start_ratio_max_dev"] = accelerator.gather(
+            torch.tensor([first["ratio_max_dev"]], device=accelerator.device)).max().item()
+        gathered["start_approx_kl"] = _mean_across(accelerator, first["approx_kl"])
         entry = {"step": step, **gathered, **{k: _mean_across(accelerator, v) for k, v in stats.items()},
                  "kl_coef": kl_ctl.value, "learning_rate": scheduler.get_last_lr()[0]}
         if not all(math.isfinite(v) for v in entry.values()):
@@ -363,6 +376,8 @@ def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], arg
     """Sample answers, then compute old log-probs, reference log-probs and values (no grad)."""
     import torch
 
+    from rlhf.policy_model import NEUTRAL_SAMPLING
+
     device = accelerator.device
     pad = tokenizer.pad_token_id
     width = max(len(p) for p in prompt_ids)
@@ -375,10 +390,9 @@ def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], arg
     policy = unwrapped.policy
     t0 = _clock()
     with torch.no_grad(), accelerator.autocast():
-        generated = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
-                                    temperature=args.temperature, top_k=0, top_p=1.0,
-                                    max_new_tokens=args.response_length, eos_token_id=stop_ids,
-                                    pad_token_id=pad, use_cache=True)
+        generated = policy.generate(input_ids=ids, attention_mask=attn, **NEUTRAL_SAMPLING,
+                                    temperature=args.temperature, max_new_tokens=args.response_length,
+                                    eos_token_id=stop_ids, pad_token_id=pad, use_cache=True)
     sampling_s = _clock() - t0
     responses = generated[:, width:]
     if responses.size(1) < args.response_length:
@@ -418,10 +432,11 @@ def _ppo_epochs(wrapper, accelerator, optimizer, scheduler, roll, advantages, re
 
 @contextlib.contextmanager
 def _checkpointing_layers(wrapper, on: bool):
-    """The model stays in eval mode throughout PPO, so dropout never makes the update's log-probs
-    differ from the rollout's; but transformers only recomputes activations (gradient
-    checkpointing) in layers in training mode. So during the updates exactly the decoder layers,
-    not their dropout submodules, are flagged as training."""
+    """The model stays in eval mode throughout PPO; but transformers only recomputes activations
+    (gradient checkpointing) in layers in training mode. So during the updates exactly the decoder
+    layers are flagged as training. Some layers (OPT, BioGPT, XGLM, Falcon, ...) call
+    `F.dropout(..., training=self.training)` themselves: `disable_dropout` has set every dropout
+    probability to 0, so the update's log-probs still equal the rollout's."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in wrapper.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
@@ -444,6 +459,7 @@ def _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, r
     micro = args.per_device_train_batch_size
     sums: dict[str, list] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
                                              "value_clipfrac")}
+    first = None
     for _ in range(args.ppo_epochs):
         perm = torch.randperm(n)
         for m in range(args.num_mini_batches):
@@ -459,6 +475,11 @@ def _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, r
                                                 roll["responses"][idx].unsqueeze(-1)).squeeze(-1)
                     pg, pg_stats = core.policy_loss(new_logprobs, roll["logprobs"][idx], advantages[idx], mask,
                                                     args.cliprange)
+                    if first is None:  # no optimizer step yet on these rollouts
+                        with torch.no_grad():
+                            ratio = torch.exp((new_logprobs - roll["logprobs"][idx]) * mask)
+                            first = {"ratio_max_dev": ((ratio - 1).abs() * mask).max().item(),
+                                     "approx_kl": pg_stats["approx_kl"]}
                     vf, vf_stats = core.value_loss(values.float(), roll["values"][idx], returns[idx], mask,
                                                    args.cliprange_value)
                     loss = pg + args.vf_coef * vf
@@ -466,7 +487,8 @@ def _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, r
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                        scheduler.step()  # once per optimizer step, whatever the number of processes
                     optimizer.zero_grad()
                 with torch.no_grad():
                     sums["entropy"].append(core.masked_mean(entropy_from_logits(logits), mask).item())
@@ -474,7 +496,7 @@ def _ppo_updates(wrapper, accelerator, optimizer, scheduler, roll, advantages, r
                 sums["value_loss"].append(vf.item())
                 for k, v in {**pg_stats, **vf_stats}.items():
                     sums[k].append(v)
-    return {k: sum(v) / len(v) for k, v in sums.items() if v}
+    return {**{k: sum(v) / len(v) for k, v in sums.items() if v}, "first_microbatch": first}
 
 
 def _mean_across(accelerator, value: float) -> float:

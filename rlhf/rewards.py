@@ -61,6 +61,15 @@ class RewardModelScorer:
         self.model = PeftModel.from_pretrained(base, source.adapter_dir).to(device).eval()
         self.device = device
 
+    def score_answers(self, prompts: Sequence[str], answers: Sequence[str], finished: Sequence[bool]) -> list:
+        """Scores answers in the format the reward model was trained on: TRL's RewardTrainer
+        appends the EOS token to every (plain-text) prompt + answer, so a finished answer (it ended
+        with a stop token; `answers` are decoded without special tokens) is scored with EOS and a
+        truncated one without: the reward model can tell them apart, as in training. The score is
+        read on the last real token (TRL 0.11's convention for PPO)."""
+        eos = self.tokenizer.eos_token or ""
+        return self([p + a + (eos if done else "") for p, a, done in zip(prompts, answers, finished)])
+
     def __call__(self, texts: Sequence[str]) -> list:
         import torch
 

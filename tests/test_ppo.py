@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -345,3 +346,182 @@ def test_ppo_gradient_checkpointing_recomputes_layers_without_dropout(tiny_llama
     # Recomputing changes memory, not results.
     for key in ("score", "policy_loss", "value_loss", "approx_kl"):
         assert [e[key] for e in on.history] == pytest.approx([e[key] for e in off.history], rel=1e-4, abs=1e-6)
+
+
+# The policy ratio before the first update, on every architecture ------------------------------
+
+# Each with dropout 0.1 where its config has it: Llama in attention, GPT-2 in nn.Dropout modules,
+# GPT-NeoX in nn.Dropout modules, OPT in F.dropout calls of its decoder layers.
+ARCHITECTURES = {"llama": {"attention_dropout": 0.1}, "gpt2": {}, "gpt_neox": {}, "opt": {}}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from common.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: build_tiny_model(str(root / arch), arch, **overrides) for arch, overrides in ARCHITECTURES.items()}
+
+
+START = ["--reward_function", "triviaqa_f1", "--max_steps", "2", "--ppo_epochs", "1", "--response_length", "4",
+         "--per_device_train_batch_size", "4", "--max_train_samples", "8", "--learning_rate", "3e-3",
+         "--dataset_name", "triviaqa-sample", "--save_strategy", "no", "--report_to", "none"]
+
+
+@pytest.mark.parametrize("checkpointing", ["True", "False"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_ppo_ratio_is_one_before_the_first_update(arch, checkpointing, tiny_models, tmp_path):
+    """Before any optimizer step on a batch of rollouts the policy is the one that sampled them: the
+    ratio is 1 and approx-KL 0, with gradient checkpointing (layers in training mode) or not."""
+    from rlhf.ppo import train
+
+    result = train(["--model_id", tiny_models[arch], "--output_dir", tmp_path / "p", "--gradient_checkpointing",
+                    checkpointing, *START])
+    for entry in result.history:  # the first micro-batch of every step
+        assert entry["start_ratio_max_dev"] < 1e-5, (arch, entry)
+        assert entry["start_approx_kl"] < 1e-10, (arch, entry)
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_log_the_learning_rate_and_ratio_of_one_process(tiny_models, tmp_path):
+    """accelerate's prepared scheduler steps once per process; the schedule must not depend on the
+    number of processes. OPT with dropout 0.1 and gradient checkpointing on (the default): the
+    architecture where dropout could leak into the updates. (The other architectures are covered
+    with one process above; a two-process launch costs ~20 s, so one is run here.)"""
+    from rlhf.ppo import train
+    from tests.test_distributed import _launch, torchrun
+
+    argv = ["--model_id", tiny_models["opt"], "--reward_function", "triviaqa_f1", "--max_steps", "4", "--ppo_epochs",
+            "1", "--per_device_train_batch_size", "4", "--lr_scheduler_type", "linear", "--response_length", "4",
+            "--dataset_name", "triviaqa-sample", "--save_strategy", "no", "--report_to", "none"]
+    one = train([*argv, "--output_dir", tmp_path / "one"]).history
+    _launch(torchrun(), "ppo.py", [*argv, "--output_dir", tmp_path / "two"], tmp_path)
+    two = _ppo_history(tmp_path / "two")
+    expected = [1e-4 * (1 - k / 4) for k in range(1, 5)]  # linear decay over 4 optimizer steps
+    assert [e["learning_rate"] for e in one] == pytest.approx(expected)
+    assert [e["learning_rate"] for e in two] == pytest.approx(expected)
+    for history in (one, two):
+        assert history[0]["start_ratio_max_dev"] < 1e-5 and history[0]["start_approx_kl"] < 1e-10, history[0]
+
+
+# Rollouts follow the policy only -----------------------------------------------------------
+
+def _spy_on_sampling(monkeypatch) -> list:
+    """Records, for every generate() call, the largest difference between the sampler's log-prob of
+    each sampled token (after every logits processor generate() applied) and the policy's own
+    log-softmax(logits / temperature), up to the first EOS."""
+    from transformers import GenerationMixin
+
+    original, deviations = GenerationMixin.generate, []
+
+    def generate(self, *args, **kwargs):
+        kwargs.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
+        out = original(self, *args, **kwargs)
+        config = kwargs.get("generation_config")
+        temperature = kwargs.get("temperature") or (config.temperature if config is not None else 1.0)
+        eos = self.generation_config.eos_token_id if config is None else config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        new = out.sequences[:, -len(out.scores):]
+        worst = 0.0
+        for row in range(new.size(0)):
+            for t in range(new.size(1)):
+                token = new[row, t].item()
+                sampler = torch.log_softmax(out.scores[t][row].float(), -1)[token]
+                policy = torch.log_softmax(out.logits[t][row].float() / temperature, -1)[token]
+                worst = max(worst, abs((sampler - policy).item()))
+                if token in eos:
+                    break
+        deviations.append(worst)
+        return out.sequences
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    return deviations
+
+
+@pytest.fixture(scope="module")
+def model_with_decoding_preferences(tiny_llama, tmp_path_factory):
+    """tiny_llama with a generation_config.json as released chat models ship them."""
+    from transformers import GenerationConfig
+
+    folder = tmp_path_factory.mktemp("prefs") / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = GenerationConfig.from_pretrained(folder)
+    config.update(do_sample=True, temperature=0.6, repetition_penalty=1.3, top_k=5, top_p=0.5, min_p=0.2,
+                  no_repeat_ngram_size=1, typical_p=0.9)
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def test_ppo_rollouts_equal_the_policy_distribution_despite_generation_config(model_with_decoding_preferences,
+                                                                             tmp_path, monkeypatch):
+    from rlhf.ppo import train
+
+    deviations = _spy_on_sampling(monkeypatch)
+    train(["--model_id", model_with_decoding_preferences, "--output_dir", tmp_path / "p", *START])
+    assert len(deviations) == 2 and max(deviations) < 1e-4, deviations
+
+
+def test_grpo_samples_from_the_policy_distribution_despite_generation_config(model_with_decoding_preferences,
+                                                                            tmp_path, monkeypatch):
+    from rlhf.grpo import train
+
+    deviations = _spy_on_sampling(monkeypatch)
+    train(["--model_id", model_with_decoding_preferences, "--output_dir", tmp_path / "g", "--reward_function",
+           "triviaqa_f1", "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4",
+           "--max_completion_length", "4", "--dataset_name", "triviaqa-sample", "--max_train_samples", "8",
+           "--save_strategy", "no", "--report_to", "none"])
+    assert deviations and max(deviations) < 1e-4, deviations
+
+
+# The reward model sees the format it was trained on ------------------------------------------
+
+def test_ppo_reward_model_scores_equal_the_reward_model_on_its_training_format(sft_run, learnable_pairs,
+                                                                              tiny_llama, tmp_path, monkeypatch):
+    """TRL's RewardTrainer trains on prompt + answer + EOS. Reference: the reward model run by hand,
+    one text at a time, on that format: EOS after a finished answer, none after a truncated one."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf import ppo
+    from rlhf.rewards import RewardModelScorer
+
+    rm = tmp_path / "rm"
+    assert run_script("reward_model.py", ["--model_id", tiny_llama, "--dataset_name", learnable_pairs,
+                                          "--output_dir", rm, "--max_steps", "3", "--per_device_train_batch_size",
+                                          "16", "--save_strategy", "no", "--report_to", "none"]) == 0
+    rollouts, scored = [], []
+    rollout, call = ppo._rollout, RewardModelScorer.__call__
+
+    def spy_rollout(*args, **kwargs):
+        rollouts.append(rollout(*args, **kwargs))
+        return rollouts[-1]
+
+    def spy_call(self, texts):
+        scored.extend(call(self, texts))
+        return scored[-len(texts):]
+
+    monkeypatch.setattr(ppo, "_rollout", spy_rollout)
+    monkeypatch.setattr(RewardModelScorer, "__call__", spy_call)
+    # At temperature 0.7 the SFT model ends some of its 2-token answers with EOS, not all.
+    ppo.train(["--model_id", sft_run, "--output_dir", tmp_path / "p", "--reward_model", rm, "--max_steps", "2",
+               "--response_length", "2", "--temperature", "0.7", "--ppo_epochs", "1", *PPO])
+
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    tokenizer.pad_token = tokenizer.unk_token
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, rm).eval()
+    expected, finished = [], []
+    for roll in rollouts:
+        width = roll["full"].size(1) - roll["responses"].size(1)
+        for row in range(roll["full"].size(0)):
+            prompt_ids = roll["full"][row, :width][roll["attention"][row, :width].bool()]
+            answer_ids = roll["responses"][row][roll["mask"][row].bool()]
+            done = tokenizer.eos_token_id in answer_ids.tolist()
+            text = (tokenizer.decode(prompt_ids, skip_special_tokens=True)
+                    + tokenizer.decode(answer_ids, skip_special_tokens=True) + (tokenizer.eos_token if done else ""))
+            with torch.no_grad():
+                expected.append(model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item())
+            finished.append(done)
+    assert 0 < sum(finished) < len(finished), sum(finished)  # both kinds of answers were scored
+    assert scored == pytest.approx(expected, abs=1e-4)
