@@ -143,6 +143,39 @@ def build_peft_config(technique: str, args, model, tokenizer_path: str | None = 
     raise ValueError(f"unknown technique {technique!r}")
 
 
+# LoRA flags and their keys in adapter_config.json.
+_SAVED_LORA_SETTINGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_bias": "bias",
+                        "use_rslora": "use_rslora", "use_dora": "use_dora", "target_modules": "target_modules",
+                        "modules_to_save": "modules_to_save"}
+
+
+def _comparable(value):
+    if isinstance(value, str) and "," in value or isinstance(value, (list, tuple, set)):
+        items = value.split(",") if isinstance(value, str) else value
+        return sorted(str(m).strip() for m in items if str(m).strip())
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return [value] if isinstance(value, str) else value
+
+
+def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
+    """Flags given on the command line that a continued adapter's saved settings override, as
+    `--flag given (saved: value)`."""
+    out = []
+    for flag, key in _SAVED_LORA_SETTINGS.items():
+        if flag not in getattr(args, "explicit", ()) or key not in saved:
+            continue
+        given, kept = getattr(args, flag), saved[key]
+        if flag == "target_modules" and given == "all-linear":
+            continue  # PEFT saves all-linear resolved to module names: nothing to compare
+        if _comparable(given) != _comparable(kept):
+            shown = ",".join(sorted(kept)) if isinstance(kept, (list, tuple, set)) else kept
+            out.append(f"`--{flag} {given}` (saved: {shown})")
+    return out
+
+
 def attach_adapter(technique: str, args, model, source):
     """A new adapter, or the adapter of --model_id continued (runs chain)."""
     from peft import PeftModel, get_peft_model
@@ -159,6 +192,11 @@ def attach_adapter(technique: str, args, model, source):
                              f"the merged model, or start from the base model.")
         log.info("continuing training of the %s adapter in %s (its saved settings apply).", source.adapter_type,
                  source.adapter_dir)
+        overridden = overridden_by_saved_adapter(args, source.adapter_config or {})
+        if overridden:
+            log.warning("`--model_id` %s is a saved adapter, whose own settings apply: %s ignored; to change them, "
+                        "start a new adapter from the merged model (merge.py).", source.adapter_dir,
+                        ", ".join(overridden))
         return shardable(PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True))
     if technique in LORA_FAMILY and getattr(args, "dora_ephemeral_gpu_offload", False):
         import torch

@@ -105,6 +105,10 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
 
     set_seed(args.seed)  # the new adapter's initial weights follow --seed
     model = attach_adapter(technique, args, model, source)
+    if kind in ("dpo", "kto"):  # policy and reference agree at step 0: TRL's disable_dropout (on) covers
+        from rlhf.policy_model import disable_dropout  # nn.Dropout only, not OPT-style F.dropout layers
+
+        disable_dropout(model)
     trainable, total = count_parameters(model)
     log.info("%s (%s): %s trainable parameters of %s (%.4f%%)", title, technique, f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1))

@@ -114,3 +114,35 @@ def test_grpo_mean_reward_rises_with_a_learnable_reward(sft_run, tiny_llama, tmp
 def test_grpo_bad_flags(argv, match, capsys):
     assert run_script("grpo.py", ["--model_id", "m", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+# Policy and reference agree at step 0 --------------------------------------------------------
+
+def test_grpo_from_an_sft_adapter_starts_with_kl_exactly_0(sft_run, tmp_path, caplog):
+    """The SFT adapter saved lora_dropout 0.05, and TRL's GRPOConfig leaves dropout on: the policy
+    and the reference would see different masks. `--lora_dropout 0` cannot change a saved adapter;
+    the run says so in one line."""
+    from rlhf.grpo import train
+
+    out = tmp_path / "grpo"
+    assert json.loads((sft_run / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    train(["--model_id", sft_run, "--output_dir", out, "--dataset_name", "triviaqa-sample", "--reward_function",
+           "triviaqa_f1", "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
+           "--max_completion_length", "4", "--beta", "0.04", "--lora_dropout", "0", "--logging_steps", "1",
+           "--save_strategy", "no", "--report_to", "none"])
+    first = next(e for e in _history(out) if "kl" in e)
+    assert first["kl"] == 0.0, first
+    lines = [r.getMessage() for r in caplog.records if "`--lora_dropout 0" in r.getMessage()]
+    assert len(lines) == 1 and "(saved: 0.05)" in lines[0], lines
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_dpo_and_kto_from_an_sft_adapter_start_with_policy_equal_to_reference(kind, sft_run, tmp_path):
+    from rlhf.run import train
+
+    out = tmp_path / kind
+    train(kind, ["--model_id", sft_run, "--output_dir", out, "--max_steps", "1", *FAST[:-6], "--logging_steps", "1",
+                 "--save_strategy", "no", "--report_to", "none"])
+    first = next(e for e in _history(out) if "rewards/chosen" in e)
+    keys = ["rewards/chosen", "rewards/rejected"] + (["kl"] if kind == "kto" else [])
+    assert [first[k] for k in keys] == [0.0] * len(keys), first
