@@ -353,6 +353,19 @@ def prepare_kbit_training(model, gradient_checkpointing: bool):
     return model
 
 
+def keep_float32_trainables(model, precision: Precision) -> None:
+    """TRL's trainers cast a quantized model's trainable parameters to bf16 (the QLoRA paper's advice).
+    Without bf16 training (CPU, T4) keep them in float32: a bf16 reward head cannot multiply the float32
+    hidden states, and small updates to bf16 adapters round away. Call after the trainer is built."""
+    if not is_quantized(model) or precision.mode == "bf16":
+        return
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def shardable(model):
     """Under FSDP, a 4-bit model with its adapter attached: every parameter in the 4-bit storage dtype
     (PEFT creates adapters in float32 or the compute dtype). FSDP keeps float32 copies of the trainable

@@ -40,7 +40,7 @@ def _flatten(ds, fmt, tokenizer):
         return ds
     from common.chat import render
 
-    def render(batch):
+    def flatten(batch):
         out = {"prompt": [], "chosen": [], "rejected": []}
         for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
             prompt = render(tokenizer, p, add_generation_prompt=True)  # plain text without a chat template
@@ -49,7 +49,7 @@ def _flatten(ds, fmt, tokenizer):
             out["rejected"].append(r[-1]["content"])
         return out
 
-    return ds.map(render, batched=True, desc="Rendering chat")
+    return ds.map(flatten, batched=True, desc="Rendering chat")
 
 
 def _split_then_pair(src, fmt, args):
@@ -126,8 +126,8 @@ def run_reward_model(args: ParsedArgs) -> dict:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
 
-    from common.model import (count_parameters, get_quantization_config, load_tokenizer, select_precision,
-                              shardable, _device_map, _hub_error)
+    from common.model import (count_parameters, get_quantization_config, keep_float32_trainables, load_tokenizer,
+                              select_precision, shardable, _device_map, _hub_error)
     from common.peft_config import resolve_target_modules
 
     precision = select_precision(args)
@@ -174,6 +174,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
                                                           dataset_num_proc=args.dataset_num_proc),
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                             callbacks=[tr.nan_guard_callback()])
+    keep_float32_trainables(trainer.model, precision)  # TRL's bf16 score head fails on float32 hidden states
     metrics, wall = tr.train_guarded(trainer, args, out)
     metrics.update(trainer.evaluate())
     extra = {"model": {"base": source.base, "precision": precision.mode, "quantized": quant is not None},

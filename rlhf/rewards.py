@@ -31,6 +31,26 @@ def get_reward_function(name: str) -> RewardFn:
     return REWARD_FUNCTIONS[name]
 
 
+def _trained_quantization(source, device):
+    """The BitsAndBytesConfig the reward model's run loaded its base with (run_config.json), or None."""
+    from types import SimpleNamespace
+
+    from common.model import Precision, get_quantization_config, saved_run_config
+
+    trained = saved_run_config(source)
+    flags = trained.get("flags", {})
+    if not (flags.get("load_in_4bit") or flags.get("load_in_8bit")):
+        return None
+    mode = trained.get("model", {}).get("precision", "fp32")
+    # bf16 on a CPU was autocast over float32 weights; the 4-bit matmuls then ran in float32.
+    precision = Precision(mode if str(device).startswith("cuda") else "fp32")
+    return get_quantization_config(SimpleNamespace(
+        load_in_4bit=bool(flags.get("load_in_4bit")), load_in_8bit=bool(flags.get("load_in_8bit")),
+        bnb_4bit_quant_type=flags.get("bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(flags.get("bnb_4bit_use_double_quant", True)),
+        bnb_4bit_compute_dtype=flags.get("bnb_4bit_compute_dtype", "auto")), precision)
+
+
 class RewardModelScorer:
     """Scores prompt + response texts with a reward model dir from reward_model.py."""
 
@@ -55,10 +75,15 @@ class RewardModelScorer:
         from common.model import ensure_pad_token
 
         ensure_pad_token(self.tokenizer)
+        # The base is loaded as the reward model was trained (4-bit stays 4-bit): its adapter and head
+        # learned on those weights, and score differently on others.
+        quant = _trained_quantization(source, device)
         base = AutoModelForSequenceClassification.from_pretrained(
-            source.base, num_labels=1, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
+            source.base, num_labels=1, trust_remote_code=args.trust_remote_code, dtype=torch.float32,
+            quantization_config=quant, device_map={"": str(device)} if quant is not None else None)
         base.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = PeftModel.from_pretrained(base, source.adapter_dir).to(device).eval()
+        model = PeftModel.from_pretrained(base, source.adapter_dir)
+        self.model = (model if quant is not None else model.to(device)).eval()
         self.device = device
 
     def score_answers(self, prompts: Sequence[str], answers: Sequence[str], finished: Sequence[bool]) -> list:

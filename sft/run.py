@@ -148,7 +148,8 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
              f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
 
     # Model & tokenizer
-    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
+                              select_precision)
     from common.peft_config import attach_adapter
 
     precision = select_precision(args)
@@ -203,11 +204,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     from common import loss
 
     loss.install(trainer)  # the LM head and cross-entropy only at labelled positions
-    if is_quantized(model) and precision.mode != "bf16":
-        # TRL stores QLoRA adapters in bf16; without bf16 training (T4, CPU) keep them in fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad and param.dtype != __import__("torch").float32:
-                param.data = param.data.float()
+    keep_float32_trainables(trainer.model, precision)  # TRL stores QLoRA adapters in bf16
     metrics, wall = tr.train_guarded(trainer, args, out, technique)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set

@@ -144,3 +144,38 @@ def test_chat_sft_then_dpo_uses_the_sft_model_as_reference(tiny_chat_llama, tmp_
         reference = policy(**batch).logits
     with torch.no_grad():
         torch.testing.assert_close(reference, sft_model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("shape", ["pref_explicit", "pref_implicit_messages"])
+def test_reward_model_message_pairs_are_chat_template_text(shape, tiny_chat_llama, tmp_path, monkeypatch):
+    """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.chat.render) scores
+    the prompt as the tokenizer's own chat template writes it, then the last assistant turn."""
+    import trl
+    from transformers import AutoTokenizer
+
+    seen = {}
+
+    class Recorder:  # stands in for TRL's RewardTrainer: records the pairs it would be given
+        def __init__(self, *args, train_dataset=None, eval_dataset=None, **kwargs):
+            seen["pairs"] = [*train_dataset, *eval_dataset]
+            raise _Captured
+
+    monkeypatch.setattr(trl, "RewardTrainer", Recorder)
+    from rlhf import reward
+
+    with pytest.raises(_Captured):
+        reward.main(["--model_id", tiny_chat_llama, "--dataset_name", f"{FORMATS}/{shape}.jsonl",
+                     "--output_dir", tmp_path / "rm", "--report_to", "none"])
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    expected = set()
+    for row in _rows(shape):
+        if row["chosen"] == row["rejected"]:
+            continue
+        prompt = row.get("prompt", row["chosen"][:-1])
+        expected.add((tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                      row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
+    assert {(p["prompt"], p["chosen"], p["rejected"]) for p in seen["pairs"]} == expected

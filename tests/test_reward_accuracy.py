@@ -78,3 +78,49 @@ def test_training_pairs_never_reject_with_a_heldout_answer(tiny_llama, tmp_path,
     borrowed = heldout_answers & {r.strip() for r in train["rejected"]}
     assert not borrowed, f"training pairs reject with held-out answers: {sorted(borrowed)}"
     assert {r.strip() for r in train["rejected"]} <= train_answers
+
+
+def test_4bit_reward_model_scores_equal_hand_loaded_4bit_base_adapter_and_head(tiny_llama, tmp_path):
+    """A 4-bit reward model trains on the CPU (TRL's bf16 score head used to meet float32 hidden
+    states); its reported accuracy, and the scores ppo.py/grpo.py get from RewardModelScorer, are those
+    of the saved adapter and head on a 4-bit base loaded here by hand."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    from rlhf.rewards import RewardModelScorer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", _pairs(16, 0))
+    heldout = _pairs(7, 100)
+    write_jsonl(data / "validation.jsonl", heldout)
+    out = tmp_path / "rm"
+    assert run_script("reward_model.py", ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", out,
+                                          "--load_in_4bit", "True", "--max_steps", "3",
+                                          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3",
+                                          "--learning_rate", "1e-3", "--report_to", "none",
+                                          "--save_strategy", "no"]) == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model"]["quantized"] is True
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.float32,
+                                                              quantization_config=quant, device_map={"": "cpu"})
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, out).eval()
+
+    def score(text):
+        with torch.no_grad():
+            return model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+
+    eos = tokenizer.eos_token
+    wins = sum(score(p["prompt"] + p["chosen"] + eos) > score(p["prompt"] + p["rejected"] + eos) for p in heldout)
+    assert config["summary"]["heldout_accuracy"] == pytest.approx(wins / len(heldout), abs=1e-9)
+
+    scorer = RewardModelScorer(str(out), tokenizer, SimpleNamespace(trust_remote_code=False), "cpu")
+    texts = [p["prompt"] + p[side] for p in heldout for side in ("chosen", "rejected")]
+    assert scorer(texts) == pytest.approx([score(t) for t in texts], abs=1e-4)
