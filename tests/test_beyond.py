@@ -39,8 +39,32 @@ def _reloads(out, tiny_llama, trained_model):
         torch.testing.assert_close(reloaded(**batch).logits, trained_model(**batch).logits, atol=1e-4, rtol=1e-4)
 
 
-# KTO at 1e-2 overshoots (its margins turn negative on some CPUs); at 3e-3 the reward margin rose by
-# 0.8-1.2 and the loss fell by 0.08-0.09 over 30 steps on two seeds, far from the asserted bounds.
+def _kto_implied_margin(trainer, sft_run, tiny_llama) -> float:
+    """Mean log-ratio policy/reference of the desirable completions minus that of the undesirable ones,
+    over every training example, with the SFT model loaded on its own as the reference (0 before
+    training, since KTO starts from that model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), sft_run).eval()
+    policy = trainer.model.eval()
+    ratios = {True: [], False: []}
+
+    def logp(model, prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).sum().item()
+
+    with torch.no_grad():
+        for row in trainer.train_dataset:
+            p, c = row["prompt_ids"], row["completion_ids"]
+            ratios[bool(row["label"])].append(logp(policy, p, c) - logp(ref, p, c))
+    return _mean(ratios[True]) - _mean(ratios[False])
+
+
+# KTO's logged loss and margins swing with each batch's mix of examples (on the default seed they
+# did not rise on some CPUs), so KTO is judged on all its examples at once: the implied margin was
+# 0.81-2.36 after 30 steps on seeds 0, 1 and 42 (1 and 2 threads), against 0.3 asserted.
 @pytest.mark.parametrize("kind,flags", [("kto", ["--learning_rate", "3e-3", "--beta", "0.5"]),
                                         ("simpo", ["--learning_rate", "5e-3"])])
 def test_kto_and_simpo_losses_fall_and_adapters_reload(kind, flags, sft_run, tiny_llama, tmp_path):
@@ -48,12 +72,11 @@ def test_kto_and_simpo_losses_fall_and_adapters_reload(kind, flags, sft_run, tin
 
     out = tmp_path / kind
     result = train(kind, ["--model_id", sft_run, "--output_dir", out, "--max_steps", "30", *FAST, *flags])
-    logs = [e for e in _history(out) if "loss" in e]
-    losses = [e["loss"] for e in logs]
-    assert _mean(losses[-2:]) < _mean(losses[:2]) - 0.02, losses
     if kind == "kto":  # the policy moves towards desirable and away from undesirable answers
-        margins = [e["rewards/margins"] for e in logs]
-        assert _mean(margins[-2:]) > _mean(margins[:2]) + 0.3, margins
+        assert _kto_implied_margin(result.trainer, sft_run, tiny_llama) > 0.3
+    else:
+        losses = [e["loss"] for e in _history(out) if "loss" in e]
+        assert _mean(losses[-2:]) < _mean(losses[:2]) - 0.02, losses
     assert json.loads((out / "run_config.json").read_text())["model"]["start_adapter"] == str(sft_run)
     assert not (out / "ref").exists()
     _reloads(out, tiny_llama, result.trainer.model)
