@@ -28,9 +28,21 @@ def _number(value: Any) -> Optional[float]:
 
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, training loss) as logged in trainer_state.json."""
+    """(step, training loss) as logged in trainer_state.json. PPO logs its two terms, the mean
+    policy and value losses of the step's updates; the loss it minimised is their sum with the
+    value term weighted by --vf_coef (a mean of sums is the sum of the means)."""
     history = _json(run_dir / "trainer_state.json").get("log_history") or []
-    return [(e["step"], e["loss"]) for e in history if _number(e.get("loss")) is not None and "step" in e]
+    vf_coef = _number((_json(run_dir / "run_config.json").get("flags") or {}).get("vf_coef"))
+    curve = []
+    for e in history:
+        if "step" not in e:
+            continue
+        if _number(e.get("loss")) is not None:
+            curve.append((e["step"], e["loss"]))
+        elif vf_coef is not None and _number(e.get("policy_loss")) is not None \
+                and _number(e.get("value_loss")) is not None:
+            curve.append((e["step"], e["policy_loss"] + vf_coef * e["value_loss"]))
+    return curve
 
 
 def weights_bytes(run_dir: Path) -> Optional[int]:
@@ -53,16 +65,32 @@ def _peak_memory(summary: dict) -> tuple[Optional[float], Optional[str]]:
     return gib, kind
 
 
-def score_scale(results: dict) -> Optional[str]:
-    """What scale eval_results.json reports EM/F1 in: what the file says, else read from the values."""
-    for key in ("scale", "unit", "units"):
-        if isinstance(results.get(key), str):
-            return results[key]
-    values = [_number(results.get(k)) for k in ("exact_match", "f1")]
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return "percent" if max(values) > 1 else "fraction (0-1)"
+def scores(results: dict, prefix: str = "") -> dict[str, Any]:
+    """EM/F1 of one eval_results.json, each scale from its own key: `exact_match` and `f1` are
+    fractions (0-1), `exact_match_percent` and `f1_percent` percentages (common.evaluation.summarize
+    writes both). A file from before the percent keys holds the fractions only: their percentages
+    are 100 x the fraction, as summarize computes them."""
+    out = {}
+    for key in ("exact_match", "f1"):
+        fraction, percent = _number(results.get(key)), _number(results.get(key + "_percent"))
+        if percent is None and fraction is not None:
+            percent = 100.0 * fraction
+        out[prefix + key] = fraction
+        out[prefix + key + "_percent"] = percent
+    return out
+
+
+def _tokens(summary: dict, state: dict) -> tuple[Optional[int], Optional[float]]:
+    """(tokens trained, tokens/s). The run's own count; else the Trainer's `num_input_tokens_seen`
+    (GRPO counts its prompt and completion tokens there, not where the summary reads); None where
+    neither counted (ORPO and SimPO's trainers do not; PPO counts rollouts)."""
+    runtime = _number(summary.get("runtime_s"))
+    if summary.get("tokens_trained"):
+        return summary["tokens_trained"], _number(summary.get("tokens_per_s"))
+    seen = _number(state.get("num_input_tokens_seen"))
+    if seen:
+        return int(seen), (round(seen / runtime, 1) if runtime else None)
+    return None, None
 
 
 def collect(run_dir: str | Path, technique: Optional[str] = None, status: str = "finished",
@@ -81,6 +109,7 @@ def collect(run_dir: str | Path, technique: Optional[str] = None, status: str = 
     curve = loss_curve(run)
     eval_losses = [e["eval_loss"] for e in state.get("log_history") or [] if _number(e.get("eval_loss")) is not None]
     gib, kind = _peak_memory(summary)
+    tokens, tokens_per_s = _tokens(summary, state)
     return {
         "technique": technique or config.get("technique") or run.name,
         "output_dir": str(run),
@@ -95,19 +124,17 @@ def collect(run_dir: str | Path, technique: Optional[str] = None, status: str = 
         "steps": _number(state.get("global_step")) if state else _number(summary.get("steps")),
         "train_runtime": _number(results.get("train_runtime")) if "train_runtime" in results
         else _number(summary.get("runtime_s")),
-        "train_tokens_per_s": _number(summary.get("tokens_per_s")) if summary.get("tokens_trained") else None,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens_per_s,
         "peak_memory_gib": gib,
         "peak_memory_kind": kind,
         "final_train_loss": curve[-1][1] if curve else None,
         "eval_loss": _number(results.get("eval_loss")) if "eval_loss" in results
         else (eval_losses[-1] if eval_losses else None),
-        "exact_match": heldout.get("exact_match"),
-        "f1": heldout.get("f1"),
+        **scores(heldout),
         "eval_split": heldout.get("split"),
         "eval_n": heldout.get("n"),
-        "score_scale": score_scale(heldout),
-        "train_exact_match": train_sample.get("exact_match"),
-        "train_f1": train_sample.get("f1"),
+        **scores(train_sample, "train_"),
         "train_eval_n": train_sample.get("n"),
         "adapter_bytes": weights_bytes(run) if config else None,
         "eval_error": None,
@@ -177,8 +204,8 @@ def _cell(row: dict, key: str) -> str:
         return f"{value:,.1f}"
     if key == "peak_memory_gib":
         return f"{value:.2f}"
-    if key in ("exact_match", "f1", "train_exact_match"):
-        return f"{value:.2f}" if value > 1 else f"{value:.3f}"
+    if key in ("exact_match", "f1", "train_exact_match"):  # fractions (0-1), the keys' scale
+        return f"{value:.3f}"
     return f"{value:.4f}"
 
 
@@ -203,7 +230,6 @@ def title_of(rows: list[dict]) -> str:
 def markdown(rows: list[dict], machine_line: str) -> str:
     best = best_values(rows)
     kinds = sorted({r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")})
-    scales = sorted({r["score_scale"] for r in rows if r.get("score_scale")})
     headers = ["technique"] + [h for h, _, _ in COLUMNS] + ["status"]
     lines = [f"# Technique comparison: {title_of(rows)}", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -230,9 +256,11 @@ def markdown(rows: list[dict], machine_line: str) -> str:
         f"Held-out EM/F1: evaluate.py's scorer on {split or 'the held-out split'} "
         f"({', '.join(map(str, n_eval)) or 'n/a'} questions); train EM: the first "
         f"{', '.join(map(str, n_train)) or 'n/a'} training questions (memorisation, against held-out "
-        f"generalisation). Scores as in each run's eval_results.json, scale: {' / '.join(scales) or 'n/a'}.",
+        f"generalisation). EM and F1 are fractions (0-1), `exact_match` and `f1` of each run's eval_results.json "
+        f"(comparison.json also gives `exact_match_percent` and `f1_percent`).",
         "Losses are each technique's own training objective: compare them between SFT techniques, not "
-        "between SFT and preference or RL runs. n/a: the run did not record that figure.",
+        "between SFT and preference or RL runs (PPO's: its policy loss plus `--vf_coef` x its value loss). Held-out "
+        "loss: SFT and preference runs, on the held-out split. n/a: the run did not record that figure.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -282,7 +310,6 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     save(fig, "loss.png")
 
     # Held-out EM / F1 and train EM
-    scale = next((r["score_scale"] for r in rows if r.get("score_scale")), "score")
     series = [("held-out EM", "exact_match"), ("held-out F1", "f1"), ("train EM", "train_exact_match")]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 3), 4.2), dpi=110)
     width = 0.8 / len(series)
@@ -296,8 +323,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
     ax.set_xlabel("technique")
     top = max([_number(r.get(k)) or 0 for r in rows for _, k in series] + [0])
-    ax.set_ylim(0, max(top, 100 if scale == "percent" else 1) * 1.08)
-    ax.set_ylabel(f"TriviaQA exact match / F1 ({scale})")
+    ax.set_ylim(0, max(top, 1) * 1.08)
+    ax.set_ylabel("TriviaQA exact match / F1 (0-1)")
     ax.set_title(f"Exact match: {title}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from common.args import FlagParser, ParsedArgs, UsageError, _f, format_flags
 from comparison import report
-from comparison.techniques import ALL, SFT, Runner, runner
+from comparison.techniques import ALL, PREFERENCE, SFT, Runner, runner
 
 log = logging.getLogger("finetune")
 
@@ -44,14 +44,19 @@ class CompareArguments:
 
 
 def make_parser() -> FlagParser:
-    return FlagParser([CompareArguments], prog="compare.py",
-                      description="Train several fine-tuning techniques on the same model, data, budget and seed, "
-                                  "score each with evaluate.py's scorer, and compare them in one table "
-                                  "(comparison.md, comparison.json) and plots. Every other flag of the training "
-                                  "scripts (`--model_id`, `--dataset_name`, `--max_steps`, `--seed`, ...) is passed "
-                                  "to each technique that takes it; `--TECHNIQUE.flag value` (e.g. "
-                                  "`--prompt_tuning.learning_rate 1e-2`) sets it for one technique; `--config` "
-                                  "goes to every run.")
+    parser = FlagParser([CompareArguments], prog="compare.py",
+                        description="Train several fine-tuning techniques on the same model, data, budget and seed, "
+                                    "score each with evaluate.py's scorer, and compare them in one table "
+                                    "(comparison.md, comparison.json) and plots. Every other flag of the training "
+                                    "scripts (`--model_id`, `--dataset_name`, `--max_steps`, `--seed`, ...) is passed "
+                                    "to each technique that takes it; `--TECHNIQUE.flag value` (e.g. "
+                                    "`--prompt_tuning.learning_rate 1e-2`) sets it for one technique; `--config` "
+                                    "goes to every run.")
+    # compare.py does not read --config itself: the file goes to every technique's script.
+    config = next(a for a in parser.parser._actions if "--config" in a.option_strings)
+    config.help = ("YAML file of training flags (flag: value), given to every run: each technique's script reads "
+                   "it, and the command line wins. compare.py's own flags (below) go on the command line.")
+    return parser
 
 
 # Command line -----------------------------------------------------------------------------------
@@ -202,9 +207,7 @@ def train_and_compare(plan: Plan, prefix: list[str], out: Path) -> list[dict]:
     jobs = []
     quiet = log.level
     for run in runners:
-        argv = technique_argv(run, plan, out)
-        if run.name in SFT:  # held-out loss, where the held-out split is known to exist
-            argv = _with_heldout_loss(argv, run)
+        argv = run_argv(run, plan, out)
         log.setLevel(logging.ERROR)  # the script says its own warnings when it runs
         try:
             args = run.parse(argv)
@@ -243,10 +246,18 @@ def train_and_compare(plan: Plan, prefix: list[str], out: Path) -> list[dict]:
     return rows
 
 
+def run_argv(run: Runner, plan: Plan, out: Path) -> list[str]:
+    """The command line compare.py runs a technique's script with."""
+    return _with_heldout_loss(technique_argv(run, plan, out), run)
+
+
 def _with_heldout_loss(argv: list[str], run: Runner) -> list[str]:
-    """SFT runs also report their loss on the held-out split, unless told otherwise. Only where
-    that split surely exists (given explicitly, or TriviaQA's validation): a comparison must not
-    fail because a local dataset has no `validation`."""
+    """SFT and preference runs also report their loss on the held-out split (a preference run's on
+    held-out pairs), unless told otherwise; PPO and GRPO have no held-out loss. Only where that split
+    surely exists (given explicitly, or TriviaQA's validation): a comparison must not fail because a
+    local dataset has no `validation`."""
+    if run.name not in SFT + PREFERENCE:
+        return argv
     flags = {run.make_parser().names.get(t[2:].split("=", 1)[0]) for t in argv if t.startswith("--")}
     if "eval_strategy" in flags or "config" in flags:
         return argv
@@ -336,8 +347,8 @@ def score(row: dict, plan: Plan, prefix: list[str], flags: dict, extra: list[str
             row["eval_error"] = reason
             log.error("%s: scoring failed: %s", row["technique"], reason)
     fresh = report.collect(run_dir, row["technique"], row["status"], row["reason"])
-    for key in ("exact_match", "f1", "eval_split", "eval_n", "score_scale", "train_exact_match", "train_f1",
-                "train_eval_n"):
+    for key in ("exact_match", "f1", "exact_match_percent", "f1_percent", "eval_split", "eval_n", "train_exact_match",
+                "train_f1", "train_exact_match_percent", "train_f1_percent", "train_eval_n"):
         row[key] = fresh[key]
 
 
@@ -360,10 +371,13 @@ def write_outputs(rows: list[dict], out: Path) -> int:
     print("\n" + table + "\nwritten to " + str(out.resolve()) + ": comparison.md, comparison.json"
           + (", plots/ (" + ", ".join(p.name for p in plots) + ")" if plots else "")
           + "\neach run's own files: " + ", ".join(f"{r['technique']} {r['output_dir']}" for r in rows), flush=True)
+    unscored = [r for r in rows if r.get("eval_error")]
     if failed:
         log.error("%d of %d techniques failed: %s.", len(failed), len(rows), ", ".join(r["technique"] for r in failed))
-        return 1
-    return 0
+    if unscored:  # the table lacks their scores: not a finished comparison
+        log.error("scoring failed for %s (the reason is in the table and in each run's compare.log).",
+                  ", ".join(r["technique"] for r in unscored))
+    return 1 if failed or unscored else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -149,6 +149,102 @@ def test_changed_settings_refuse_to_reuse_a_finished_run(compared, tiny_llama, c
     assert "finished lora run made with other `--max_steps`" in err and "--lora.overwrite_output_dir" in err
 
 
+# Preference and RL techniques from one SFT start --------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_start(tiny_llama, tmp_path_factory):
+    """One SFT LoRA run that every preference and RL comparison of this module starts from."""
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_steps", "2",
+                                  "--save_strategy", "no", "--report_to", "none", "--output_dir", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared_from_sft(sft_start, tmp_path_factory):
+    """`--techniques dpo,orpo,ppo,grpo --reward_function triviaqa_f1 --model_id outputs/sft`: the
+    reward flag goes to PPO and GRPO only (the test of technique_argv covers the routing)."""
+    out = tmp_path_factory.mktemp("compare-sft") / "out"
+    code = run_script("compare.py", ["--techniques", "dpo,orpo,ppo,grpo", "--reward_function", "triviaqa_f1",
+                                     "--model_id", sft_start, *FAST, "--output_dir", out])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_preference_and_rl_comparison_from_sft_start_equals_each_runs_own_files(compared_from_sft, sft_start):
+    out = compared_from_sft
+    rows = _rows(out)
+    assert list(rows) == ["dpo", "orpo", "ppo", "grpo"]
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {t} |" in table for t in rows)
+    assert all((out / "plots" / name).stat().st_size > 1000 for name in ("loss.png", "exact_match.png", "cost.png"))
+    for technique, row in rows.items():
+        run = out / technique
+        config = _json(run / "run_config.json")
+        assert row["status"] == "trained" and row["steps"] == 2, (technique, row)
+        assert config["model"]["start_adapter"] == str(sft_start)  # trained from the SFT run, not the base
+        scores = _json(run / "eval-heldout" / "eval_results.json")
+        assert (row["exact_match"], row["f1"]) == (scores["exact_match"], scores["f1"])
+        assert (row["exact_match_percent"], row["f1_percent"]) == (scores["exact_match_percent"],
+                                                                   scores["f1_percent"])
+        assert row["eval_n"] == scores["n"] == 4
+        assert row["train_exact_match"] == _json(run / "eval-train" / "eval_results.json")["exact_match"]
+        assert row["trainable_params"] == config["parameters"]["trainable"]
+        assert row["peak_memory_gib"] == config["summary"]["peak_memory_gib"]
+        if technique == "ppo":  # ppo.py writes no all_results.json; its summary has the time
+            assert row["train_runtime"] == config["summary"]["runtime_s"]
+        else:
+            assert row["train_runtime"] == _json(run / "all_results.json")["train_runtime"]
+        assert row["adapter_bytes"] == (run / "adapter_model.safetensors").stat().st_size
+        history = _json(run / "trainer_state.json")["log_history"]
+        if technique == "ppo":  # the loss ppo.py minimises: policy loss + vf_coef x value loss
+            last = [e for e in history if "policy_loss" in e][-1]
+            assert row["final_train_loss"] == last["policy_loss"] + config["flags"]["vf_coef"] * last["value_loss"]
+        else:
+            assert row["final_train_loss"] == [e["loss"] for e in history if "loss" in e][-1]
+    # Held-out loss: DPO's and ORPO's objective on the held-out pairs, as each run wrote it.
+    for technique in ("dpo", "orpo"):
+        assert rows[technique]["eval_loss"] == _json(out / technique / "all_results.json")["eval_loss"]
+    # PPO and GRPO have no held-out loss; nothing made one up.
+    assert rows["ppo"]["eval_loss"] is None and rows["grpo"]["eval_loss"] is None
+    # Tokens: DPO counts its own; GRPO counts them in the Trainer's state; ORPO and PPO count none.
+    dpo, grpo = (_json(out / t / "run_config.json")["summary"] for t in ("dpo", "grpo"))
+    assert rows["dpo"]["train_tokens_per_s"] == dpo["tokens_per_s"]
+    seen = _json(out / "grpo" / "trainer_state.json")["num_input_tokens_seen"]
+    assert seen > 0 and rows["grpo"]["train_tokens"] == seen
+    assert rows["grpo"]["train_tokens_per_s"] == round(seen / grpo["runtime_s"], 1)
+    assert rows["orpo"]["train_tokens_per_s"] is None and rows["ppo"]["train_tokens_per_s"] is None
+
+
+@pytest.mark.slow
+def test_each_run_under_torchrun_uses_two_processes(tiny_llama, tmp_path):
+    """`torchrun --nproc_per_node 2 compare.py ...`: the run and its scoring are each started with
+    torchrun on two processes. The reference for "two processes" is the epoch reached after 2 steps
+    of 4 examples per process: 2 / ceil(300 / (4 x 2)) of the bundled 300 training rows, where one
+    process would reach 2 / 75. (One technique keeps it short; each one is started the same way.)"""
+    import math
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.test_distributed import torchrun
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([*torchrun(), "compare.py", "--techniques", "lora", "--model_id", tiny_llama, *FAST,
+                           "--train_eval_samples", "0", "--per_device_train_batch_size", "4", "--output_dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = _json(out / "lora" / "trainer_state.json")
+    assert state["global_step"] == 2
+    assert state["epoch"] == pytest.approx(2 / math.ceil(300 / (4 * 2)))
+    commands = [line for line in (out / "lora" / "compare.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2  # training, then scoring
+    assert all("torch.distributed.run --standalone --nproc_per_node=2" in c for c in commands)
+    assert _rows(out)["lora"]["exact_match"] == _json(out / "lora" / "eval-heldout/eval_results.json")["exact_match"]
+    assert done.stdout.count("# Technique comparison") == 1  # one table, from the main process
+
+
 # Flags, launching and the table, without training --------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -234,3 +330,84 @@ def test_best_value_of_each_column_is_marked():
     assert line_a[col["held-out loss"]] == "2.0000" and line_b[col["held-out loss"]] == "n/a"  # one value: unranked
     assert line_a[col["steps"]] == line_b[col["steps"]] == "5"  # the budget is not ranked
     assert "test machine" in table
+
+
+def _fake_run(path, summary=None, state=None, flags=None, heldout=None):
+    path.mkdir(parents=True)
+    (path / "run_config.json").write_text(json.dumps({"technique": path.name, "flags": flags or {},
+                                                      "summary": summary or {}}))
+    (path / "trainer_state.json").write_text(json.dumps(state or {"global_step": 1, "log_history": []}))
+    if heldout is not None:
+        (path / "eval-heldout").mkdir()
+        (path / "eval-heldout" / "eval_results.json").write_text(json.dumps(heldout))
+    return path
+
+
+def test_scores_take_their_scale_from_the_keys_of_eval_results(tmp_path):
+    """evaluate.py writes `exact_match`/`f1` as fractions and `*_percent` as percentages
+    (common.evaluation.summarize); nothing is inferred from the size of a value."""
+    from comparison.report import collect, markdown
+
+    now = _fake_run(tmp_path / "now", heldout={"n": 4, "exact_match": 0.25, "f1": 0.5, "exact_match_percent": 25.0,
+                                               "f1_percent": 50.0})
+    before = _fake_run(tmp_path / "before", heldout={"n": 4, "exact_match": 0.75, "f1": 1.0})  # no percent keys
+    rows = [collect(now), collect(before)]
+    assert [(r["exact_match"], r["f1"], r["exact_match_percent"], r["f1_percent"]) for r in rows] == [
+        (0.25, 0.5, 25.0, 50.0), (0.75, 1.0, 75.0, 100.0)]
+    table = markdown(rows, "m")
+    assert "| now |" in table and "0.250 | 0.500" in table and "**0.750** | **1.000**" in table
+    assert "EM and F1 are fractions (0-1)" in table
+
+
+def test_ppo_loss_and_trainer_state_tokens_are_read_from_the_runs_files(tmp_path):
+    """PPO's loss is ppo.py's `pg + vf_coef * vf` (its logged terms are means over the same updates);
+    GRPO's tokens are the Trainer's `num_input_tokens_seen` when the summary has none."""
+    from comparison.report import collect
+
+    ppo = _fake_run(tmp_path / "ppo", flags={"vf_coef": 0.1}, summary={"runtime_s": 2.0},
+                    state={"global_step": 2, "log_history": [{"step": 1, "policy_loss": -0.5, "value_loss": 2.0},
+                                                            {"step": 2, "policy_loss": 0.25, "value_loss": 1.5}]})
+    grpo = _fake_run(tmp_path / "grpo", summary={"runtime_s": 0.5, "tokens_trained": None, "tokens_per_s": None},
+                     state={"global_step": 2, "num_input_tokens_seen": 588,
+                            "log_history": [{"step": 2, "loss": 0.125}]})
+    row = collect(ppo)
+    assert row["final_train_loss"] == 0.25 + 0.1 * 1.5
+    assert row["train_tokens_per_s"] is None  # PPO counts rollouts, not tokens
+    row = collect(grpo)
+    assert (row["train_tokens"], row["train_tokens_per_s"], row["final_train_loss"]) == (588, 1176.0, 0.125)
+
+
+def test_preference_runs_report_their_held_out_loss_where_the_split_exists(tmp_path):
+    from comparison.run import parse, run_argv
+    from comparison.techniques import runner
+
+    def argv(technique, dataset):
+        plan = parse(["--techniques", technique, "--model_id", "m", "--dataset_name", dataset])
+        return run_argv(runner(technique), plan, tmp_path)
+
+    for technique in ("lora", "dpo", "orpo", "simpo", "kto"):
+        assert argv(technique, "triviaqa-sample")[-2:] == ["--eval_strategy", "epoch"], technique
+    for technique in ("ppo", "grpo"):  # no held-out loss to report
+        assert "--eval_strategy" not in argv(technique, "triviaqa-sample")
+    assert "--eval_strategy" not in argv("dpo", "my/pairs")  # a split named `validation` may not exist
+
+
+def test_help_says_config_goes_to_every_run(capsys):
+    with pytest.raises(SystemExit):
+        run_script("compare.py", ["--help"])
+    out = capsys.readouterr().out
+    line = " ".join(out[out.index("--config FILE"):out.index("CompareArguments")].split())
+    assert "given to every run" in line and "compare.py's own flags" in line
+
+
+def test_a_failed_scoring_is_reported_and_the_comparison_exits_1(tmp_path, caplog):
+    from comparison.report import collect
+    from comparison.run import write_outputs
+
+    rows = [collect(_fake_run(tmp_path / "a", heldout={"n": 4, "exact_match": 0.5, "f1": 0.5})),
+            collect(_fake_run(tmp_path / "b"))]
+    rows[1]["eval_error"] = "NameError: name 'prompts' is not defined (exit code 1)"
+    assert write_outputs(rows, tmp_path / "cmp") == 1
+    assert "scoring failed for b" in caplog.text
+    b = next(line for line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines() if line.startswith("| b |"))
+    assert "scoring failed: NameError: name 'prompts' is not defined" in b
