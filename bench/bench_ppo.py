@@ -8,14 +8,22 @@ scoring them: log-probs, reference, values and reward, and the PPO optimisation 
 Same synthetic TriviaQA-shaped prompts and randomly initialised Llama-style model as
 bench_sft.py; the reward is `triviaqa_f1` against the gold answers. A random model rarely emits
 EOS, so every answer runs to `--response_length`: the most generation work a step can take.
-There is no baseline: TRL no longer ships a PPOTrainer.
+
+`--compare_trl112 True` also runs TRL 1.12's PPOTrainer (`trl.experimental.ppo`, the last TRL
+that ships one) on the same model, prompts, rollouts per step, response length and epochs, in its
+own virtual environment, which the benchmark builds on first use with the versions pinned in
+`TRL112_PINS` (from PyPI; torch is shared with this environment, see `trl112_python`):
+
+    python -m bench.bench_ppo --compare_trl112 True    # + ~3 min to build the environment once
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +48,10 @@ class PPOBenchArguments:
     response_length: int = _f(16, "Tokens sampled per answer.")
     seed: int = _f(42, "Seed of the data, the model and training.")
     ppo_flags: str = _f("", "More ppo.py flags, as one string (e.g. \"--load_in_4bit True\").")
+    gradient_checkpointing: bool = _f(True, "Gradient checkpointing in the PPO updates (ppo.py's default), both sides.")
+    compare_trl112: bool = _f(False, "Also run TRL 1.12's PPOTrainer side by side, in its own virtual environment "
+                                     "(built on first use from PyPI; needs network once).")
+    trl112_venv: str = _f("~/.cache/finetune-bench/trl-1.12", "Where that virtual environment is built and kept.")
     work_dir: Optional[str] = _f(None, "Where the data, the model and the run go (default: a temporary "
                                        "directory, removed at the end).")
     output: str = _f("outputs/bench_ppo.json", "JSON file for the measured numbers.")
@@ -78,7 +90,7 @@ def run(args, work: Path) -> dict:
             "--per_device_train_batch_size", args.per_device_train_batch_size, "--num_mini_batches",
             args.num_mini_batches, "--ppo_epochs", args.ppo_epochs, "--response_length", args.response_length,
             "--seed", args.seed, "--report_to", "none", "--save_strategy", "no", "--overwrite_output_dir", "True",
-            *shlex.split(args.ppo_flags)]
+            "--gradient_checkpointing", args.gradient_checkpointing, *shlex.split(args.ppo_flags)]
     setup_logging("ppo.py")
     # One untimed step first: the first generate() call pays one-off set-up costs.
     train([str(a) for a in base + ["--max_steps", 1, "--output_dir", work / "warm-up"]])
@@ -99,6 +111,68 @@ def run(args, work: Path) -> dict:
         "process_wall_s": round(wall, 2),
         "mean_response_length": sum(e["response_length"] for e in result.history) / len(result.history),
     }
+
+
+# TRL 1.12 and the newest releases of its dependencies that it knows of (its code checks
+# transformers up to 5.8, accelerate 1.12, PEFT below 0.20).
+TRL112_PINS = ("trl==1.12.0", "transformers==5.8.1", "accelerate==1.12.0", "peft==0.20.0", "datasets==4.8.5")
+
+
+def trl112_python(venv: Path) -> str:
+    """The Python of a virtual environment with TRL 1.12, built once. torch is not installed there but
+    shared with this environment through a .pth file: PyPI's Linux torch wheels bring about 3 GB of
+    CUDA libraries, and both sides should run the same torch anyway."""
+    python = venv / "bin" / "python"
+    stamp = venv / "finetune-pins.json"
+    if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == list(TRL112_PINS):
+        return str(python)
+    import torch
+
+    print(f"building the TRL 1.12 environment in {venv} ({', '.join(TRL112_PINS)}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    shared = venv / "shared-torch"
+    shared.mkdir(exist_ok=True)
+    origin = Path(torch.__file__).resolve().parent.parent
+    for entry in origin.iterdir():
+        if entry.name in ("torch", "torchgen", "functorch") or (entry.name.startswith("torch-")
+                                                                  and entry.name.endswith(".dist-info")):
+            os.symlink(entry, shared / entry.name)
+    (site / "finetune_shared_torch.pth").write_text(f"{shared}\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *TRL112_PINS],
+                   check=True)
+    stamp.write_text(json.dumps(list(TRL112_PINS)))
+    return str(python)
+
+
+def run_trl112(args, work: Path) -> dict:
+    """TRL 1.12's PPOTrainer in its own process and environment (bench/trl112_ppo_worker.py)."""
+    from bench import bench_sft
+    from common.args import LoraArguments
+
+    python = trl112_python(Path(os.path.expanduser(args.trl112_venv)))
+    shape = SimpleNamespace(num_examples=args.num_prompts, seed=args.seed, hidden_size=args.hidden_size,
+                            num_layers=args.num_layers)
+    data, model = bench_sft.prepare(shape, work)
+    lora = {f: getattr(LoraArguments, f) for f in ("lora_r", "lora_alpha", "lora_dropout")}  # ppo.py's defaults
+    settings = {"model": model, "data": data, "template": bench_sft.TEMPLATE, "seed": args.seed,
+                "work": str(work / "trl112"), "output": str(work / "trl112.json"), "steps": args.steps,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "num_mini_batches": args.num_mini_batches, "ppo_epochs": args.ppo_epochs,
+                "response_length": args.response_length, "learning_rate": 1e-4,  # ppo.py's default
+                "gradient_checkpointing": args.gradient_checkpointing, **lora}
+    (work / "trl112-settings.json").write_text(json.dumps(settings))
+    log = work / "trl112.log"
+    print(f"running TRL 1.12's PPOTrainer (log: {log}) ...", flush=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    with open(log, "w", encoding="utf-8") as fh:
+        done = subprocess.run([python, str(Path(__file__).with_name("trl112_ppo_worker.py")),
+                               str(work / "trl112-settings.json")], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"TRL 1.12's PPO run failed (exit {done.returncode}); last lines of {log}:\n{tail}")
+    return json.loads((work / "trl112.json").read_text())
 
 
 def _cuda() -> bool:
@@ -126,6 +200,16 @@ def report(args, result: dict) -> str:
         f"  optimisation       {result['time_optimisation_s']:.1f} s ({100 * share['optimisation']:.0f}%)",
         f"  peak memory        {_gib(result['peak_memory_bytes'])} ({result['peak_memory_kind']})",
     ]
+    trl = result.get("trl112")
+    if trl:
+        lines += [
+            f"  TRL {trl['trl']} PPOTrainer (transformers {trl['transformers']}, torch {trl['torch']}; policy LoRA, "
+            f"separate value and reward models):",
+            f"    rollouts/s       {trl['rollouts_per_s']} ({trl['rollouts']} rollouts in {trl['runtime_s']:.1f} s)",
+            f"    peak memory      {_gib(trl['peak_memory_bytes'])} ({trl['peak_memory_kind']})",
+            f"  ours/TRL 1.12      rollouts/s {result['rollouts_per_s'] / trl['rollouts_per_s']:.2f}x, peak memory "
+            f"{result['peak_memory_bytes'] / trl['peak_memory_bytes']:.2f}x",
+        ]
     return "\n".join(lines)
 
 
@@ -137,6 +221,8 @@ def main(argv=None) -> int:
         try:
             with bench_env(work):
                 result = run(args, work)
+            if args.compare_trl112:  # after ours: ours' peak memory is read when its run ends
+                result["trl112"] = run_trl112(args, work)
         finally:
             if not args.work_dir:
                 shutil.rmtree(work, ignore_errors=True)

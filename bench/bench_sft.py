@@ -40,7 +40,7 @@ from common.args import FlagParser, UsageError
 from common.data import BUNDLED
 
 TEMPLATE = "Question: {question}\nAnswer:"  # our default --prompt_template; the baseline formats with it too
-VARIANTS = ("ours", "baseline")
+VARIANTS = ("ours", "baseline", "baseline_plain")  # baseline_plain: only with --plain_baseline True
 
 
 def _f(default: Any = None, help: str = "") -> Any:
@@ -49,7 +49,7 @@ def _f(default: Any = None, help: str = "") -> Any:
 
 @dataclass
 class BenchArguments:
-    variant: Literal["both", "ours", "baseline"] = _f(
+    variant: Literal["both", "ours", "baseline", "baseline_plain"] = _f(
         "both", "`both` runs each variant in its own process and prints the table; `ours` or `baseline` runs "
                 "one variant in this process (what `both` spawns).")
     technique: Literal["lora", "qlora"] = _f(
@@ -57,6 +57,14 @@ class BenchArguments:
     ours_flags: str = _f("", "More lora.py/qlora.py flags for our run, as one string (e.g. \"--use_liger_kernel "
                              "True\"); the baseline keeps TRL's defaults.")
     num_examples: int = _f(1000, "Synthetic TriviaQA-shaped training questions (one epoch is trained).")
+    vocab_size: int = _f(0, "Model vocabulary (0: the 1,024 tokens of the local tokenizer; 128256: Llama 3's). Rows "
+                            "beyond the tokenizer's are never seen as inputs but enter every softmax.")
+    baseline_sampling: Literal["random", "group_by_length"] = _f(
+        "random", "The baseline's `train_sampling_strategy` (TRL's default is random; `group_by_length` is TRL "
+                  "at its best).")
+    plain_baseline: bool = _f(False, "Also run TRL at its defaults (random order) as a third variant, "
+                                     "`baseline_plain`, for the memory comparison.")
+    optimizer: str = _f("", "One optimizer for both variants (e.g. `adamw_torch`); empty: each side's default.")
     hidden_size: int = _f(512, "Model width (a multiple of 64); heads = width / 64, MLP width = 8/3 of it.")
     num_layers: int = _f(8, "Transformer layers.")
     per_device_train_batch_size: int = _f(16, "Examples per step, both variants.")
@@ -189,7 +197,8 @@ def prepare(args, work: Path) -> tuple[str, str]:
     """Writes the data set and the model once per work dir and setting; -> (data file, model dir)."""
     from common.tiny_model import build_tiny_model
 
-    key = {"num_examples": args.num_examples, "seed": args.seed, **model_overrides(args)}
+    key = {"num_examples": args.num_examples, "seed": args.seed, "vocab_size": getattr(args, "vocab_size", 0),
+           **model_overrides(args)}
     stamp = work / "prepared.json"
     data, model = work / "train.jsonl", work / "model"
     if stamp.is_file() and json.loads(stamp.read_text()) == key:
@@ -200,6 +209,14 @@ def prepare(args, work: Path) -> tuple[str, str]:
     if model.exists():
         shutil.rmtree(model)
     build_tiny_model(str(model), "llama", seed=args.seed, **model_overrides(args))
+    if getattr(args, "vocab_size", 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(args.seed)
+        grown = AutoModelForCausalLM.from_pretrained(str(model))
+        grown.resize_token_embeddings(args.vocab_size, mean_resizing=False)
+        grown.save_pretrained(str(model))
     stamp.write_text(json.dumps(key))
     return str(data), str(model)
 
@@ -282,12 +299,14 @@ def train_ours(args, data: str, model: str, out: str, mode: str):
         argv += ["--use_bfloat16", "True"]
     if not args.ours_gradient_checkpointing:
         argv += ["--gradient_checkpointing", "False"]
+    if args.optimizer:
+        argv += ["--optimizer", args.optimizer]
     argv += shlex.split(args.ours_flags)
     setup_logging(f"{args.technique}.py")
     return train(args.technique, [str(a) for a in argv]).trainer
 
 
-def train_baseline(args, data: str, model: str, out: str, mode: str):
+def train_baseline(args, data: str, model: str, out: str, mode: str, sampling: Optional[str] = None):
     """TRL as its documentation shows it: a model path, a prompt/completion data set, a LoraConfig."""
     from datasets import load_dataset
     from peft import LoraConfig
@@ -313,6 +332,8 @@ def train_baseline(args, data: str, model: str, out: str, mode: str):
         save_strategy="no",  # as our run: no checkpoint I/O inside the timed loop
         gradient_checkpointing=args.baseline_gradient_checkpointing,
         model_init_kwargs=init or None,
+        train_sampling_strategy=sampling or args.baseline_sampling,
+        **({"optim": args.optimizer} if args.optimizer else {}),
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -335,8 +356,11 @@ def run_variant(variant: str, args, work: Path) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    train_fn = train_ours if variant == "ours" else train_baseline
-    trainer = train_fn(args, data, model, str(work / f"run-{variant}"), mode)
+    if variant == "ours":
+        trainer = train_ours(args, data, model, str(work / f"run-{variant}"), mode)
+    else:
+        trainer = train_baseline(args, data, model, str(work / f"run-{variant}"), mode,
+                                 sampling="random" if variant == "baseline_plain" else None)
     if profiler is not None:
         profiler.disable()
         report_profile(profiler, work / f"profile-{variant}.prof")
@@ -488,20 +512,23 @@ def table(results: dict) -> str:
     head = ("variant", "steps", "real tokens", "padded tokens", "padding", "train s", "tokens/s", "peak memory",
             "loss")
     rows = []
-    for name in VARIANTS:
+    names = [v for v in VARIANTS if v in results]
+    for name in names:
         r = results[name]
         rows.append((name, str(r["steps"]), f"{r['real_tokens']:,}", f"{r['padded_tokens']:,}",
                      f"{100 * r['padding_fraction']:.1f}%", f"{r['train_runtime_s']:.1f}", f"{r['tokens_per_s']:,.1f}",
                      _gib(r["peak_memory_bytes"]), f"{r['train_loss']:.3f}"))
-    ours, base = results["ours"], results["baseline"]
-    rows.append(("ours/baseline", "", "", f"{ours['padded_tokens'] / base['padded_tokens']:.2f}x", "",
-                 f"{ours['train_runtime_s'] / base['train_runtime_s']:.2f}x",
-                 f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x",
-                 f"{ours['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x", ""))
+    ours = results["ours"]
+    for name in names[1:]:
+        base = results[name]
+        rows.append((f"ours/{name}", "", "", f"{ours['padded_tokens'] / base['padded_tokens']:.2f}x", "",
+                     f"{ours['train_runtime_s'] / base['train_runtime_s']:.2f}x",
+                     f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                     f"{ours['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x", ""))
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
     line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     kind = ours["peak_memory_kind"]
-    noise = ", ".join(f"{v} {results[v]['other_busy_cpus']}" for v in VARIANTS)
+    noise = ", ".join(f"{v} {results[v]['other_busy_cpus']}" for v in names)
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows),
                       f"(tokens/s: non-padding tokens / train_runtime; peak memory: {kind} until training ends, one process "
                       f"per variant;",
@@ -515,7 +542,7 @@ def run_both(args) -> dict:
         with open(data, encoding="utf-8") as fh:
             stats = describe([json.loads(line) for line in fh])
         print(f"data: {stats}", flush=True)
-        results = {v: spawn(args, v, work) for v in VARIANTS}
+        results = {v: spawn(args, v, work) for v in VARIANTS if v != "baseline_plain" or args.plain_baseline}
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -539,11 +566,17 @@ def run_both(args) -> dict:
             "padded_tokens": round(ours["padded_tokens"] / base["padded_tokens"], 3),
         },
     }
+    if "baseline_plain" in results:
+        plain = results["baseline_plain"]
+        report["ratio_ours_over_baseline_plain"] = {
+            "tokens_per_s": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
+            "peak_memory": round(ours["peak_memory_bytes"] / plain["peak_memory_bytes"], 3)}
     m = report["machine"]
     extra = f" + {args.ours_flags}" if args.ours_flags else ""
+    vocab = f", vocabulary {args.vocab_size:,}" if args.vocab_size else ""
     print(f"\n{m['gpu'] or m['cpu']} ({m['nproc']} CPUs), {m['date']}; {args.technique}{extra}; model: "
-          f"{args.num_layers} layers, width {args.hidden_size}; {args.num_examples} examples, batch "
-          f"{args.per_device_train_batch_size}")
+          f"{args.num_layers} layers, width {args.hidden_size}{vocab}; {args.num_examples} examples, batch "
+          f"{args.per_device_train_batch_size}; baseline sampling {args.baseline_sampling}")
     print(table(results))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,28 @@ from bench import bench_ppo, bench_sft
 from tests.conftest import ROOT
 
 
+def test_bench_sft_three_variants_large_vocabulary_train_the_same_tokens(tmp_path, capsys):
+    """Ours against TRL with group_by_length and TRL at its defaults, one optimizer, a vocabulary
+    wider than the tokenizer's (as --vocab_size 128256 does at full size)."""
+    out = tmp_path / "sft.json"
+    assert bench_sft.main(["--num_examples", "32", "--hidden_size", "64", "--num_layers", "1", "--vocab_size", "3000",
+                           "--baseline_sampling", "group_by_length", "--plain_baseline", "True",
+                           "--optimizer", "adamw_torch", "--ours_gradient_checkpointing", "False",
+                           "--baseline_gradient_checkpointing", "False",
+                           "--work_dir", str(tmp_path / "work"), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"ours", "baseline", "baseline_plain"}
+    assert len({r["real_tokens"] for r in results.values()}) == 1
+    assert results["baseline"]["sampling"] == "group_by_length" and results["baseline_plain"]["sampling"] == "random"
+    assert {r["optimizer"] for r in results.values()} == {"adamw_torch"}
+    assert "peak_memory" in report["ratio_ours_over_baseline_plain"]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "work" / "model").vocab_size == 3000
+    assert "ours/baseline_plain" in capsys.readouterr().out
+
+
 def test_bench_sft_compares_both_variants_on_the_same_tokens(tmp_path, capsys):
     out = tmp_path / "sft.json"
     assert bench_sft.main(["--num_examples", "48", "--hidden_size", "64", "--num_layers", "1",
