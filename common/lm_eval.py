@@ -32,6 +32,7 @@ def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int
                 ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
             with torch.no_grad():
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = logits[:, -width:]  # prompt tuning / P-tuning put their virtual tokens' logits first
             target = labels[:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1),
                                                     ignore_index=-100, reduction="sum")
@@ -42,22 +43,19 @@ def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int
     return total, count
 
 
-def sample_generations(model, tokenizer, samples, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of each prompt (rendered text, tokenised with nothing added)."""
-    import torch
+def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of each prompt (rendered text, tokenized as SFT tokenizes it), through the
+    project's one decoder (common/generation.py, right for every adapter type). A reply may span
+    lines, so only EOS or an end-of-turn token ends it."""
+    from common.evaluation import _stop_ids, prompt_ids
+    from common.generation import greedy_generate
 
-    from common.evaluation import _stop_ids
-
-    device = next(model.parameters()).device
-    out = []
-    model.eval()
-    for s in samples:
-        enc = tokenizer(s.prompt, return_tensors="pt", add_special_tokens=s.add_special_tokens).to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
-        out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+    stops = _stop_ids(tokenizer)
+    encoded = [prompt_ids(tokenizer, [s.prompt], use_chat=not s.add_special_tokens)[0] for s in samples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    generated = greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=(), batch_size=batch_size,
+                                max_new_tokens=max_new_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
 
 def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
@@ -71,7 +69,7 @@ def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
     nll, count = token_loss(model, rows, args.batch_size)
     loss = nll / count if count else float("nan")
     samples = chat.heldout_prompts(data.train, tokenizer, SAMPLES)
-    generations = sample_generations(model, tokenizer, samples, args.max_new_tokens)
+    generations = sample_generations(model, tokenizer, samples, args.max_new_tokens, args.batch_size)
     elapsed = time.perf_counter() - start
     summary = {"n": len(rows), "schema": data.schema, "loss": loss, "perplexity": math.exp(loss) if count else None,
                "trained_tokens": count, "time_s": round(elapsed, 2), "model_id": args.model_id,
