@@ -99,8 +99,8 @@ class DataArguments:
                                                "to 8, for 20,000 rows or more).")
     dataset_format: str = _f(
         "auto", "Data format, detected from the columns by default (`auto`): `messages`, `sharegpt`, `alpaca`, "
-                "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...). README: \"Your own "
-                "data\".")
+                "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...); preference scripts: "
+                "`preference`, `implicit-prompt`, `unpaired` or a question-answer schema. README: \"Your own data\".")
     assistant_turns: Literal["all", "last"] = _f(
         "all", "Conversations: train on every assistant turn (`all`) or on the last one only (`last`).")
 

@@ -34,6 +34,17 @@ class PreferenceSource:
     kind: str  # "pairs" | "qa"
     schema: str
     source: str
+    ties: int = 0  # implicit-prompt pairs whose chosen equals rejected, already dropped from `rows`
+
+
+# `--dataset_format` values for preference data, besides `auto` and the question-answer schemas
+# (common.data.SCHEMAS) that pairs are built from.
+PREFERENCE_FORMATS = {
+    "preference": "`prompt` + `chosen` + `rejected` (text or messages)",
+    "implicit-prompt": "`chosen` + `rejected` only, the prompt being their shared beginning (Anthropic HH, "
+                       "message lists)",
+    "unpaired": "`prompt` + `completion` + `label` (KTO feedback)",
+}
 
 
 def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -> PreferenceSource:
@@ -47,23 +58,45 @@ def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -
         raise UsageError(f"`--{flag} {split_spec}` of {source} is empty; widen the slice.")
     cols = set(ds.column_names)
     if {"prompt", "completion", "label"} <= cols:  # unpaired feedback (KTO)
+        _check_format(args, "unpaired", source, cols)
         return PreferenceSource(ds, "unpaired", "unpaired", source)
     if {"chosen", "rejected"} <= cols and "prompt" not in cols:  # implicit prompt (Anthropic HH, message lists)
         from rlhf.pref_formats import implicit_prompt_pairs
 
-        return PreferenceSource(implicit_prompt_pairs(ds, source)[0], "pairs", "implicit-prompt", source)
+        _check_format(args, "implicit-prompt", source, cols)
+        pairs, ties = implicit_prompt_pairs(ds, source)
+        return PreferenceSource(pairs, "pairs", "implicit-prompt", source, ties)
     if "chosen" in cols or "rejected" in cols:
         missing = [c for c in PAIR_COLUMNS if c not in cols]
         if missing:
             raise UsageError(f"{source}: preference data needs {', '.join(PAIR_COLUMNS)} columns; "
                              f"missing {', '.join(missing)}.")
+        _check_format(args, "preference", source, cols)
         return PreferenceSource(ds, "pairs", "preference", source)
     schema = detect_schema(ds, source)
+    _check_format(args, schema, source, cols)
     if schema == "prompt-completion":
         raise UsageError(f"{source}: `prompt`/`completion` rows have no rejected answer; give `prompt`/`chosen`/"
                          f"`rejected` columns or question-answer data to build pairs from.")
     require_answers(ds, schema, source, flag, split_spec, splits)
     return PreferenceSource(normalise(ds, schema, source, args.dataset_num_proc), "qa", schema, source)
+
+
+def _check_format(args, found: str, source: str, cols) -> None:
+    """`--dataset_format` on preference data must name the shape its columns hold (or be `auto`)."""
+    from common.chat import FORMATS as SFT_FORMATS
+    from common.data import SCHEMAS
+
+    requested = (getattr(args, "dataset_format", None) or "auto").strip().lower()
+    if requested in ("auto", found):
+        return
+    accepted = f"auto, {', '.join(PREFERENCE_FORMATS)} or a question-answer schema ({', '.join(SCHEMAS)})"
+    if requested in SFT_FORMATS:
+        raise UsageError(f"`--dataset_format {requested}` is an SFT format; preference data is read as {accepted}.")
+    if requested not in PREFERENCE_FORMATS and requested not in SCHEMAS:
+        raise UsageError(f"`--dataset_format {requested}` is unknown; use {accepted}.")
+    raise UsageError(f"`--dataset_format {requested}`: {source} has the columns of {found!r} "
+                     f"({', '.join(sorted(cols))}), not of {requested!r}; use `auto` or fix the data.")
 
 
 # Checking ready-made pairs ---------------------------------------------------------------------
@@ -197,7 +230,7 @@ def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed:
     the source's own rows)."""
     if src.kind == "pairs":
         ds = check_pairs(src.rows, src.source)
-        return ds, {"built": len(ds), "skipped": len(src.rows) - len(ds)}
+        return ds, {"built": len(ds), "skipped": src.ties + len(src.rows) - len(ds)}
     if how == "other":
         rejected = other_answers(src.rows, seed, pool)
     else:

@@ -179,3 +179,34 @@ def test_reward_model_message_pairs_are_chat_template_text(shape, tiny_chat_llam
         expected.add((tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
                       row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
     assert {(p["prompt"], p["chosen"], p["rejected"]) for p in seen["pairs"]} == expected
+
+
+@pytest.mark.parametrize("script", ["dpo.py", "kto.py", "reward_model.py"])
+@pytest.mark.parametrize("shape,value,problem", [
+    ("pref_explicit", "messages", "`--dataset_format messages` is an SFT format"),
+    ("pref_hh", "preference", "has the columns of 'implicit-prompt'"),
+    ("pref_explicit", "triviaqa", "has the columns of 'preference'"),
+    ("pref_hh", "chat", "`--dataset_format chat` is unknown"),
+])
+def test_preference_dataset_format_that_does_not_fit_exits_2(script, shape, value, problem, tiny_llama, tmp_path,
+                                                             capsys):
+    assert run_script(script, ["--model_id", tiny_llama, "--dataset_name", f"{FORMATS}/{shape}.jsonl",
+                               "--dataset_format", value, "--output_dir", tmp_path / "o", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err and len([ln for ln in err.splitlines() if "error" in ln]) == 1
+
+
+@pytest.mark.parametrize("shape,value", [("pref_hh", "implicit-prompt"), ("pref_explicit", "preference")])
+def test_preference_dataset_format_that_fits_counts_every_tie_as_skipped(shape, value, tiny_llama, tmp_path):
+    """The pairs `skipped` in run_config.json are the rows whose chosen equals rejected, counted here by hand
+    (implicit-prompt ties were logged but not counted)."""
+    rows = _rows(shape)
+    if not any(r["chosen"] == r["rejected"] for r in rows):
+        rows.append({**rows[0], "rejected": rows[0]["chosen"]})
+    data = write_jsonl(tmp_path / f"{shape}.jsonl", rows)
+    out = tmp_path / "o"
+    assert run_script("dpo.py", ["--model_id", tiny_llama, "--dataset_name", data, "--dataset_format", value,
+                                 "--output_dir", out, *FAST]) == 0
+    ties = sum(r["chosen"] == r["rejected"] for r in rows)
+    pairs = json.loads((out / "run_config.json").read_text())["data"]["pairs"]
+    assert pairs == {"built": len(rows) - ties, "skipped": ties}
