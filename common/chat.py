@@ -200,7 +200,7 @@ def load_sft_data(args, need_eval: bool):
             if forced != qa.detect_schema(train, source):
                 raise UsageError(f"`--dataset_format {forced}`: {source} has the columns of "
                                  f"{qa.detect_schema(train, source)!r}, not of {forced!r}.")
-        return qa.load_qa_data(args, need_eval)
+        return qa.load_qa_data(args, need_eval, loaded=(splits, source))
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if len(train) == 0:

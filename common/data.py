@@ -509,9 +509,10 @@ def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
                   num_proc=num_proc, desc="Reading rows")
 
 
-def load_qa_data(args, need_eval: bool) -> QAData:
-    """Loads, slices and normalises the train split and, where asked, the held-out split."""
-    splits, source = load_splits(args.dataset_name, args.dataset_config)
+def load_qa_data(args, need_eval: bool, loaded: Optional[tuple] = None) -> QAData:
+    """Loads, slices and normalises the train split and, where asked, the held-out split. `loaded`:
+    (splits, source) from a `load_splits` call already made (one hub check, one load)."""
+    splits, source = loaded or load_splits(args.dataset_name, args.dataset_config)
     train = select_split(splits, args.dataset_split, source, "dataset_split")
     schema = detect_schema(train, source)
     if args.max_train_samples:

@@ -170,3 +170,25 @@ def test_plain_rendering_run_says_so_once(tiny_llama, tmp_path, caplog):
     row = load_sft_data(_Args(f"{FORMATS}/messages.jsonl"), False).train[0]["messages"]
     expected = oracle_labels(tok, row, render=lambda m, gen: render(tok, m, gen))
     assert (result.trainer.train_dataset[0]["input_ids"], result.trainer.train_dataset[0]["labels"]) == expected
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "lora.py"])
+def test_question_answer_data_is_loaded_once(script, tiny_llama, tmp_path, monkeypatch):
+    """Format detection and the question-answer reader share one load: for a hub dataset each load
+    is a hub check (common.data.load_splits counted here)."""
+    from common import data
+
+    calls = []
+    real = data.load_splits
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_splits", counting)
+    argv = {"evaluate.py": ["--dataset_split", "validation", "--max_samples", "2", "--max_new_tokens", "2"],
+            "lora.py": ["--max_train_samples", "8", "--per_device_train_batch_size", "4", "--max_steps", "1",
+                        "--save_strategy", "no", "--report_to", "none", "--lora_r", "2"]}[script]
+    assert run_script(script, ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
+                               "--output_dir", tmp_path / "o", *argv]) == 0
+    assert calls == [("triviaqa-sample", None)]
