@@ -88,7 +88,8 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     inherit_from_adapter(args, source)
     data = qa.load_qa_data(args, need_eval=False)
 
-    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
+                              select_precision)
     from common.peft_config import attach_adapter
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
@@ -158,6 +159,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
                         disable_dropout=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
     metrics, wall = tr.train_guarded(trainer, args, out)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},

@@ -93,7 +93,8 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
         eval_src = pref.load_preference_source(args, spec, flag="eval_split")
 
     # Model & tokenizer
-    from common.model import count_parameters, is_quantized, load_model, load_tokenizer, select_precision
+    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
+                              select_precision)
     from common.peft_config import attach_adapter
 
     precision = select_precision(args)
@@ -180,6 +181,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                         trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
     from common import loss
 
     loss.install(trainer)  # DPO, KTO: the LM head only at completion positions (ORPO, SimPO keep full logits)

@@ -192,6 +192,10 @@ def test_dpo_on_a_4bit_sft_adapter(tiny_llama, tmp_path):
     assert run_script("qlora.py", ["--model_id", tiny_llama, "--output_dir", sft, "--max_steps", "2", *FAST]) == 0
     result = train("dpo", ["--model_id", sft, "--output_dir", tmp_path / "dpo", "--max_steps", "2", *FAST])
     assert "Linear4bit" in {type(m).__name__ for m in result.trainer.model.modules()}  # 4-bit taken over
+    # Without bf16 training (the CPU, a T4) the adapter trains in float32, as qlora.py's does: TRL's
+    # trainers store a quantized model's adapters in bf16, where small updates round away.
+    trainable = {p.dtype for p in result.trainer.model.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}, trainable
 
 
 @pytest.mark.slow
