@@ -78,6 +78,25 @@ def _as_grpo_reward(name: str, fn):
     return reward
 
 
+def sft_prompt_tokens():
+    """TRL's GRPOTrainer whose text prompts are the ids SFT puts before the answer. TRL tokenises
+    them with all the tokenizer's special tokens: a BERT-style prompt then ends in [SEP], which
+    is also its end-of-answer token. Conversations go through TRL's own chat-template path
+    (nothing added), as in SFT."""
+    from trl import GRPOTrainer
+
+    from common.evaluation import prompt_ids
+
+    class SFTPromptTokens(GRPOTrainer):
+        def _tokenize_prompts(self, prompts: list):
+            if not prompts or not isinstance(prompts[0], str):
+                return super()._tokenize_prompts(prompts)
+            return prompt_ids(self.processing_class, list(prompts), use_chat=False), None, {}
+
+    SFTPromptTokens.__name__ = SFTPromptTokens.__qualname__ = GRPOTrainer.__name__
+    return SFTPromptTokens
+
+
 def run_grpo(args: ParsedArgs) -> GRPOResult:
     from common import data as qa
     from common import training as tr
@@ -88,6 +107,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     inherit_from_adapter(args, source)
     data = qa.load_qa_data(args, need_eval=False)
 
+    from common.evaluation import prompt_ids
     from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
                               select_precision)
     from common.peft_config import attach_adapter
@@ -97,8 +117,8 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, data.schema)
     prompts = [qa.chat_messages(q, fmt) if fmt.use_chat else qa.prompt_text(q, fmt) for q in data.train["question"]]
-    lengths = [len(tokenizer(qa.generation_prompt(q, fmt, tokenizer), add_special_tokens=False)["input_ids"])
-               for q in data.train["question"]]
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, [qa.generation_prompt(q, fmt, tokenizer)
+                                                          for q in data.train["question"]], fmt.use_chat)]
     too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
     if too_long:
         raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
@@ -137,16 +157,13 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
         stops = set(_stop_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
 
         def reward_model(prompts, completions, completion_ids, **_):
-            prompts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False,
-                                                                                add_generation_prompt=True)
-                       for p in prompts]
             finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]  # truncated ones have no EOS
             return scorer.score_answers(prompts, [_text(c) for c in completions], finished)
 
         reward_funcs.append(reward_model)
     weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
 
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     report_to = tr.setup_reporting(args, out)
     if args.overwrite_output_dir:
@@ -157,8 +174,8 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
                         max_completion_length=args.max_completion_length, temperature=args.temperature,
                         beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code,
                         disable_dropout=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
-                          processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+    trainer = sft_prompt_tokens()(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
+                                  processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
     keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
     metrics, wall = tr.train_guarded(trainer, args, out)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,

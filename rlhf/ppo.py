@@ -177,10 +177,15 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
         reward_fn = get_reward_function(args.reward_function)
         reward_name = args.reward_function
 
-    # Prompts, formatted exactly as in SFT
-    add_special = not fmt.use_chat and not fmt.raw
-    prompts = [qa.generation_prompt(q, fmt, tokenizer) for q in data.train["question"]]
-    prompt_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    # Prompts: the ids SFT puts before the answer (and evaluation feeds the model): a BOS the
+    # tokenizer adds in front stays, a [SEP] or EOS it appends does not.
+    from common.evaluation import prompt_ids as sft_prompt_ids
+
+    questions = list(data.train["question"])
+    prompts = [qa.generation_prompt(q, fmt, tokenizer) for q in questions]
+    prompt_ids = sft_prompt_ids(tokenizer, prompts, fmt.use_chat)
+    # The reward model renders a conversation itself, as reward_model.py did in training.
+    scored_prompts = [qa.chat_messages(q, fmt) for q in questions] if fmt.use_chat else prompts
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
     if too_long:
         raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
@@ -247,7 +252,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                         ref_adapter=bool(source.adapter_dir))
         responses = tokenizer.batch_decode(roll["responses"], skip_special_tokens=True)
         if args.reward_model:
-            scores = scorer.score_answers([prompts[i] for i in batch_idx], responses, roll["has_eos"].tolist())
+            scores = scorer.score_answers([scored_prompts[i] for i in batch_idx], responses,
+                                            roll["has_eos"].tolist())
         else:
             scores = reward_fn(responses, [aliases[i] for i in batch_idx])
         scores = torch.tensor(scores, dtype=torch.float32, device=accelerator.device)

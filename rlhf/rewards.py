@@ -86,14 +86,22 @@ class RewardModelScorer:
         self.model = (model if quant is not None else model.to(device)).eval()
         self.device = device
 
-    def score_answers(self, prompts: Sequence[str], answers: Sequence[str], finished: Sequence[bool]) -> list:
+    def score_answers(self, prompts: Sequence, answers: Sequence[str], finished: Sequence[bool]) -> list:
         """Scores answers in the format the reward model was trained on: TRL's RewardTrainer
         appends the EOS token to every (plain-text) prompt + answer, so a finished answer (it ended
         with a stop token; `answers` are decoded without special tokens) is scored with EOS and a
         truncated one without: the reward model can tell them apart, as in training. The score is
-        read on the last real token (TRL 0.11's convention for PPO)."""
+        read on the last real token (TRL 0.11's convention for PPO).
+
+        A prompt is text, or a conversation (a message list): reward_model.py rendered those with
+        common.chat.render and its own tokenizer (the plain `User: ... Assistant:` rendering where
+        that has no chat template), so they are rendered so here, not with the policy's template."""
+        from common.chat import render
+
         eos = self.tokenizer.eos_token or ""
-        return self([p + a + (eos if done else "") for p, a, done in zip(prompts, answers, finished)])
+        texts = [p if isinstance(p, str) else render(self.tokenizer, list(p), add_generation_prompt=True)
+                 for p in prompts]
+        return self([p + a + (eos if done else "") for p, a, done in zip(texts, answers, finished)])
 
     def __call__(self, texts: Sequence[str]) -> list:
         import torch
