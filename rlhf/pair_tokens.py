@@ -1,4 +1,4 @@
-"""ORPO and SimPO (CPO) tokenise pairs exactly as SFT, DPO and KTO do.
+"""ORPO, SimPO (CPO) and the reward model tokenise pairs exactly as SFT, DPO and KTO do.
 
 TRL's experimental ORPOTrainer and CPOTrainer tokenise the prompt without the tokenizer's special
 tokens, then put BOS in front of every prompt that does not start with it and EOS after every
@@ -10,6 +10,10 @@ never see; with a chat template that closes a turn with `</s>\\n`, answers end i
   - text: prompt + answer + EOS text, tokenised with the tokenizer's own special tokens;
   - conversations: the chat template's rendering, tokenised with nothing added.
 The answer starts where the tokenised prompt and prompt + answer stop agreeing.
+
+`sft_ids` is the same rule for one prompt and answer: reward_model.py trains on it (TRL's
+RewardTrainer wrote two BOS for a plain-rendered conversation on a BOS-adding tokenizer, and no
+space after `Assistant:`), and ppo.py and grpo.py score their answers with it.
 """
 
 from __future__ import annotations
@@ -59,3 +63,29 @@ def aligned(trainer_cls):
 
     SFTAlignedTokens.__name__ = SFTAlignedTokens.__qualname__ = trainer_cls.__name__
     return SFTAlignedTokens
+
+
+_UNFINISHED = "\u2063<unfinished answer>\u2063"  # marks where a truncated reply stops in a rendered conversation
+
+
+def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
+    """The token ids SFT trains on for prompt + answer (the reward model's training format, and what
+    it scores in PPO and GRPO):
+      - text: prompt + answer + EOS text, tokenised with the tokenizer's own special tokens;
+      - a conversation (message list; `answer` is the reply's text or its messages): the chat
+        template's rendering, or common.chat's plain rendering without one, tokenised with nothing
+        added (the rendering writes its own BOS and end-of-turn tokens).
+    `finished=False` (a reply cut off before its end) stops right after the reply's text: no EOS or
+    end of turn."""
+    if isinstance(prompt, str):
+        end = tokenizer.eos_token if finished and not answer.endswith(tokenizer.eos_token) else ""
+        return tokenizer(prompt + answer + end)["input_ids"]
+    from common.chat import render
+
+    reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
+    if not finished:
+        reply[-1] = {**reply[-1], "content": reply[-1]["content"] + _UNFINISHED}
+    text = render(tokenizer, list(prompt) + reply)
+    if not finished:
+        text = text[:text.rindex(_UNFINISHED)]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

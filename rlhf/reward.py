@@ -34,22 +34,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_cli("reward_model.py", train)
 
 
-def _flatten(ds, fmt, tokenizer):
-    """Conversational pairs become text with the chat template, so the scorer sees what PPO sees."""
-    if not ds or isinstance(ds[0]["prompt"], str):
-        return ds
-    from common.chat import render
+def _tokenize(ds, tokenizer):
+    """Pairs -> the ids SFT trains on for prompt + chosen and prompt + rejected (rlhf.pair_tokens.sft_ids),
+    which RewardTrainer takes as they are; ppo.py and grpo.py score with the same ids."""
+    from rlhf.pair_tokens import sft_ids
 
-    def flatten(batch):
-        out = {"prompt": [], "chosen": [], "rejected": []}
-        for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-            prompt = render(tokenizer, p, add_generation_prompt=True)  # plain text without a chat template
-            out["prompt"].append(prompt)
-            out["chosen"].append(c[-1]["content"])
-            out["rejected"].append(r[-1]["content"])
-        return out
+    def tokenize(batch):
+        return {f"{side}_ids": [sft_ids(tokenizer, p, a) for p, a in zip(batch["prompt"], batch[side])]
+                for side in ("chosen", "rejected")}
 
-    return ds.map(flatten, batched=True, desc="Rendering chat")
+    return ds.map(tokenize, batched=True, desc="Tokenizing pairs")  # (RewardTrainer reads only the ids)
 
 
 def _split_then_pair(src, fmt, args):
@@ -142,7 +136,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
     else:  # no held-out split: keep 10% of the rows aside, reproducibly, before any pair is built
         train_ds, stats, eval_ds = _split_then_pair(train_src, fmt, args)
         log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
-    train_ds, eval_ds = _flatten(train_ds, fmt, tokenizer), _flatten(eval_ds, fmt, tokenizer)
+    train_ds, eval_ds = _tokenize(train_ds, tokenizer), _tokenize(eval_ds, tokenizer)
 
     quant = get_quantization_config(args, precision)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 from common.args import UsageError
@@ -57,24 +57,21 @@ class RewardModelScorer:
     def __init__(self, path: str, policy_tokenizer, args, device):
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from common.model import resolve_model
+        from common.model import load_tokenizer, resolve_model
 
         source = resolve_model(path)
         if not source.adapter_dir or (source.adapter_config or {}).get("task_type") != "SEQ_CLS":
             raise UsageError(f"`--reward_model` {path}: not a reward model written by reward_model.py "
                              f"(expected an adapter_config.json with task_type SEQ_CLS).")
-        tokenizer_dir = source.adapter_dir if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")) \
-            else source.base
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)
+        # As reward_model.py loaded it (its EOS and pad token), from the reward model's dir.
+        self.tokenizer = load_tokenizer(source, SimpleNamespace(model_id=path, revision=None,
+                                                                trust_remote_code=args.trust_remote_code))
         if self.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
             raise UsageError(f"`--reward_model` {path} uses another vocabulary than the policy "
                              f"({len(self.tokenizer)} vs {len(policy_tokenizer)} tokens); train the reward model "
                              f"from the same base model family as the policy.")
-        from common.model import ensure_pad_token
-
-        ensure_pad_token(self.tokenizer)
         # The base is loaded as the reward model was trained (4-bit stays 4-bit): its adapter and head
         # learned on those weights, and score differently on others.
         quant = _trained_quantization(source, device)
@@ -87,29 +84,31 @@ class RewardModelScorer:
         self.device = device
 
     def score_answers(self, prompts: Sequence, answers: Sequence[str], finished: Sequence[bool]) -> list:
-        """Scores answers in the format the reward model was trained on: TRL's RewardTrainer
-        appends the EOS token to every (plain-text) prompt + answer, so a finished answer (it ended
-        with a stop token; `answers` are decoded without special tokens) is scored with EOS and a
-        truncated one without: the reward model can tell them apart, as in training. The score is
-        read on the last real token (TRL 0.11's convention for PPO).
+        """Scores answers on the ids reward_model.py trained on (rlhf.pair_tokens.sft_ids, SFT's ids
+        for prompt + answer): a finished answer (it ended with a stop token; `answers` are decoded
+        without special tokens) with its EOS or end of turn, a truncated one without, so that the
+        reward model can tell them apart. The score is read on the last real token (TRL 0.11's
+        convention for PPO).
 
         A prompt is text, or a conversation (a message list): reward_model.py rendered those with
-        common.chat.render and its own tokenizer (the plain `User: ... Assistant:` rendering where
-        that has no chat template), so they are rendered so here, not with the policy's template."""
-        from common.chat import render
+        its own tokenizer's template (the plain `User: ... Assistant:` rendering where that has
+        none), so they are rendered so here, not with the policy's template."""
+        from rlhf.pair_tokens import sft_ids
 
-        eos = self.tokenizer.eos_token or ""
-        texts = [p if isinstance(p, str) else render(self.tokenizer, list(p), add_generation_prompt=True)
-                 for p in prompts]
-        return self([p + a + (eos if done else "") for p, a, done in zip(texts, answers, finished)])
+        return self.score_ids([sft_ids(self.tokenizer, p if isinstance(p, str) else list(p), a, done)
+                               for p, a, done in zip(prompts, answers, finished)])
 
     def __call__(self, texts: Sequence[str]) -> list:
+        """Scores texts as the tokenizer encodes them (with its own special tokens)."""
+        return self.score_ids([self.tokenizer(t)["input_ids"] for t in texts])
+
+    def score_ids(self, ids: Sequence[Sequence[int]]) -> list:
         import torch
 
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
-            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self.device)
+            enc = self.tokenizer.pad({"input_ids": [list(i) for i in ids]}, return_tensors="pt").to(self.device)
         finally:
             self.tokenizer.padding_side = side
         with torch.no_grad():

@@ -490,18 +490,18 @@ def test_ppo_reward_model_scores_equal_the_reward_model_on_its_training_format(s
                                           "--output_dir", rm, "--max_steps", "3", "--per_device_train_batch_size",
                                           "16", "--save_strategy", "no", "--report_to", "none"]) == 0
     rollouts, scored = [], []
-    rollout, call = ppo._rollout, RewardModelScorer.__call__
+    rollout, call = ppo._rollout, RewardModelScorer.score_ids
 
     def spy_rollout(*args, **kwargs):
         rollouts.append(rollout(*args, **kwargs))
         return rollouts[-1]
 
-    def spy_call(self, texts):
-        scored.extend(call(self, texts))
-        return scored[-len(texts):]
+    def spy_call(self, ids):
+        scored.extend(call(self, ids))
+        return scored[-len(ids):]
 
     monkeypatch.setattr(ppo, "_rollout", spy_rollout)
-    monkeypatch.setattr(RewardModelScorer, "__call__", spy_call)
+    monkeypatch.setattr(RewardModelScorer, "score_ids", spy_call)
     # At temperature 0.7 the SFT model ends some of its 2-token answers with EOS, not all.
     ppo.train(["--model_id", sft_run, "--output_dir", tmp_path / "p", "--reward_model", rm, "--max_steps", "2",
                "--response_length", "2", "--temperature", "0.7", "--ppo_epochs", "1", *PPO])

@@ -151,9 +151,10 @@ class _Captured(Exception):
 
 
 @pytest.mark.parametrize("shape", ["pref_explicit", "pref_implicit_messages"])
-def test_reward_model_message_pairs_are_chat_template_text(shape, tiny_chat_llama, tmp_path, monkeypatch):
-    """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.chat.render) scores
-    the prompt as the tokenizer's own chat template writes it, then the last assistant turn."""
+def test_reward_model_message_pairs_are_chat_template_ids(shape, tiny_chat_llama, tmp_path, monkeypatch):
+    """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.chat.render) trains
+    on the ids of the tokenizer's own chat template for the prompt and the last assistant turn, as
+    SFTTrainer tokenises a conversation."""
     import trl
     from transformers import AutoTokenizer
 
@@ -176,9 +177,9 @@ def test_reward_model_message_pairs_are_chat_template_text(shape, tiny_chat_llam
         if row["chosen"] == row["rejected"]:
             continue
         prompt = row.get("prompt", row["chosen"][:-1])
-        expected.add((tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
-                      row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
-    assert {(p["prompt"], p["chosen"], p["rejected"]) for p in seen["pairs"]} == expected
+        expected.add(tuple(tuple(tok.apply_chat_template(prompt + [row[side][-1]], return_dict=True)["input_ids"])
+                           for side in ("chosen", "rejected")))
+    assert {(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in seen["pairs"]} == expected
 
 
 @pytest.mark.parametrize("script", ["dpo.py", "kto.py", "reward_model.py"])

@@ -1,8 +1,10 @@
 """Every preference trainer trains on the token ids SFT trains on, for the same question and answer.
 
 The reference is what sft/run.py's SFTTrainer holds as `input_ids` for a row; each preference
-trainer's own processed dataset gives prompt + chosen (DPO, ORPO, SimPO) or prompt + desirable
-completion (KTO). The runs stop right after the trainer is built: tokenisation happens there."""
+trainer's own processed dataset gives prompt + chosen (DPO, ORPO, SimPO, the reward model) or
+prompt + desirable completion (KTO). The runs stop right after the trainer is built: tokenisation
+happens there. Question-answer data for every trainer; conversation data (message-list pairs
+against SFT on the chosen conversation) for the reward model, which renders them itself."""
 
 import shutil
 
@@ -68,17 +70,30 @@ def _trainer(fn, argv):
     return built.value.trainer
 
 
-def _sft_ids(model, tmp_path):
+def _sft_ids(model, tmp_path, argv=ARGV):
     from sft.run import train
 
-    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *ARGV]).train_dataset
+    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *argv]).train_dataset
     return sorted(ds["input_ids"])
 
 
-def _preference_ids(kind, model, tmp_path):
+def _train_reward_model(argv):
+    from common.args import check_common, check_preference
+    from rlhf import reward
+
+    args = reward.make_parser().parse(argv)
+    check_common(args)
+    check_preference(args, "reward")
+    reward.run_reward_model(args)
+
+
+def _preference_ids(kind, model, tmp_path, argv=ARGV):
     from rlhf.run import train
 
-    ds = _trainer(lambda a: train(kind, a), ["--model_id", model, "--output_dir", tmp_path / kind, *ARGV]).train_dataset
+    if kind == "reward":
+        ds = _trainer(_train_reward_model, ["--model_id", model, "--output_dir", tmp_path / kind, *argv]).train_dataset
+        return sorted(ds["chosen_ids"])
+    ds = _trainer(lambda a: train(kind, a), ["--model_id", model, "--output_dir", tmp_path / kind, *argv]).train_dataset
     if kind == "dpo":
         return sorted(p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
     if kind == "kto":
@@ -86,7 +101,7 @@ def _preference_ids(kind, model, tmp_path):
     return sorted(ds["chosen_input_ids"])  # ORPO and SimPO (CPO) keep whole sequences
 
 
-@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "simpo"])
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "simpo", "reward"])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_preference_ids_equal_sft_trainer_ids(arch, kind, request, tmp_path, stop_before_training):
     model = request.getfixturevalue(MODELS[arch])
@@ -95,3 +110,32 @@ def test_preference_ids_equal_sft_trainer_ids(arch, kind, request, tmp_path, sto
     assert len(got) == len(expected) == 6
     for mine, ref in zip(got, expected):
         assert mine == ref, f"{kind} on {arch}: {mine} != SFT's {ref}"
+
+
+CONVERSATION_MODELS = {"no_template": "tiny_llama", **MODELS}
+
+
+@pytest.mark.parametrize("arch", list(CONVERSATION_MODELS))
+def test_reward_model_ids_on_conversations_equal_sft_trainer_ids(arch, request, tmp_path, stop_before_training):
+    """Message-list pairs (prompt, chosen, rejected) against SFT on `messages` = prompt + chosen: with a
+    chat template, and with none (common.chat's plain rendering, BOS-adding or not)."""
+    import json
+
+    from tests.helpers import write_jsonl
+
+    with open("data/triviaqa_sample/train.jsonl", encoding="utf-8") as fh:
+        rows = [json.loads(line) for _, line in zip(range(6), fh)]
+    qa = [(r["question"], r["answer"]["value"]) for r in rows]
+    head = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}] for q, _ in qa]
+    reply = [[{"role": "assistant", "content": a}] for _, a in qa]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": h, "chosen": c, "rejected": reply[i - 1]}
+                                                   for i, (h, c) in enumerate(zip(head, reply))])
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": h + c} for h, c in zip(head, reply)])
+    common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none"]
+    model = request.getfixturevalue(CONVERSATION_MODELS[arch])
+    expected = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common])
+    got = _preference_ids("reward", model, tmp_path, ["--dataset_name", pairs, *common])
+    assert len(expected) == 6
+    # 10% of the rows are kept aside for accuracy (no held-out split): the rest equal SFT's rows.
+    stray = [ids for ids in got if ids not in expected]
+    assert got and not stray, f"reward model on {arch}: {stray[:1]} not among SFT's {expected}"

@@ -8,9 +8,11 @@ end-of-answer token), on TriviaQA-template and prompt-completion data. PPO's ids
 first rollout receives; GRPO's are what its trainer's prompt tokenisation gives for its dataset.
 The runs stop before any sampling.
 
-Reward model: the reference is the reward model run by hand on the ids TRL's RewardTrainer trained
-it on (prompt + chosen answer + EOS) for conversational pairs, from a base with a chat template and
-from one without (rendered as plain `User: ... Assistant:` text), scoring a chat policy's prompts."""
+Reward model: the reference is the ids TRL's RewardTrainer trained it on (SFT's ids for prompt +
+chosen answer, tests/test_pref_tokens.py) and the reward model run by hand on them, for
+conversational pairs, from a base with a chat template and from ones without (rendered as plain
+`User: ... Assistant:` text, with the BOS a BOS-adding tokenizer wants), scoring a chat policy's
+prompts."""
 
 import json
 
@@ -19,7 +21,7 @@ import torch
 
 from tests.helpers import write_jsonl
 from tests.test_inference_prompt import tiny_bert  # noqa: F401 (fixture)
-from tests.test_pref_tokens import _Built, stop_before_training, tiny_llama_bos  # noqa: F401 (fixtures)
+from tests.test_pref_tokens import _Built, _sft_ids, stop_before_training, tiny_llama_bos  # noqa: F401 (fixtures)
 
 N = 4
 COMMON = ["--max_train_samples", str(N), "--report_to", "none", "--save_strategy", "no"]
@@ -106,7 +108,8 @@ SYSTEM = "Answer briefly."
 
 @pytest.fixture(scope="module")
 def chat_pairs(tmp_path_factory):
-    """Message-list pairs on the sample's questions, and the same questions as question-answer rows."""
+    """Message-list pairs on the sample's questions, the same questions as question-answer rows, and
+    the chosen conversations as SFT data."""
     rows = _sample_rows(8)
     folder = tmp_path_factory.mktemp("chat-pairs")
     pairs = []
@@ -115,12 +118,13 @@ def chat_pairs(tmp_path_factory):
         pairs.append({"chosen": head + [{"role": "assistant", "content": a}],
                       "rejected": head + [{"role": "assistant", "content": rows[(i + 1) % len(rows)][1]}]})
     return (write_jsonl(folder / "pairs.jsonl", pairs),
-            write_jsonl(folder / "qa.jsonl", [{"question": q, "answer": a} for q, a in rows]), dict(rows))
+            write_jsonl(folder / "qa.jsonl", [{"question": q, "answer": a} for q, a in rows]), dict(rows),
+            write_jsonl(folder / "chats.jsonl", [{"messages": p["chosen"]} for p in pairs]))
 
 
 def _reward_model_on_training_ids(base, pairs, out, monkeypatch):
-    """Trains a reward model for one step; -> {question: its score on the ids RewardTrainer trained
-    on for (prompt, chosen answer)}, the model loaded by hand."""
+    """Trains a reward model for one step; -> {text: (the ids RewardTrainer trained on for (prompt,
+    chosen answer), the score of the model loaded by hand on them)}."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -145,12 +149,12 @@ def _reward_model_on_training_ids(base, pairs, out, monkeypatch):
     for ds in (built[0].train_dataset, built[0].eval_dataset):
         for row in ds:
             with torch.no_grad():
-                scores[tokenizer.decode(row["chosen_ids"])] = model(
-                    input_ids=torch.tensor([row["chosen_ids"]])).logits[0, 0].item()
+                scores[tokenizer.decode(row["chosen_ids"])] = (row["chosen_ids"], model(
+                    input_ids=torch.tensor([row["chosen_ids"]])).logits[0, 0].item())
     return scores
 
 
-@pytest.mark.parametrize("rm_base", ["tiny_chat_llama", "tiny_llama"])
+@pytest.mark.parametrize("rm_base", ["tiny_chat_llama", "tiny_llama", "tiny_llama_bos"])
 def test_rl_reward_model_scores_equal_reward_model_on_its_training_ids(rm_base, request, chat_pairs, tiny_chat_llama,
                                                                       tmp_path, monkeypatch):
     """A chat policy (tiny_chat_llama) scored by a reward model trained on conversations, from a base
@@ -159,9 +163,10 @@ def test_rl_reward_model_scores_equal_reward_model_on_its_training_ids(rm_base, 
     from rlhf.grpo import train as grpo_train
     from rlhf.rewards import RewardModelScorer
 
-    pairs, qa, answers = chat_pairs
+    pairs, qa, answers, chats = chat_pairs
     rm = tmp_path / "rm"
-    trained = _reward_model_on_training_ids(request.getfixturevalue(rm_base), pairs, rm, monkeypatch)
+    base = request.getfixturevalue(rm_base)
+    trained = _reward_model_on_training_ids(base, pairs, rm, monkeypatch)
     argv = ["--model_id", tiny_chat_llama, "--dataset_name", qa, "--reward_model", rm, "--system_prompt", SYSTEM,
             "--max_train_samples", "8", "--report_to", "none", "--save_strategy", "no"]
 
@@ -182,7 +187,16 @@ def test_rl_reward_model_scores_equal_reward_model_on_its_training_ids(rm_base, 
     def question(prompt):  # (the prompt as text, where the old code rendered it)
         return next(q for q in answers if q in (prompt if isinstance(prompt, str) else prompt[-1]["content"]))
 
-    got = {"ppo": [(p, score_answers(scorer, [p], [answers[question(p)]], [True])[0]) for p in prompts]}
+    from peft import PeftModelForSequenceClassification
+
+    fed, forward = [], PeftModelForSequenceClassification.forward
+
+    def spy(self, input_ids=None, attention_mask=None, **kwargs):  # the ids the reward model is run on
+        fed.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(PeftModelForSequenceClassification, "forward", spy)
+    got = {"ppo": [(p, score_answers(scorer, [p], [answers[question(p)]], [True])[0], fed[-1]) for p in prompts]}
 
     # GRPO: its reward function on its own dataset's prompts, each answered by the chosen answer
     from common import training
@@ -199,12 +213,60 @@ def test_rl_reward_model_scores_equal_reward_model_on_its_training_ids(rm_base, 
     eos = trainer.processing_class.eos_token_id
     prompts = list(trainer.train_dataset["prompt"])
     got["grpo"] = [(p, reward_fn(prompts=[p], completions=[[{"role": "assistant", "content": answers[question(p)]}]],
-                                 completion_ids=[[5, eos]])[0]) for p in prompts]
+                                 completion_ids=[[5, eos]])[0], fed[-1]) for p in prompts]
 
-    # The reference: the reward model on RewardTrainer's ids for the same question and chosen answer
-    assert len(trained) == 8
+    # The references: SFT's ids for the chosen conversations, and the reward model on RewardTrainer's
+    # ids for the same question and chosen answer
+    sft = _sft_ids(base, tmp_path, ["--dataset_name", chats, "--report_to", "none", "--eval_split", "none"])
+    assert len(trained) == 8 and all(ids in sft for ids, _ in trained.values())
     for name, scored in got.items():
         assert len(scored) == 8
-        for p, score in scored:
+        for p, score, ids in scored:
             text = next(text for text in trained if question(p) in text)
-            assert score == pytest.approx(trained[text], abs=1e-5), (name, text)
+            assert ids == trained[text][0] and ids in sft, (name, text)
+            assert score == pytest.approx(trained[text][1], abs=1e-5), (name, text)
+
+
+def test_rl_reward_model_ids_equal_its_training_ids_without_tokenizer_files_or_eos(tiny_bert, tmp_path,
+                                                                                  monkeypatch):
+    """A reward model dir without its tokenizer files, from a base whose tokenizer has no EOS (BERT):
+    the scorer loads the base's tokenizer as reward_model.py did (SEP ends answers, common.model.
+    ensure_eos_token), so a finished answer is scored on the ids RewardTrainer trained on."""
+    from types import SimpleNamespace
+
+    from peft import PeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from common import training
+    from rlhf import reward
+    from rlhf.rewards import RewardModelScorer
+
+    rows = _sample_rows(4)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Question: {q}\nAnswer:", "chosen": f" {a}",
+                                                    "rejected": f" {rows[i - 1][1]}"} for i, (q, a) in enumerate(rows)])
+    built, guarded = [], training.train_guarded
+
+    def record(trainer, *args):
+        built.append(trainer)
+        return guarded(trainer, *args)
+
+    monkeypatch.setattr(training, "train_guarded", record)
+    rm = tmp_path / "rm"
+    assert reward.main(["--model_id", tiny_bert, "--dataset_name", pairs, "--output_dir", rm, "--max_steps", "1",
+                        "--target_modules", "query,value", "--report_to", "none", "--save_strategy", "no",
+                        "--eval_split", "none"]) == 0
+    trained = {tuple(ids) for ds in (built[0].train_dataset, built[0].eval_dataset) for ids in ds["chosen_ids"]}
+    for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        (rm / name).unlink(missing_ok=True)
+
+    fed, forward = [], PeftModelForSequenceClassification.forward
+
+    def spy(self, input_ids=None, attention_mask=None, **kwargs):  # the ids the reward model is run on
+        fed.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask))
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(PeftModelForSequenceClassification, "forward", spy)
+    scorer = RewardModelScorer(str(rm), AutoTokenizer.from_pretrained(tiny_bert),
+                               SimpleNamespace(trust_remote_code=False), "cpu")
+    scorer.score_answers([f"Question: {q}\nAnswer:" for q, _ in rows], [f" {a}" for _, a in rows], [True] * 4)
+    assert len(trained) == 4 and set(fed) == trained
