@@ -172,7 +172,7 @@ def test_evaluate_and_merge_with_two_processes(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "two" / "eval_results.json").read_text())["processes"] == 2
 
     done = _launch(torchrun(), "merge.py", ["--adapter", adapter, "--output_dir", tmp_path / "merged"], tmp_path)
-    assert done.stdout.count("plain model written to") == 1
+    assert done.stdout.count("wrote the merged model to") == 1
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -200,8 +201,10 @@ def test_dpo_on_a_4bit_sft_adapter(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_sft_then_dpo_example_script(tiny_llama, tmp_path):
+    # The script calls `python`, as a user's activated environment provides it: this interpreter's.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = dict(os.environ, MODEL=tiny_llama, DATA="triviaqa-sample", MAX_STEPS="4", OUT=str(tmp_path / "chain"),
-               PRECISION="--use_bfloat16 False")
+               PRECISION="--use_bfloat16 False", PATH=path)
     done = subprocess.run(["bash", "examples/sft_then_dpo.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("sft", "dpo"):
