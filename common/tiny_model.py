@@ -106,6 +106,33 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
     return str(out)
 
 
+def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
+    """A BERT-style model: a WordPiece tokenizer of the bundled sample's words ([CLS] ... [SEP], no EOS),
+    saved as bert-base-uncased ships (is_decoder off). `dims` override the small default shape."""
+    import collections
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, BertConfig, BertTokenizer
+
+    words: collections.Counter = collections.Counter()
+    for line in _corpus():
+        words.update(re.findall(r"\w+|[^\w\s]", line.lower()))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
+             *(w for w, _ in words.most_common(400) if len(w) > 1)]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))})
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    shape.update(dims)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **shape)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)

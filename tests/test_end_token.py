@@ -1,8 +1,6 @@
 """The end-of-answer token: BERT-style tokenizers have no EOS, so their SEP token ends answers;
 a tokenizer with neither stops the run with one line saying how to fix it."""
 
-import collections
-import re
 import shlex
 import shutil
 
@@ -15,26 +13,10 @@ from tests.helpers import run_script
 def bert_base_shaped(tmp_path_factory):
     """bert-base-uncased's shape (768 wide, 12 layers, 12 heads) with a small MLP and a WordPiece
     vocabulary of the bundled sample: a BERT tokenizer ([CLS] ... [SEP], no EOS), offline."""
-    import torch
-    from transformers import AutoModelForCausalLM, BertConfig, BertTokenizer
+    from common.tiny_model import build_tiny_bert
 
-    from common.tiny_model import _corpus
-
-    words = collections.Counter()
-    for line in _corpus():
-        words.update(re.findall(r"\w+|[^\w\s]", line.lower()))
-    chars = sorted({c for w in words for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
-             *(w for w, _ in words.most_common(400) if len(w) > 1)]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))})
-    assert tokenizer.eos_token is None and tokenizer.sep_token == "[SEP]"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=128, max_position_embeddings=256)
-    out = tmp_path_factory.mktemp("models") / "bert-shaped"
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return build_tiny_bert(str(tmp_path_factory.mktemp("models") / "bert-shaped"), hidden_size=768,
+                           num_hidden_layers=12, num_attention_heads=12, intermediate_size=128)
 
 
 # The seed document's P-Tuning command, as written, on a local BERT-shaped model and the bundled data.

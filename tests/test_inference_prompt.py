@@ -5,9 +5,7 @@ sft/run.py trains the model to continue. The ids generation feeds the model are 
 model that ends every answer at once. A BERT tokenizer closes every text it encodes with [SEP] (the
 end-of-answer token of these models); training never puts it between prompt and answer."""
 
-import collections
 import json
-import re
 
 import pytest
 import torch
@@ -22,24 +20,9 @@ ARGV = ["--dataset_name", "triviaqa-sample", "--max_train_samples", str(N), "--r
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A small BERT: WordPiece tokenizer ([CLS] ... [SEP], no EOS) on the bundled sample's words."""
-    from transformers import AutoModelForCausalLM, BertConfig, BertTokenizer
+    from common.tiny_model import build_tiny_bert
 
-    from common.tiny_model import _corpus
-
-    words = collections.Counter()
-    for line in _corpus():
-        words.update(re.findall(r"\w+|[^\w\s]", line.lower()))
-    chars = sorted({c for w in words for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
-             *(w for w, _ in words.most_common(400) if len(w) > 1)]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))})
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)
-    out = tmp_path_factory.mktemp("models") / "tiny-bert"
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return build_tiny_bert(str(tmp_path_factory.mktemp("models") / "tiny-bert"))
 
 
 class _Recorder(torch.nn.Module):
