@@ -20,3 +20,13 @@ def write_jsonl(path, rows) -> str:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+def prompt_ids_before_labels(dataset) -> list[list[int]]:
+    """For each row an SFT trainer holds, its input ids up to the first trained label: the prompt as
+    SFT trains on it."""
+    out = []
+    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        out.append(ids[:first])
+    return out

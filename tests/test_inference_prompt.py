@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from tests.helpers import prompt_ids_before_labels
 from tests.test_pref_tokens import stop_before_training, tiny_llama_bos, _Built  # noqa: F401 (fixtures)
 
 N = 4
@@ -61,11 +62,7 @@ def test_generation_prompt_ids_equal_sft_trainer_prompt_ids(arch, request, tmp_p
         argv += ["--target_modules", "query,value"]
     with pytest.raises(_Built) as built:
         train("lora", argv)
-    ds = built.value.trainer.train_dataset
-    trained = []
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        first = next(i for i, label in enumerate(labels) if label != -100)
-        trained.append(ids[:first])
+    trained = prompt_ids_before_labels(built.value.trainer.train_dataset)
 
     args = make_parser().parse(["--model_id", model_id, "--dataset_name", "triviaqa-sample"])
     tokenizer = load_tokenizer(resolve_model(model_id), args)

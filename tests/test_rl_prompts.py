@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import write_jsonl
+from tests.helpers import prompt_ids_before_labels, write_jsonl
 from tests.test_inference_prompt import tiny_bert  # noqa: F401 (fixture)
 from tests.test_pref_tokens import _Built, _sft_ids, stop_before_training, tiny_llama_bos  # noqa: F401 (fixtures)
 
@@ -51,12 +51,7 @@ def _sft_prompt_ids(argv):
 
     with pytest.raises(_Built) as built:
         train("lora", argv)
-    ds = built.value.trainer.train_dataset
-    out = []
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        first = next(i for i, label in enumerate(labels) if label != -100)
-        out.append(ids[:first])
-    return sorted(out)
+    return sorted(prompt_ids_before_labels(built.value.trainer.train_dataset))
 
 
 def _ppo_prompt_ids(argv, monkeypatch):
