@@ -39,7 +39,7 @@ def previous_generate_answers(model, tokenizer, questions, fmt, batch_size, max_
     import torch
 
     from common.data import generation_prompt
-    from common.evaluation import _stop_ids
+    from common.evaluation import stop_token_ids
     from common.metrics import extract_answer
 
     prompts = [generation_prompt(q, fmt, tokenizer) for q in questions]
@@ -54,7 +54,7 @@ def previous_generate_answers(model, tokenizer, questions, fmt, batch_size, max_
                             add_special_tokens=not fmt.use_chat)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer),
                                      stop_strings=["\n"], tokenizer=tokenizer)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                            skip_special_tokens=True)):

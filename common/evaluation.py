@@ -12,7 +12,7 @@ from common.metrics import END_OF_TURN_TOKENS, extract_answer, score
 def generate_answers(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = False) -> list[str]:
     """Greedy answers (see common/generation.py), each cut by `extract_answer`, in question order."""
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     generated = generate_ids(model, tokenizer, questions, fmt, batch_size, max_new_tokens, progress)
     return [answer_from_ids(tokenizer, ids, stops) for ids in generated]
 
@@ -25,7 +25,7 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     from common.generation import greedy_generate, newline_ids
 
     encoded = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], fmt.use_chat)
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bar = None
     if progress:
@@ -65,7 +65,8 @@ def answer_from_ids(tokenizer, ids: list[int], stop_ids) -> str:
     return extract_answer(tokenizer.decode(ids[:cut], skip_special_tokens=True))
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end an answer: EOS and the common end-of-turn tokens in the vocabulary."""
     ids = {tokenizer.eos_token_id}
     vocab = tokenizer.get_vocab()
     for token in END_OF_TURN_TOKENS:

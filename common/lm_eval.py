@@ -47,10 +47,10 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_siz
     """Greedy continuations of each prompt (rendered text, tokenized as SFT tokenizes it), through the
     project's one decoder (common/generation.py, right for every adapter type). A reply may span
     lines, so only EOS or an end-of-turn token ends it."""
-    from common.evaluation import _stop_ids, prompt_ids
+    from common.evaluation import stop_token_ids, prompt_ids
     from common.generation import greedy_generate
 
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     encoded = [prompt_ids(tokenizer, [s.prompt], use_chat=not s.add_special_tokens)[0] for s in samples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     generated = greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=(), batch_size=batch_size,

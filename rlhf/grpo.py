@@ -152,9 +152,9 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
 
         scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
 
-        from common.evaluation import _stop_ids
+        from common.evaluation import stop_token_ids
 
-        stops = set(_stop_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
+        stops = set(stop_token_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
 
         def reward_model(prompts, completions, completion_ids, **_):
             finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]  # truncated ones have no EOS

@@ -213,7 +213,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                                                                                    args.secret_fields()))
     unwrapped = accelerator.unwrap_model(wrapper)
     kl_ctl = core.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    stop_ids = _stop_ids(tokenizer)
+    from common.evaluation import stop_token_ids
+
+    stop_ids = stop_token_ids(tokenizer)
     reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
 
     history: list[dict] = []
@@ -370,12 +372,6 @@ def _clock() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    from common.evaluation import _stop_ids as stops
-
-    return stops(tokenizer)
 
 
 def _rollout(unwrapped, accelerator, tokenizer, prompt_ids: list[list[int]], args, stop_ids, ref_adapter: bool):

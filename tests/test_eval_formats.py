@@ -112,7 +112,7 @@ def test_prompt_tuning_samples_and_loss_equal_cache_free_greedy_and_model_loss(n
     from transformers import AutoTokenizer
 
     from common.chat import load_sft_data, tokenized_dataset
-    from common.evaluation import _stop_ids
+    from common.evaluation import stop_token_ids
     from tests.oracles import cache_free_greedy
 
     model, adapter = prompt_tuning_adapter
@@ -132,12 +132,12 @@ def test_prompt_tuning_samples_and_loss_equal_cache_free_greedy_and_model_loss(n
             words = row["text"].split(" ")
             prompt = " ".join(words[:len(words) // 2])
             ids = tok(prompt)["input_ids"]
-        new = cache_free_greedy(model, ids, set(_stop_ids(tok)), lambda _: False, 6)
+        new = cache_free_greedy(model, ids, set(stop_token_ids(tok)), lambda _: False, 6)
         expected.append({"prompt": prompt, "generation": tok.decode(new, skip_special_tokens=True)})
     assert [{"prompt": s["prompt"], "generation": s["generation"]} for s in samples] == expected
     with model.disable_adapter():
         plain = [tok.decode(cache_free_greedy(model, tok(e["prompt"], add_special_tokens=name == "text")["input_ids"],
-                                              set(_stop_ids(tok)), lambda _: False, 6), skip_special_tokens=True)
+                                              set(stop_token_ids(tok)), lambda _: False, 6), skip_special_tokens=True)
                  for e in expected]
     assert plain != [e["generation"] for e in expected], "the adapter must change the replies"
 

@@ -55,9 +55,9 @@ def _load(run_dir, technique, chat: bool):
 
 def _oracle(model, tokenizer, questions, fmt):
     from common.data import generation_prompt
-    from common.evaluation import _stop_ids
+    from common.evaluation import stop_token_ids
 
-    stops = set(_stop_ids(tokenizer))
+    stops = set(stop_token_ids(tokenizer))
     out = []
     for q in questions:
         prompt = tokenizer(generation_prompt(q, fmt, tokenizer), add_special_tokens=not fmt.use_chat)["input_ids"]
@@ -67,13 +67,13 @@ def _oracle(model, tokenizer, questions, fmt):
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 def test_generation_equals_cache_free_greedy(trained, chat, questions):
-    from common.evaluation import _stop_ids, answer_from_ids, generate_answers, generate_ids
+    from common.evaluation import stop_token_ids, answer_from_ids, generate_answers, generate_ids
 
     technique, run_dir = trained
     model, tokenizer, fmt = _load(run_dir, technique, chat)
     assert fmt.use_chat is chat
     expected = _oracle(model, tokenizer, questions, fmt)
-    expected_answers = [answer_from_ids(tokenizer, ids, _stop_ids(tokenizer)) for ids in expected]
+    expected_answers = [answer_from_ids(tokenizer, ids, stop_token_ids(tokenizer)) for ids in expected]
     for batch_size in (1, 16):
         assert generate_ids(model, tokenizer, questions, fmt, batch_size, MAX_NEW) == expected, batch_size
         assert generate_answers(model, tokenizer, questions, fmt, batch_size, MAX_NEW) == expected_answers
@@ -151,7 +151,7 @@ def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, pe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.data import PromptFormat, generation_prompt
-    from common.evaluation import _stop_ids, generate_ids
+    from common.evaluation import stop_token_ids, generate_ids
     from common.model import ensure_eos_token, ensure_pad_token
 
     path = request.getfixturevalue(arch)
@@ -168,7 +168,7 @@ def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, pe
             if p.requires_grad:
                 p.mul_(3.0)
     fmt = PromptFormat()
-    stops = set(_stop_ids(tokenizer))
+    stops = set(stop_token_ids(tokenizer))
     from common.evaluation import prompt_ids
 
     prompts = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], False)
