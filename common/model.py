@@ -349,8 +349,17 @@ def prepare_kbit_training(model, gradient_checkpointing: bool):
     for param in model.parameters():
         param.requires_grad = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
     return model
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Gradient checkpointing on a transformers model, under the name transformers 5.24 uses (its old
+    name, `gradient_checkpointing_enable`, prints a deprecation warning)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def keep_float32_trainables(model, precision: Precision) -> None:

@@ -55,13 +55,17 @@ LINE_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/accuracies", "reward
              "eval_em", "eval_f1", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
-def log_line(logs: dict, step: int, max_steps: int) -> str | None:
+# ppo.py's line: what tells a user whether PPO is working.
+PPO_LINE_KEYS = ("score", "kl", "policy_loss", "value_loss", "learning_rate")
+
+
+def log_line(logs: dict, step: int, max_steps: int, keys=LINE_KEYS) -> str | None:
     """One readable line for a Trainer log record; None for the end-of-training totals (the run
     summary says them) and records with nothing to show."""
     if "train_loss" in logs:  # the end-of-training totals
         return None
     parts = []
-    for key in LINE_KEYS:
+    for key in keys:
         value = logs.get(key)
         if isinstance(value, (int, float)):
             name = key.replace("rewards/", "")

@@ -48,11 +48,12 @@ def _text_config(config):
 
 # Generation settings that change the sampled distribution, at their neutral values. None cannot
 # switch a setting off (generate() fills None from the model's generation_config), so the model's
-# own generation config is replaced by a plain one as well.
+# own generation config is replaced by a plain one as well (its min_length is 0; passing min_length
+# next to min_new_tokens would make generate() warn on every call).
 NEUTRAL_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "typical_p": 1.0, "min_p": 0.0,
                     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
                     "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
+                    "encoder_no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1,
                     "renormalize_logits": False}
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from common.model import (count_parameters, is_quantized, load_model, load_tokenizer, select_precision)
+    from common.model import (count_parameters, enable_checkpointing, is_quantized, load_model, load_tokenizer,
+                              select_precision)
     from common.peft_config import attach_adapter
     from rlhf import ppo_core as core
     from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
@@ -161,7 +163,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     disable_dropout(policy)
     sample_from_the_policy_only(policy)
     if args.gradient_checkpointing and not quantized:  # (4-bit bases have it from prepare_model_for_kbit_training)
-        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy.get_base_model(), {"use_reentrant": False})
     hidden = policy.get_base_model().config.get_text_config().hidden_size
     wrapper = _policy_and_value(policy, hidden)
     wrapper.eval()  # no dropout: rollout and update log-probs must agree
@@ -297,6 +299,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
 
     from tqdm.auto import tqdm
 
+    from common.quiet import PPO_LINE_KEYS, log_line
+
     bar = tqdm(range(first_step, steps + 1), desc="PPO", initial=first_step - 1, total=steps,
                disable=not accelerator.is_main_process)
     with tr.stop_requests() as stop:
@@ -306,6 +310,8 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
             if step % args.logging_steps == 0 or step == steps:
                 accelerator.log(entry, step=step)
                 bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
+                if accelerator.is_main_process:
+                    bar.write(log_line(entry, step, steps, PPO_LINE_KEYS), file=sys.stderr)
             saved = None
             if args.save_strategy == "steps" and step % args.save_steps == 0 and step < steps:
                 saved = checkpoint(step)

@@ -112,6 +112,9 @@ def plain_runs(tiny_llama, tmp_path_factory):
         "prefix_tuning.py": [*small, "--output_dir", tmp / "prefix"],
         "orpo.py": [*small, "--output_dir", tmp / "orpo"],
         "reward_model.py": [*small, "--output_dir", tmp / "rm"],
+        "ppo.py": ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--reward_function", "triviaqa_f1",
+                   "--per_device_train_batch_size", "4", "--max_steps", "2", "--response_length", "4",
+                   "--save_strategy", "no", "--lora_r", "4", "--logging_steps", "1", "--output_dir", tmp / "ppo"],
     }
     runs = {}
     for script, argv in commands.items():

@@ -1,7 +1,7 @@
 """What a plain run prints: the progress bar, one readable line per logging step and the run
 summary; no library noise the user cannot act on, and no wrong figures. The runs are the
 subprocess runs of the `plain_runs` fixture (conftest.py): lora.py, evaluate.py, prefix_tuning.py,
-orpo.py and reward_model.py on a tiny local model."""
+orpo.py, reward_model.py and ppo.py on a tiny local model."""
 
 import re
 
@@ -17,8 +17,9 @@ NOISE = {
     "LOAD REPORT table": re.compile(r"LOAD REPORT"),
     "raw ANSI colour codes": re.compile(r"\x1b\[[0-9;]*m"),
     "zero throughput": re.compile(r"tokens/s\s+0\.0|total_flos|\b0 non-padding tokens"),
+    "generation settings conflict": re.compile(r"seem to have been set"),
 }
-SCRIPTS = ["lora.py", "evaluate.py", "prefix_tuning.py", "orpo.py", "reward_model.py"]
+SCRIPTS = ["lora.py", "evaluate.py", "prefix_tuning.py", "orpo.py", "reward_model.py", "ppo.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -36,6 +37,14 @@ def test_training_run_prints_one_line_per_log_step_and_the_summary(plain_runs, s
     lines = re.findall(r"^step (\d+)/2 \(epoch [0-9.]+\): loss [0-9.]+, .*$", text.replace("\r", "\n"), re.MULTILINE)
     assert lines == ["1", "2"], text[-3000:]  # --logging_steps 1 over 2 steps
     assert "── run summary" in text and "train loss" in text
+
+
+def test_ppo_prints_one_line_per_log_step_and_its_summary(plain_runs):
+    text = plain_runs[1]["ppo.py"].stdout + plain_runs[1]["ppo.py"].stderr
+    lines = re.findall(r"^step (\d+)/2: score [0-9.e-]+, kl [0-9.e-]+, policy_loss [0-9.e-]+, value_loss [0-9.e-]+, "
+                       r"learning_rate [0-9.e+-]+$", text.replace("\r", "\n"), re.MULTILINE)
+    assert lines == ["1", "2"], text[-3000:]
+    assert "── PPO summary" in text
 
 
 def test_orpo_summary_omits_the_token_count_it_does_not_have(plain_runs):
