@@ -111,6 +111,9 @@ class LoraArguments:
     lora_r: int = _f(16, "LoRA rank. 8-64 covers most uses; higher ranks rarely help on short answers.")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r). 2*r is a good default.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input. 0.05-0.1 for small datasets.")
+    share_lora_dropout: bool = _f(
+        True, "Adapters that read the same input (q/k/v, gate/up) share one dropout mask, as a fused qkv layer "
+              "does: fewer masks to draw and keep. `False`: one mask per adapted layer, as PEFT draws them.")
     lora_bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
     target_modules: str = _f(
         "all-linear",

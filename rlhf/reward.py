@@ -122,6 +122,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
 
     from common.model import (count_parameters, get_quantization_config, keep_float32_trainables, load_tokenizer,
                               select_precision, shardable, _device_map, _hub_error)
+    from common.dropout import share_lora_dropout
     from common.peft_config import resolve_target_modules
 
     precision = select_precision(args)
@@ -154,6 +155,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
                         lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
                         target_modules=resolve_target_modules(model, args.target_modules))
     model = shardable(get_peft_model(model, config))
+    share_lora_dropout(model, shared=args.share_lora_dropout)
     trainable, total = count_parameters(model)
     log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
 
