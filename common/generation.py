@@ -18,6 +18,7 @@ and a batch stops as soon as every row has emitted a stop id or a newline.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from typing import Callable, Optional, Sequence
@@ -52,7 +53,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, sto
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_lora_forward(model):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 for i, ids in zip(idx, _greedy_batch(model, [prompts[i] for i in idx], pad_id, finish,
@@ -116,6 +117,61 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
                 break
         result.append(kept)
     return result
+
+
+@contextlib.contextmanager
+def plain_lora_forward(model):
+    """Inside this block, eval-mode LoRA layers on plain `nn.Linear`s compute their output with the
+    very operations of PEFT's forward, in its order (base, then B(A(x)) * scaling added), without its
+    per-call bookkeeping: the same numbers, and about half the time of a small layer's call. Layers
+    PEFT computes differently (DoRA and other variants, several active adapters, merged, quantized
+    or hooked layers, calls with extra arguments) keep PEFT's forward."""
+    swapped = []
+    try:
+        for module in model.modules():
+            forward = _plain_lora(module)
+            if forward is not None:
+                module.forward = forward
+                swapped.append(module)
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def _plain_lora(module):
+    import torch
+
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - PEFT is a requirement
+        return None
+    if type(module) is not LoraLinear or module.training or "forward" in vars(module):
+        return None
+    base = module.base_layer
+    if type(base) is not torch.nn.Linear or module.merged or module.disable_adapters:
+        return None
+    adapters = module.active_adapters
+    if len(adapters) != 1 or adapters[0] not in module.lora_A or adapters[0] in module.lora_variant:
+        return None
+    name, active = adapters[0], module.active_adapter
+    lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (module, base, lora_a, lora_b)):
+        return None
+    linear = torch.nn.functional.linear
+    original = type(module).forward.__get__(module)
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or module.disable_adapters or module.merged or module.active_adapter != active:
+            return original(x, *args, **kwargs)  # adapters switched or merged inside the block: PEFT decides
+        result = linear(x, base.weight, base.bias)
+        result_dtype = result.dtype
+        if x.dtype != lora_a.weight.dtype and getattr(module, "cast_input_dtype_enabled", True):
+            x = x.to(dtype=lora_a.weight.dtype)
+        result = result + linear(linear(x, lora_a.weight, lora_a.bias), lora_b.weight, lora_b.bias) * module.scaling[name]
+        return result.to(result_dtype)
+
+    return forward
 
 
 def _first_inputs(model, ids, mask, max_new_tokens: int):

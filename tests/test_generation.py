@@ -198,3 +198,64 @@ def test_newline_ids_belong_to_their_tokenizer_even_at_a_reused_address(monkeypa
     for tok in (with_newline, without):
         reference = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
         assert generation.newline_ids(tok) == reference
+
+
+def _lora_model(model_dir, dtype=torch.float32, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                        init_lora_weights=False, **lora)  # B != 0: the adapters change the logits
+    return get_peft_model(model, config).eval()
+
+
+def _swapped(model):
+    return sum("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+@pytest.mark.parametrize("case", ["lora", "lora_bias", "bf16_base_fp32_adapter"])
+def test_plain_lora_forward_logits_equal_peft_forward(case, tiny_llama):
+    """generation.py's lean LoRA forward against PEFT's own: bit for bit the same logits."""
+    from common.generation import plain_lora_forward
+
+    if case == "bf16_base_fp32_adapter":  # as qlora.py/`--use_bfloat16` train: the input is cast to the adapter's dtype
+        model = _lora_model(tiny_llama, dtype=torch.bfloat16)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+    else:
+        model = _lora_model(tiny_llama, lora_bias=case == "lora_bias")
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with plain_lora_forward(model):
+            assert _swapped(model) == 7 * model.config.num_hidden_layers
+            got = model(input_ids=ids).logits
+            with model.disable_adapter():  # switched off inside the block: the base model's logits
+                base = model(input_ids=ids).logits
+        with model.disable_adapter():
+            expected_base = model(input_ids=ids).logits
+    assert _swapped(model) == 0  # PEFT's forward is back
+    assert torch.equal(base, expected_base) and not torch.equal(base, expected)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_plain_lora_forward_leaves_other_layers_to_peft(tiny_llama):
+    from common.generation import plain_lora_forward
+
+    dora = _lora_model(tiny_llama, use_dora=True)
+    two = _lora_model(tiny_llama)
+    two.add_adapter("second", two.peft_config["default"])
+    two.base_model.set_adapter(["default", "second"])
+    hooked = _lora_model(tiny_llama)
+    layer = hooked.get_base_model().model.layers[0].self_attn.q_proj
+    layer.base_layer.register_forward_hook(lambda *args: None)
+    training = _lora_model(tiny_llama).train()
+    for model, expected in ((dora, 0), (two, 0), (training, 0),
+                            (hooked, 7 * hooked.config.num_hidden_layers - 1)):
+        with plain_lora_forward(model):
+            assert _swapped(model) == expected
+        assert _swapped(model) == 0
