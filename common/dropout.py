@@ -76,42 +76,63 @@ class LoraInputDropout(torch.nn.Dropout):
     """`nn.Dropout` that applies the same mask to repeated calls on the same tensor within one forward
     of its owner module (the attention or MLP block holding the adapted layers).
 
-    The first call saves the random generator's state before drawing. A repeated call returns the
-    first output while it is alive and otherwise draws the same mask again from the saved state, so
-    the numbers never depend on when a tensor is freed; the generator moves on once per input either
-    way. Gradient checkpointing, which restores the random state before it recomputes a block, thus
-    sees the masks of the first forward. Only weak references and the generator state are kept, and
-    they are dropped when the owner's forward starts and ends. A subclass of `nn.Dropout`, so
-    anything that switches dropout off by setting `p = 0` (TRL's `disable_dropout_in_model`, ours)
-    still does."""
+    "The same tensor" is the adapted layer's own input, which each layer reports through a forward
+    pre-hook: PEFT casts that input to the adapter's dtype (a bf16 model with float32 adapters) into a
+    new tensor per layer, and the copies of one input hold the same values. The first call saves the
+    random generator's state before drawing. A repeated call returns the first output while it is
+    alive and otherwise draws the same mask again from the saved state, so the numbers never depend on
+    when a tensor is freed; the generator moves on once per input either way. Gradient checkpointing,
+    which restores the random state before it recomputes a block, thus sees the masks of the first
+    forward. Only weak references and the generator state are kept, and they are dropped when the
+    owner's forward starts and ends. A subclass of `nn.Dropout`, so anything that switches dropout off
+    by setting `p = 0` (TRL's `disable_dropout_in_model`, ours) still does."""
 
     def __init__(self, p: float):
         super().__init__(p)
-        self._last = None  # (input, its version, generator state, output, grad mode), tensors as weakrefs
+        self._last = None  # (layer input, its version, generator state, output, grad mode), tensors as weakrefs
+        self._input = None  # weakref to the input of the adapted layer being run
 
     def clear(self, *_args, **_kwargs) -> None:
         self._last = None
+        self._input = None
+
+    def note_input(self, _module, args) -> None:
+        """Forward pre-hook of each adapted layer using this dropout: its input is the sharing key."""
+        x = args[0] if args else None
+        self._input = weakref.ref(x) if isinstance(x, torch.Tensor) else None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_last"] = state["_input"] = None  # weak references do not pickle
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source, self._input = (self._input() if self._input is not None else None), None
         if not self.training or self.p == 0.0:
             return x
+        if _steps(self.p) >= 65536:  # p rounds to 1: everything is dropped, as nn.Dropout(1.0) does
+            return x.mul(0.0)
         generator = _generator(x.device)
         if generator is None:
             return torch.nn.functional.dropout(x, self.p, True)
+        key = source if source is not None and source.shape == x.shape else x
+        scale = _scale(self.p)
+        if key.is_inference():  # no version counter to tell whether it changed: no sharing
+            return _KeepMask.apply(x, _keep(x.shape, x.device, self.p, generator), scale)
         grad = torch.is_grad_enabled()
         last = self._last
-        if last is not None and last[0]() is x and last[1] == x._version:
+        if last is not None and last[0]() is key and last[1] == key._version:
             out = last[3]()
-            if out is not None and last[4] == grad:
+            if out is not None and last[4] == grad and out.dtype == x.dtype:
                 return out
             replay = torch.Generator(device=x.device)
             replay.set_state(last[2])
-            out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, replay), _scale(self.p))
+            out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, replay), scale)
             self._last = (*last[:3], weakref.ref(out), grad)
             return out
         state = generator.get_state()
-        out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, generator), _scale(self.p))
-        self._last = (weakref.ref(x), x._version, state, weakref.ref(out), grad)
+        out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, generator), scale)
+        self._last = (weakref.ref(key), key._version, state, weakref.ref(out), grad)
         return out
 
 
@@ -140,6 +161,7 @@ def share_lora_dropout(model, shared: bool = True) -> int:
                 hooked = owner if shared else module
                 hooked.register_forward_pre_hook(new.clear)
                 hooked.register_forward_hook(new.clear)
+            module.register_forward_pre_hook(new.note_input)
             dropouts[adapter] = new
             replaced += 1
     return replaced

@@ -124,8 +124,8 @@ def plain_lora_forward(model):
     """Inside this block, eval-mode LoRA layers on plain `nn.Linear`s compute their output with the
     very operations of PEFT's forward, in its order (base, then B(A(x)) * scaling added), without its
     per-call bookkeeping: the same numbers, and about half the time of a small layer's call. Layers
-    PEFT computes differently (DoRA and other variants, several active adapters, merged, quantized
-    or hooked layers, calls with extra arguments) keep PEFT's forward."""
+    PEFT computes differently (DoRA and other variants, several active adapters, merged, quantized,
+    hooked or FSDP-wrapped layers, calls with extra arguments) keep PEFT's forward."""
     swapped = []
     try:
         for module in model.modules():
@@ -156,14 +156,17 @@ def _plain_lora(module):
         return None
     name, active = adapters[0], module.active_adapter
     lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    if type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear:  # e.g. FSDP units of their own
+        return None
     if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (module, base, lora_a, lora_b)):
         return None
     linear = torch.nn.functional.linear
     original = type(module).forward.__get__(module)
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or module.disable_adapters or module.merged or module.active_adapter != active:
-            return original(x, *args, **kwargs)  # adapters switched or merged inside the block: PEFT decides
+        if (args or kwargs or module.training or module.disable_adapters or module.merged
+                or module.active_adapter != active):
+            return original(x, *args, **kwargs)  # switched, merged or put in training inside the block: PEFT decides
         result = linear(x, base.weight, base.bias)
         result_dtype = result.dtype
         if x.dtype != lora_a.weight.dtype and getattr(module, "cast_input_dtype_enabled", True):

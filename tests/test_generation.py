@@ -259,3 +259,44 @@ def test_plain_lora_forward_leaves_other_layers_to_peft(tiny_llama):
         with plain_lora_forward(model):
             assert _swapped(model) == expected
         assert _swapped(model) == 0
+
+
+def _fsdp_generation_worker(rank, world, port, model_dir, out):
+    import os
+
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from common.generation import greedy_generate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _lora_model(model_dir)  # the same seed, the same adapter on both processes
+        prompts = [[1, 40, 41, 42], [1, 50, 51], [1, 60, 61, 62, 63]]
+        expected = greedy_generate(model, prompts, pad_id=0, stop_ids=[2], max_new_tokens=5)
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                       device_id=torch.device("cpu"))
+        try:
+            got = greedy_generate(wrapped, prompts, pad_id=0, stop_ids=[2], max_new_tokens=5)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            got = f"{type(exc).__name__}: {exc}"
+        (out / f"rank{rank}.txt").write_text(repr((got, expected)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generation_under_fsdp_equals_the_unwrapped_model(tiny_llama, tmp_path):
+    """Two gloo processes, FULL_SHARD with the auto-wrap policy the Trainer uses for PEFT models: each
+    LoRA matrix is an FSDP unit whose weights exist only while FSDP runs it. In-training evaluation
+    under FSDP must still answer as the unwrapped model does."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import _free_port
+
+    mp.spawn(_fsdp_generation_worker, args=(2, _free_port(), tiny_llama, tmp_path), nprocs=2)
+    for rank in range(2):
+        got, expected = eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert got == expected
