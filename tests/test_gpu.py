@@ -54,3 +54,34 @@ def test_lora_bf16_on_cuda(tiny_llama, tmp_path):
                             "--use_bfloat16", "True", *FAST])
     assert result.trainer.args.bf16 and next(result.trainer.model.parameters()).device.type == "cuda"
     _loss_falls(out)
+
+
+def test_cuda_lora_dropout_masks_keep_rate_replay_and_checkpointing(tiny_llama):
+    """common/dropout.py on CUDA: masks keep 1 - p, a replayed draw equals the first, and checkpointed
+    gradients equal plain ones (the recomputation sees the first forward's masks)."""
+    from common.dropout import LoraInputDropout, effective_p, share_lora_dropout
+    from tests.test_lora_dropout import _batch, _close, _peft_llama
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_003, device="cuda")
+    dropout = LoraInputDropout(0.05).train()
+    out = dropout(x)
+    keep = out != 0
+    assert abs(keep.float().mean().item() - 0.95) < 5 * (0.05 * 0.95 / x.numel()) ** 0.5
+    assert torch.all(out[keep] == torch.tensor(1 / (1 - effective_p(0.05)), device="cuda"))
+    del out  # the same input again, its first output freed: the same mask, drawn again from the saved state
+    assert torch.equal(dropout(x) != 0, keep)
+
+    results = []
+    for checkpointing in (False, True):
+        model = _peft_llama(tiny_llama).cuda()
+        share_lora_dropout(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(5)
+        batch = {k: v.cuda() for k, v in _batch(model.config.vocab_size).items()}
+        model(**batch).loss.backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in results[0].items():
+        assert _close(grad, results[1][name]), name
