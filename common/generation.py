@@ -123,7 +123,7 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
 def plain_lora_forward(model):
     """Inside this block, eval-mode LoRA layers on plain `nn.Linear`s compute their output with the
     very operations of PEFT's forward, in its order (base, then B(A(x)) * scaling added), without its
-    per-call bookkeeping: the same numbers, and about half the time of a small layer's call. Layers
+    per-call bookkeeping: the same numbers, in less time (bench_generate's pass: 0.182 s, not 0.191 s). Layers
     PEFT computes differently (DoRA and other variants, several active adapters, merged, quantized,
     hooked or FSDP-wrapped layers, calls with extra arguments) keep PEFT's forward."""
     swapped = []
