@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.outputs import is_finished_run
 from helpers import run_script
 
@@ -33,19 +35,23 @@ def test_push_to_hub_without_credentials_exits_2_before_any_model_loads(tiny_lla
     assert not out.exists()
 
 
-def test_failed_upload_keeps_the_finished_run_and_exits_3(tiny_llama, tmp_path):
+@pytest.mark.parametrize("script,flags", [
+    ("lora.py", ["--max_train_samples", "8"]),
+    ("ppo.py", ["--reward_function", "triviaqa_f1", "--per_device_train_batch_size", "4", "--response_length", "4"]),
+])
+def test_failed_upload_keeps_the_finished_run_and_exits_3(script, flags, tiny_llama, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_TOKEN="hf_not_a_real_token", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT / "tests" / "network_spy"))  # no network: the upload cannot go through
     out = tmp_path / "my-run"
-    done = subprocess.run([sys.executable, "lora.py", "--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
+    done = subprocess.run([sys.executable, script, "--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
                            "--output_dir", str(out), "--push_to_hub", "True", "--max_steps", "1",
-                           "--max_train_samples", "8", "--save_strategy", "no", "--lora_r", "2"],
+                           "--save_strategy", "no", "--lora_r", "2", *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 3, done.stderr[-3000:]
     assert is_finished_run(str(out)) and (out / "adapter_model.safetensors").is_file()
     failures = [line for line in done.stderr.splitlines() if "upload failed" in line]
-    assert failures == [f"lora.py: upload failed: the run is saved in {out}, but the hub (huggingface.co) could not "
+    assert failures == [f"{script}: upload failed: the run is saved in {out}, but the hub (huggingface.co) could not "
                         f"be reached to upload it; upload it later with: hf upload my-run {out} . --exclude "
                         f"'checkpoint-*/**'"], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "hf_not_a_real_token" not in done.stdout + done.stderr
