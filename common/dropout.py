@@ -68,8 +68,9 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - effective_p(p))
 
 
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return _KeepMask.apply(x, _keep(x.shape, x.device, p, None), _scale(p))
+def drop(x: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """x with a mask drawn from `generator` (default: the device's default generator) applied."""
+    return _KeepMask.apply(x, _keep(x.shape, x.device, p, generator), _scale(p))
 
 
 class LoraInputDropout(torch.nn.Dropout):
@@ -116,9 +117,8 @@ class LoraInputDropout(torch.nn.Dropout):
         if generator is None:
             return torch.nn.functional.dropout(x, self.p, True)
         key = source if source is not None and source.shape == x.shape else x
-        scale = _scale(self.p)
         if key.is_inference():  # no version counter to tell whether it changed: no sharing
-            return _KeepMask.apply(x, _keep(x.shape, x.device, self.p, generator), scale)
+            return drop(x, self.p, generator)
         grad = torch.is_grad_enabled()
         last = self._last
         if last is not None and last[0]() is key and last[1] == key._version:
@@ -127,11 +127,11 @@ class LoraInputDropout(torch.nn.Dropout):
                 return out
             replay = torch.Generator(device=x.device)
             replay.set_state(last[2])
-            out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, replay), scale)
+            out = drop(x, self.p, replay)
             self._last = (*last[:3], weakref.ref(out), grad)
             return out
         state = generator.get_state()
-        out = _KeepMask.apply(x, _keep(x.shape, x.device, self.p, generator), scale)
+        out = drop(x, self.p, generator)
         self._last = (weakref.ref(key), key._version, state, weakref.ref(out), grad)
         return out
 

@@ -126,10 +126,12 @@ def plain_lora_forward(model):
     per-call bookkeeping: the same numbers, in less time (bench_generate's pass: 0.182 s, not 0.191 s). Layers
     PEFT computes differently (DoRA and other variants, several active adapters, merged, quantized,
     hooked or FSDP-wrapped layers, calls with extra arguments) keep PEFT's forward."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     swapped = []
     try:
         for module in model.modules():
-            forward = _plain_lora(module)
+            forward = _plain_lora(module) if type(module) is LoraLinear else None
             if forward is not None:
                 module.forward = forward
                 swapped.append(module)
@@ -140,13 +142,10 @@ def plain_lora_forward(model):
 
 
 def _plain_lora(module):
+    """The lean forward for one PEFT LoRA `Linear` layer, or None where PEFT's own must stay."""
     import torch
 
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - PEFT is a requirement
-        return None
-    if type(module) is not LoraLinear or module.training or "forward" in vars(module):
+    if module.training or "forward" in vars(module):
         return None
     base = module.base_layer
     if type(base) is not torch.nn.Linear or module.merged or module.disable_adapters:

@@ -197,8 +197,7 @@ def attach_adapter(technique: str, args, model, source):
             log.warning("`--model_id` %s is a saved adapter, whose own settings apply: %s ignored; to change them, "
                         "start a new adapter from the merged model (merge.py).", source.adapter_dir,
                         ", ".join(overridden))
-        return _fast_dropout(shardable(PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)),
-                             args)
+        return share_dropout(shardable(PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)), args)
     if technique in LORA_FAMILY and getattr(args, "dora_ephemeral_gpu_offload", False):
         import torch
 
@@ -207,11 +206,12 @@ def attach_adapter(technique: str, args, model, source):
             args.set("dora_ephemeral_gpu_offload", False)
     tokenizer_path = source.adapter_dir or source.base
     model = shardable(get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path)))
-    return _fast_dropout(model, args) if technique in LORA_FAMILY else model
+    return share_dropout(model, args) if technique in LORA_FAMILY else model
 
 
-def _fast_dropout(model, args):
-    """LoRA dropout shared between adapters that read one tensor (common/dropout.py)."""
+def share_dropout(model, args):
+    """LoRA dropout shared between adapters that read one tensor, unless `--share_lora_dropout False`
+    (common/dropout.py). -> model."""
     from common.dropout import share_lora_dropout
 
     share_lora_dropout(model, shared=getattr(args, "share_lora_dropout", True))

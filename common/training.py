@@ -626,12 +626,17 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
     finish_reporting(report_to)
     write_plots(out)
     print_summary(info)
+    push_when_asked(args, out)
+    return info
+
+
+def push_when_asked(args: ParsedArgs, out: str) -> None:
+    """`--push_to_hub`: upload the finished output directory, from the main process only."""
     if args.push_to_hub and is_main_process():
         from common.hub import push_result
 
         repo = push_result(args, out)  # UploadFailed: run_cli says so and exits with hub.UPLOAD_FAILED
         log.info("uploaded to the hub: %s", repo)
-    return info
 
 
 def print_summary(info: dict[str, Any]) -> None:

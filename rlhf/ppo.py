@@ -353,11 +353,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
               f"\n  peak memory  {info['peak_memory']}"
               f"\n  written to   {info['output_dir']}  (policy adapter, value_head.safetensors, {tr.RUN_CONFIG})",
               flush=True)
-    if args.push_to_hub and accelerator.is_main_process:
-        from common.hub import push_result
-
-        repo = push_result(args, out)  # UploadFailed: run_cli says so and exits with hub.UPLOAD_FAILED
-        log.info("uploaded to the hub: %s", repo)
+    tr.push_when_asked(args, out)
     return PPOResult(output_dir=out, history=history, summary=info, policy=unwrapped.policy)
 
 

@@ -122,8 +122,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
 
     from common.model import (count_parameters, get_quantization_config, keep_float32_trainables, load_tokenizer,
                               select_precision, shardable, _device_map, _hub_error)
-    from common.dropout import share_lora_dropout
-    from common.peft_config import resolve_target_modules
+    from common.peft_config import resolve_target_modules, share_dropout
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
@@ -154,8 +153,7 @@ def run_reward_model(args: ParsedArgs) -> dict:
     config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
                         target_modules=resolve_target_modules(model, args.target_modules))
-    model = shardable(get_peft_model(model, config))
-    share_lora_dropout(model, shared=args.share_lora_dropout)
+    model = share_dropout(shardable(get_peft_model(model, config)), args)
     trainable, total = count_parameters(model)
     log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
 

@@ -5,24 +5,16 @@ plain backward passes, the keep rate and scale of the masks, and the scripts' fl
 import pytest
 import torch
 
-from common.dropout import LoraInputDropout, cpu_dropout, effective_p, share_lora_dropout
+from common.dropout import LoraInputDropout, drop, effective_p, share_lora_dropout
+from tests.helpers import peft_llama
 
 P = 0.3  # large, so that masks differ visibly
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
 
-def _peft_llama(model_dir, dropout=P, seed=0, use_dora=False, dtype=torch.float32):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM",
-                        init_lora_weights=False, use_dora=use_dora)  # B != 0: every adapter's gradient flows
-    model = get_peft_model(model, config)  # (PEFT keeps the adapters in float32 on a bf16 model)
-    model.train()
-    return model
+def _peft_llama(model_dir, use_dora=False, dtype=torch.float32):
+    return peft_llama(model_dir, dtype=dtype, lora_dropout=P, use_dora=use_dora).train()
 
 
 def _batch(vocab, seed=1):
@@ -158,7 +150,7 @@ def test_mask_keeps_one_minus_p_and_scales_by_its_inverse(p):
     assert abs(effective_p(p) - p) <= 0.5 / 65536
     torch.manual_seed(0)
     x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of 4: the last draw is shared by fewer
-    out = cpu_dropout(x, p)
+    out = drop(x, p)
     keep = out != 0
     n = x.numel()
     sigma = (p * (1 - p) / n) ** 0.5
