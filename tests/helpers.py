@@ -30,3 +30,18 @@ def prompt_ids_before_labels(dataset) -> list[list[int]]:
         first = next(i for i, label in enumerate(labels) if label != -100)
         out.append(ids[:first])
     return out
+
+
+def peft_llama(model_dir, dtype=None, seed: int = 0, **lora):
+    """A PEFT LoRA model (r 4, alpha 8, all linear layers) on a local model, with B != 0 so that every
+    adapter changes the logits and receives gradients; `lora` adds LoraConfig settings. On a bf16
+    model PEFT keeps the adapters in float32. Left in the mode PEFT leaves it (eval)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                        init_lora_weights=False, **lora)
+    return get_peft_model(model, config)

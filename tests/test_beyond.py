@@ -162,18 +162,6 @@ def test_grpo_from_an_sft_adapter_starts_with_kl_exactly_0(sft_run, tmp_path, ca
     assert len(lines) == 1 and "(saved: 0.05)" in lines[0], lines
 
 
-@pytest.mark.parametrize("kind", ["dpo", "kto"])
-def test_dpo_and_kto_from_an_sft_adapter_start_with_policy_equal_to_reference(kind, sft_run, tmp_path):
-    from rlhf.run import train
-
-    out = tmp_path / kind
-    train(kind, ["--model_id", sft_run, "--output_dir", out, "--max_steps", "1", *FAST[:-6], "--logging_steps", "1",
-                 "--save_strategy", "no", "--report_to", "none"])
-    first = next(e for e in _history(out) if "rewards/chosen" in e)
-    keys = ["rewards/chosen", "rewards/rejected"] + (["kl"] if kind == "kto" else [])
-    assert [first[k] for k in keys] == [0.0] * len(keys), first
-
-
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory):
     from common.tiny_model import build_tiny_model
@@ -181,15 +169,16 @@ def tiny_opt(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("opt") / "opt"), "opt")  # dropout 0.1, in F.dropout
 
 
+# sft_run: a saved SFT adapter, continued. tiny_opt: TRL's disable_dropout reaches nn.Dropout modules
+# only; OPT's decoder layers call F.dropout themselves and would give policy and reference different masks.
+@pytest.mark.parametrize("start", ["sft_run", "tiny_opt"])
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
-def test_dpo_and_kto_on_opt_start_with_policy_equal_to_reference(kind, tiny_opt, tmp_path):
-    """TRL's disable_dropout reaches nn.Dropout modules only; OPT's decoder layers call F.dropout
-    themselves and would give policy and reference different masks."""
+def test_dpo_and_kto_start_with_policy_equal_to_reference(kind, start, request, tmp_path):
     from rlhf.run import train
 
     out = tmp_path / kind
-    train(kind, ["--model_id", tiny_opt, "--output_dir", out, "--max_steps", "1", *FAST[:-6], "--logging_steps", "1",
-                 "--save_strategy", "no", "--report_to", "none"])
+    train(kind, ["--model_id", request.getfixturevalue(start), "--output_dir", out, "--max_steps", "1", *FAST[:-6],
+                 "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none"])
     first = next(e for e in _history(out) if "rewards/chosen" in e)
     keys = ["rewards/chosen", "rewards/rejected"] + (["kl"] if kind == "kto" else [])
     assert [first[k] for k in keys] == [0.0] * len(keys), first

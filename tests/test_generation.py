@@ -5,7 +5,7 @@ answer-extraction rule for evaluation, the in-training EM, the RL rewards and pr
 import pytest
 import torch
 
-from tests.helpers import run_script
+from tests.helpers import peft_llama, run_script
 from tests.oracles import cache_free_greedy
 from tests.test_inference_prompt import tiny_bert  # noqa: F401 (fixture)
 
@@ -201,14 +201,7 @@ def test_newline_ids_belong_to_their_tokenizer_even_at_a_reused_address(monkeypa
 
 
 def _lora_model(model_dir, dtype=torch.float32, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                        init_lora_weights=False, **lora)  # B != 0: the adapters change the logits
-    return get_peft_model(model, config).eval()
+    return peft_llama(model_dir, dtype=dtype, **lora).eval()
 
 
 def _swapped(model):

@@ -103,16 +103,24 @@ def _weights(folder) -> dict:
 
 # Killed and resumed --------------------------------------------------------------------------
 
-def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_llama, tmp_path, capsys):
-    argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST]
+def _killed_after_checkpoint_4(tmp_path, script: str, argv: list) -> tuple:
+    """`script` run twice at once: to the end (the reference), and killed (SIGKILL) once checkpoint-4
+    is complete. -> (reference dir, killed dir), the reference finished, the killed run not."""
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    ref = _start(tmp_path, "lora.py", argv + ["--output_dir", reference])
-    proc = _start(tmp_path, "lora.py", argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
+    ref = _start(tmp_path, script, argv + ["--output_dir", reference])
+    proc = _start(tmp_path, script, argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
     _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4"), proc)
     proc.kill()
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert ref.wait(timeout=300) == 0, _stderr(ref)[-3000:]
-    assert not is_finished_run(out) and last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert not is_finished_run(out)
+    return reference, out
+
+
+def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_llama, tmp_path, capsys):
+    argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST]
+    reference, out = _killed_after_checkpoint_4(tmp_path, "lora.py", argv)
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-4")
     # What a kill during the next save leaves behind: part of the weights and no trainer state.
     blob = (out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
     (out / "checkpoint-8").mkdir()
@@ -718,14 +726,7 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_summary_and_results(ti
     argv = ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--max_train_samples", "32",
             "--per_device_train_batch_size", "4", "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
             "--logging_steps", "1", "--report_to", "none", "--learning_rate", "1e-2"]
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    ref = _start(tmp_path, "dpo.py", argv + ["--output_dir", reference])
-    proc = _start(tmp_path, "dpo.py", argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
-    _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4"), proc)
-    proc.kill()
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert ref.wait(timeout=300) == 0, _stderr(ref)[-3000:]
-    assert not is_finished_run(out)
+    reference, out = _killed_after_checkpoint_4(tmp_path, "dpo.py", argv)
     resumed = _start(tmp_path, "dpo.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"])
     assert resumed.wait(timeout=300) == 0, _stderr(resumed)[-3000:]
     assert f"resuming from {out / 'checkpoint-4'}" in _stderr(resumed)
