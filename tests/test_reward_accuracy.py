@@ -16,6 +16,18 @@ def _pairs(n, start):
              "rejected": " " + WORDS[(start * 7 + 5 * i + 3) % 12]} for i in range(n)]
 
 
+def _mirrored_heldout():
+    """Seven held-out pairs: three pairs, each followed by itself with chosen and rejected swapped (the
+    two cannot both be won, nor both lost), and one more. Any trained model is then neither all right
+    nor all wrong, which is what lets the recount tell pooled accuracy from a mean of batch means."""
+    rows = []
+    for p in _pairs(3, 100):
+        rows += [p, {**p, "chosen": p["rejected"], "rejected": p["chosen"]}]
+    rows += _pairs(1, 103)
+    assert all(p["chosen"] != p["rejected"] for p in rows)
+    return rows
+
+
 def test_heldout_accuracy_equals_recount_of_saved_model(tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -23,7 +35,7 @@ def test_heldout_accuracy_equals_recount_of_saved_model(tiny_llama, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", _pairs(16, 0))
-    heldout = _pairs(7, 100)  # batches of 3, 3 and 1: a mean of batch means weighs the last pair 3x
+    heldout = _mirrored_heldout()  # batches of 3, 3 and 1: a mean of batch means weighs the last pair 3x
     write_jsonl(data / "validation.jsonl", heldout)
     out = tmp_path / "rm"
     assert run_script("reward_model.py", ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", out,
@@ -44,7 +56,9 @@ def test_heldout_accuracy_equals_recount_of_saved_model(tiny_llama, tmp_path):
             return model(**ids).logits[0, 0].item()
 
     wins = sum(score(p["prompt"] + p["chosen"]) > score(p["prompt"] + p["rejected"]) for p in heldout)
-    assert 0 < wins < len(heldout), "an all-right or all-wrong model cannot tell pooled from batch-mean accuracy"
+    # Three mirrored pairs give exactly three wins between them, so wins is 3 or 4 of 7 whatever the
+    # trained weights: pooled 3/7 or 4/7, while every mean of the batch means is 1/3, 4/9, 5/9 or 2/3.
+    assert wins in (3, 4), wins
     assert reported == pytest.approx(wins / len(heldout), abs=1e-9), (reported, wins)
 
 
