@@ -348,9 +348,17 @@ def sft_dataset_builder(args, tokenizer):
     """-> fn(dataset, num_proc) for sft/run.py. `--use_chat_template false` renders conversations
     as plain text even where the tokenizer has a template (the saved tokenizer then has none, so
     later runs from the adapter use the same rendering)."""
+    apply_template_flag(args, tokenizer)
+    say_plain(tokenizer, args.model_id)
+    return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)
+
+
+def apply_template_flag(args, tokenizer) -> None:
+    """`--use_chat_template` for conversation data (SFT messages, message-list preference pairs):
+    `false` drops the tokenizer's template, so conversations get the plain rendering and the saved
+    tokenizer has none (later runs from the output, and PPO's reward-model scoring, render the same
+    way); `true` needs a template."""
     if args.use_chat_template == "false" and has_template(tokenizer):
         tokenizer.chat_template = None
     if args.use_chat_template == "true" and not has_template(tokenizer):
         raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
-    say_plain(tokenizer, args.model_id)
-    return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)

@@ -96,6 +96,11 @@ def _is_conversational(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
+def is_conversation_source(src) -> bool:
+    """Pairs or KTO rows whose prompts are message lists (not question-answer rows, not text)."""
+    return src.kind != "qa" and len(src.rows) > 0 and _is_conversational(src.rows[0]["prompt"])
+
+
 def plain_if_no_template(ds, tokenizer, model_id: str):
     """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
     prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),

@@ -100,6 +100,12 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, train_src.schema)
+    from rlhf.pref_formats import is_conversation_source
+
+    if is_conversation_source(train_src):
+        from common.chat import apply_template_flag
+
+        apply_template_flag(args, tokenizer)
     model = load_model(source, args, precision, training=True)
     technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
     from transformers import set_seed

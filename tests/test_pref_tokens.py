@@ -119,6 +119,18 @@ CONVERSATION_MODELS = {"no_template": "tiny_llama", **MODELS}
 def test_reward_model_ids_on_conversations_equal_sft_trainer_ids(arch, request, tmp_path, stop_before_training):
     """Message-list pairs (prompt, chosen, rejected) against SFT on `messages` = prompt + chosen: with a
     chat template, and with none (common.chat's plain rendering, BOS-adding or not)."""
+    pairs, chats = _conversation_files(tmp_path)
+    common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none"]
+    model = request.getfixturevalue(CONVERSATION_MODELS[arch])
+    expected = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common])
+    got = _preference_ids("reward", model, tmp_path, ["--dataset_name", pairs, *common])
+    assert len(expected) == 6
+    # 10% of the rows are kept aside for accuracy (no held-out split): the rest equal SFT's rows.
+    stray = [ids for ids in got if ids not in expected]
+    assert got and not stray, f"reward model on {arch}: {stray[:1]} not among SFT's {expected}"
+
+
+def _conversation_files(tmp_path):
     import json
 
     from tests.helpers import write_jsonl
@@ -131,11 +143,53 @@ def test_reward_model_ids_on_conversations_equal_sft_trainer_ids(arch, request, 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": h, "chosen": c, "rejected": reply[i - 1]}
                                                    for i, (h, c) in enumerate(zip(head, reply))])
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": h + c} for h, c in zip(head, reply)])
-    common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none"]
-    model = request.getfixturevalue(CONVERSATION_MODELS[arch])
+    return pairs, chats
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "simpo", "reward"])
+@pytest.mark.parametrize("arch", ["chat", "chat_bos"])
+def test_use_chat_template_false_on_conversation_pairs_trains_sfts_plain_ids(arch, kind, request, tmp_path,
+                                                                             stop_before_training):
+    """`--use_chat_template false` on message-list pairs, with a tokenizer that has a chat template:
+    every preference trainer trains on the plain rendering, the ids SFT trains on for the same
+    conversations with the same flag (and not on the template's rendering, which it used to)."""
+    from common.chat import has_template
+
+    pairs, chats = _conversation_files(tmp_path)
+    common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none", "--use_chat_template", "false"]
+    model = request.getfixturevalue(MODELS[arch])
     expected = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common])
-    got = _preference_ids("reward", model, tmp_path, ["--dataset_name", pairs, *common])
-    assert len(expected) == 6
-    # 10% of the rows are kept aside for accuracy (no held-out split): the rest equal SFT's rows.
-    stray = [ids for ids in got if ids not in expected]
-    assert got and not stray, f"reward model on {arch}: {stray[:1]} not among SFT's {expected}"
+    templated = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common[:-1], "auto"])
+    assert not set(map(tuple, expected)) & set(map(tuple, templated))  # the two renderings differ
+    from rlhf.run import train
+
+    fn = _train_reward_model if kind == "reward" else (lambda a: train(kind, a))
+    trainer = _trainer(fn, ["--model_id", model, "--output_dir", tmp_path / kind, "--dataset_name", pairs, *common])
+    # What the run saves: later runs from it (PPO's reward-model scoring too) render the same way.
+    assert not has_template(trainer.processing_class)
+    ds = trainer.train_dataset
+    if kind == "reward":  # 10% of the rows are kept aside for accuracy; the rest equal SFT's whole rows
+        assert ds["chosen_ids"] and all(ids in expected for ids in ds["chosen_ids"]), (ds["chosen_ids"][:1], expected)
+        return
+    if kind == "dpo":
+        got = sorted(p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
+    elif kind == "kto":
+        got = sorted(p + c for p, c, good in zip(ds["prompt_ids"], ds["completion_ids"], ds["label"]) if good)
+    else:
+        got = sorted(ds["chosen_input_ids"])
+    # The pair trainers end each sequence at the answer's EOS; SFT's rows go on with the untrained
+    # whitespace the rendering writes after it.
+    trained = sorted(_through_last_label(model, tmp_path, ["--dataset_name", chats, *common]))
+    assert got == trained, f"{kind} on {arch}: {got[:1]} != SFT's {trained[:1]}"
+
+
+def _through_last_label(model, tmp_path, argv):
+    from sft.run import train
+
+    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *argv]).train_dataset
+    out = []
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
+        last = max(i for i, label in enumerate(labels) if label != -100)
+        assert all(label == -100 for label in labels[last + 1:])
+        out.append(ids[:last + 1])
+    return out
