@@ -675,12 +675,13 @@ def run_cli(script: str, train_fn) -> int:
     network.start_offline()
     try:
         train_fn()
+        code = 0
     except UsageError as exc:
         say(f"{script}: error: {exc}")
-        return 2
+        code = 2
     except hub.UploadFailed as exc:
         say(f"{script}: upload failed: {exc}")
-        return hub.UPLOAD_FAILED
+        code = hub.UPLOAD_FAILED
     except KeyboardInterrupt as exc:
         if isinstance(exc, Interrupted):  # announce_stop already said how to resume
             return 128 + exc.signum
@@ -689,7 +690,22 @@ def run_cli(script: str, train_fn) -> int:
     finally:
         network.end_run()
         release_output_locks()
-    return 0
+    leave_process_group()
+    return code
+
+
+def leave_process_group() -> None:
+    """Under torchrun / accelerate launch: destroys this process's group once its work is done.
+    A gloo group left for the interpreter's exit to tear down can abort a finished process
+    ("terminate called without an active exception", exit code -6, after every file was written),
+    and NCCL warns that the group was never destroyed. Not after Ctrl-C or a crash, where a peer
+    may still be blocked in a collective and the exit should not wait on it."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def say(line: str) -> None:

@@ -26,11 +26,22 @@ def _launch(launcher: list[str], script: str, argv: list, tmp_path) -> subproces
 
 
 def _free_port() -> str:
+    """A free port below Linux's ephemeral range (32768-60999). A port the kernel hands out for
+    port 0 is free again once we close it, and another test's gloo or store connections (run in
+    parallel) may take it as their own ephemeral port before the launcher binds it; ports below
+    the range are never handed out that way."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+    for _ in range(100):
+        port = random.SystemRandom().randrange(20000, 32000)  # never a state some test seeded
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return str(port)
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def torchrun() -> list[str]:
@@ -210,3 +221,32 @@ def test_two_process_resume_past_the_first_epoch_equals_the_uninterrupted_run(ti
     weights = [load_file(out / "adapter_model.safetensors") for out in (resumed, reference)]
     for name in weights[1]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)
+
+
+def _run_cli_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from common.training import run_cli
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+
+    def work():  # evaluate.py's shape: gather the answers, then the second process returns at once
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        gathered = [None, None]
+        dist.all_gather_object(gathered, rank * 10)
+        assert gathered == [0, 10]
+
+    code = run_cli("evaluate.py", work)
+    (out / f"rank{rank}.json").write_text(json.dumps({"code": code, "in_group": dist.is_initialized()}))
+
+
+def test_every_script_leaves_its_process_group_before_exiting(tmp_path):
+    """run_cli (every script's main) destroys the gloo/NCCL group once the work is done. A group left
+    for the interpreter's exit can abort a finished process with "terminate called without an active
+    exception" (exit -6): evaluate.py under torchrun did so once in a full suite run, after writing
+    every file."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_cli_worker, args=(_free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"code": 0, "in_group": False}
