@@ -666,9 +666,11 @@ class Timer:
         self.elapsed = time.perf_counter() - self.start
 
 
-def run_cli(script: str, train_fn) -> int:
+def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
     """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
-    No network unless a hub id is given (common/network.py)."""
+    No network unless a hub id is given (common/network.py). After a finished run the process
+    group is left (`leave_group=False` for a caller that runs several jobs in one process and
+    leaves it after the last)."""
     from common import hub, network
 
     setup_logging(script)
@@ -690,7 +692,8 @@ def run_cli(script: str, train_fn) -> int:
     finally:
         network.end_run()
         release_output_locks()
-    leave_process_group()
+    if code == 0 and leave_group:
+        leave_process_group()
     return code
 
 
@@ -698,8 +701,9 @@ def leave_process_group() -> None:
     """Under torchrun / accelerate launch: destroys this process's group once its work is done.
     A gloo group left for the interpreter's exit to tear down can abort a finished process
     ("terminate called without an active exception", exit code -6, after every file was written),
-    and NCCL warns that the group was never destroyed. Not after Ctrl-C or a crash, where a peer
-    may still be blocked in a collective and the exit should not wait on it."""
+    and NCCL warns that the group was never destroyed. Only after a finished run: after an error,
+    Ctrl-C or a crash a peer may still be blocked in a collective (a full disk is found on the main
+    process alone), and destroying an NCCL group then waits for it."""
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist

@@ -29,7 +29,7 @@ def jobs(argv: list[str]) -> list[list[str]]:
 def main(argv=None) -> int:
     from common.evaluation import make_parser, run_evaluate
     from common.outputs import is_main_process, write_json
-    from common.training import run_cli
+    from common.training import leave_process_group, run_cli
 
     worst = 0
     for job in jobs(sys.argv[1:] if argv is None else argv):
@@ -39,7 +39,10 @@ def main(argv=None) -> int:
             if is_main_process():
                 write_json(Path(args.output_dir) / REQUEST, {"argv": job})
 
-        worst = max(worst, run_cli("evaluate.py", score))
+        # Under torchrun the next job gathers its answers through the same process group.
+        worst = max(worst, run_cli("evaluate.py", score, leave_group=False))
+    if worst == 0:
+        leave_process_group()
     return worst
 
 

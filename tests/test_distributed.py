@@ -250,3 +250,29 @@ def test_every_script_leaves_its_process_group_before_exiting(tmp_path):
     mp.spawn(_run_cli_worker, args=(_free_port(), tmp_path), nprocs=2)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"code": 0, "in_group": False}
+
+
+def _scoring_worker(rank, port, model, out):
+    import torch.distributed as dist
+
+    from comparison import scoring
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    job = ["--model_id", model, "--dataset_name", "triviaqa-sample", "--max_samples", "5", "--batch_size", "2"]
+    code = scoring.main([*job, "--output_dir", str(out / "heldout"), "+", *job, "--dataset_split", "train",
+                         "--output_dir", str(out / "train")])
+    (out / f"rank{rank}.json").write_text(json.dumps({"code": code, "in_group": dist.is_initialized()}))
+
+
+def test_compare_scoring_under_two_processes_scores_every_split_then_leaves_the_group(tiny_llama, tmp_path):
+    """compare.py's scoring child runs evaluate.py's scorer for the held-out split, then a sample of
+    training questions, in one process: the group stays joined for the second and is left after it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_scoring_worker, args=(_free_port(), tiny_llama, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"code": 0, "in_group": False}
+    for split in ("heldout", "train"):
+        assert json.loads((tmp_path / split / "eval_results.json").read_text())["processes"] == 2
