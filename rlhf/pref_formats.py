@@ -96,12 +96,23 @@ def _is_conversational(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def is_conversation_source(src) -> bool:
+def _is_conversation_source(src) -> bool:
     """Pairs or KTO rows whose prompts are message lists (not question-answer rows, not text)."""
-    return src.kind != "qa" and len(src.rows) > 0 and _is_conversational(src.rows[0]["prompt"])
+    return src is not None and src.kind != "qa" and len(src.rows) > 0 and _is_conversational(src.rows[0]["prompt"])
 
 
-def plain_if_no_template(ds, tokenizer, model_id: str):
+def conversation_rendering(args, tokenizer, *sources) -> None:
+    """Where any split holds message-list pairs: `--use_chat_template` applies to them as in SFT
+    (`false` drops the tokenizer's template, so the pairs and the saved tokenizer get the plain
+    rendering), and a run without a template says so."""
+    from common import chat
+
+    if any(_is_conversation_source(src) for src in sources):
+        chat.apply_template_flag(args, tokenizer)
+        chat.say_plain(tokenizer, args.model_id)
+
+
+def plain_if_no_template(ds, tokenizer):
     """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
     prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
     each answer = what the whole rendering adds to it, without the EOS the trainers append."""
@@ -109,7 +120,6 @@ def plain_if_no_template(ds, tokenizer, model_id: str):
 
     if chat.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds
-    chat.say_plain(tokenizer, model_id)
     answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
     bos = tokenizer.bos_token if chat.adds_bos(tokenizer) else None
     eos = tokenizer.eos_token

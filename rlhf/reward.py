@@ -127,12 +127,9 @@ def run_reward_model(args: ParsedArgs) -> dict:
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, train_src.schema)
-    from rlhf.pref_formats import is_conversation_source
+    from rlhf.pref_formats import conversation_rendering
 
-    if is_conversation_source(train_src):
-        from common.chat import apply_template_flag
-
-        apply_template_flag(args, tokenizer)
+    conversation_rendering(args, tokenizer, train_src, eval_src)
     if args.rejected_source == "model" and train_src.kind == "qa":
         raise UsageError("`--rejected_source model` needs a policy to generate answers; reward_model.py builds "
                          "question-answer pairs with `--rejected_source other`, or takes prompt/chosen/rejected data.")

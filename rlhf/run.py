@@ -100,12 +100,9 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
     fmt = qa.prompt_format(args, tokenizer, train_src.schema)
-    from rlhf.pref_formats import is_conversation_source
+    from rlhf.pref_formats import conversation_rendering
 
-    if is_conversation_source(train_src):
-        from common.chat import apply_template_flag
-
-        apply_template_flag(args, tokenizer)
+    conversation_rendering(args, tokenizer, train_src, eval_src)
     model = load_model(source, args, precision, training=True)
     technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
     from transformers import set_seed
@@ -128,13 +125,13 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
             if kind != "kto":
                 raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
                                  f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
-            ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer, args.model_id)
+            ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer)
             return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
         ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
         if kind == "kto":  # each pair becomes one desirable and one undesirable example
             ds = pref.unpaired_dataset(src, ds)
-        ds = plain_if_no_template(ds, tokenizer, args.model_id)
+        ds = plain_if_no_template(ds, tokenizer)
         return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
 
     train_ds, stats = pairs_of(train_src)

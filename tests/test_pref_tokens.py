@@ -193,3 +193,39 @@ def _through_last_label(model, tmp_path, argv):
         assert all(label == -100 for label in labels[last + 1:])
         out.append(ids[:last + 1])
     return out
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind, tiny_chat_llama, tiny_llama,
+                                                                         tmp_path, stop_before_training, capsys):
+    """Text pairs to train on, message-list pairs to evaluate on: `--use_chat_template false` applies
+    to the held-out pairs too; and a model without a template says once that they are rendered plain."""
+    from common.chat import has_template
+    from rlhf.run import train
+    from tests.helpers import write_jsonl
+
+    pairs, chats = _conversation_files(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [{"prompt": "Question: 1+1?\nAnswer:", "chosen": " 2", "rejected": " 3"}] * 4)
+    shutil.copy(pairs, data / "validation.jsonl")
+    flags = ["--dataset_name", data, "--eval_strategy", "epoch", "--report_to", "none", "--save_strategy", "no",
+             "--use_chat_template", "false"]
+    fn = _train_reward_model if kind == "reward" else (lambda a: train(kind, a))
+    trainer = _trainer(fn, ["--model_id", tiny_chat_llama, "--output_dir", tmp_path / kind, *flags])
+    assert not has_template(trainer.processing_class)
+    ds = trainer.eval_dataset
+    got = sorted(ds["chosen_ids"]) if kind == "reward" else sorted(p + c for p, c in zip(ds["prompt_ids"],
+                                                                                         ds["chosen_ids"]))
+    sft = ["--dataset_name", chats, "--report_to", "none", "--save_strategy", "no", "--eval_split", "none",
+           "--use_chat_template", "false"]
+    expected = _sft_ids(tiny_chat_llama, tmp_path, sft) if kind == "reward" else sorted(
+        _through_last_label(tiny_chat_llama, tmp_path, sft))
+    assert got == expected
+
+    from common.training import setup_logging
+
+    setup_logging(f"{kind}.py")  # the run's log lines, to the stderr captured here
+    capsys.readouterr()
+    _trainer(fn, ["--model_id", tiny_llama, "--output_dir", tmp_path / f"{kind}-plain", *flags[:-2]])
+    assert capsys.readouterr().err.count("has no chat template: conversations are rendered as plain text") == 1
