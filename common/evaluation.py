@@ -29,9 +29,9 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from common.quiet import progress_bar
 
-        bar = tqdm(total=len(encoded), desc="Answering", unit="q")
+        bar = progress_bar(total=len(encoded), desc="Answering", unit="q")
     try:
         return greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=newline_ids(tokenizer),
                                batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -9,13 +9,47 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# Progress bars where stderr is a log file, not a terminal -----------------------------------------
+# A bar redraws itself in place with carriage returns; in a file each redraw is appended to one
+# ever-longer line, and a bar drawn below another moves the cursor with escape codes a file shows
+# as `^[[A`. So, in a log: the training, PPO and answering bars are redrawn at most every
+# LOG_BAR_INTERVAL seconds; the evaluation bar drawn under the training bar is left out (its result
+# is the log line that follows); so are the libraries' bars for each dataset pass and for loading
+# weights. A notebook's `!python ...` runs under a pseudo-terminal and keeps every bar.
+LOG_BAR_INTERVAL = 30.0
+TERMINAL_VAR = "FINETUNE_TERMINAL"  # set by compare.py for the runs it starts, whose output it relays
+
+
+def interactive() -> bool:
+    """Whether stderr is a terminal someone watches (or compare.py relays to one)."""
+    if os.environ.get(TERMINAL_VAR) == "1":
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar as in a terminal; in a log, redrawn at most every LOG_BAR_INTERVAL seconds."""
+    from tqdm.auto import tqdm
+
+    if not interactive():
+        kwargs.setdefault("mininterval", LOG_BAR_INTERVAL)
+    return tqdm(**kwargs)
+
+
 def quiet_libraries() -> None:
     """Called once per run, before the libraries are imported."""
+    if not interactive():  # the libraries' bars for dataset passes and weight loading (see above)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # trl.experimental (ORPO, CPO/SimPO) announces on import that its API may change: a note to us, the
     # developers who pinned TRL, not to the user.
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -82,6 +116,15 @@ def readable_progress(trainer) -> None:
     from transformers.trainer_callback import ProgressCallback
 
     class ReadableProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.training_bar = progress_bar(total=state.max_steps, dynamic_ncols=True)
+            self.current_step = 0
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if interactive() or self.training_bar is None:  # in a log, no bar under the training bar
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:
                 line = log_line(logs, state.global_step, state.max_steps)

@@ -46,6 +46,10 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     out = {k: v for k, v in env.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
     out["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     out["PYTHONUNBUFFERED"] = "1"  # the child's lines reach the terminal and the log as they are written
+    from common.quiet import TERMINAL_VAR, interactive
+
+    if interactive():  # the child's bars reach our terminal: drawn as in one
+        out[TERMINAL_VAR] = "1"
     return out
 
 

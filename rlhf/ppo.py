@@ -297,12 +297,10 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                              f"or raise `--kl_coef`.")
         return entry
 
-    from tqdm.auto import tqdm
+    from common.quiet import PPO_LINE_KEYS, log_line, progress_bar
 
-    from common.quiet import PPO_LINE_KEYS, log_line
-
-    bar = tqdm(range(first_step, steps + 1), desc="PPO", initial=first_step - 1, total=steps,
-               disable=not accelerator.is_main_process)
+    bar = progress_bar(iterable=range(first_step, steps + 1), desc="PPO", initial=first_step - 1, total=steps,
+                       disable=not accelerator.is_main_process)
     with tr.stop_requests() as stop:
         for step in bar:
             entry = ppo_step(step)

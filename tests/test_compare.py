@@ -290,6 +290,17 @@ def test_each_run_gets_the_launch_compare_was_started_with():
     assert "RANK" not in env and "WORLD_SIZE" not in env and "MASTER_PORT" not in env
     assert "TORCHELASTIC_RUN_ID" not in env
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and env["PATH"] == "/bin"
+    assert "FINETUNE_TERMINAL" not in env  # compare.py's stderr here is not a terminal: the runs log as to a file
+
+
+def test_runs_started_from_a_terminal_draw_their_bars_as_in_one(monkeypatch):
+    """A run's output reaches compare.py through a pipe; where compare.py itself writes to a terminal
+    the run is told so, and draws its bars as it would there."""
+    from comparison.launch import child_env
+    from common import quiet
+
+    monkeypatch.setattr(quiet, "interactive", lambda: True)
+    assert child_env({"PATH": "/bin"})[quiet.TERMINAL_VAR] == "1"
 
 
 @pytest.mark.parametrize("output, code, reason", [

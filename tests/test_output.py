@@ -18,6 +18,10 @@ NOISE = {
     "raw ANSI colour codes": re.compile(r"\x1b\[[0-9;]*m"),
     "zero throughput": re.compile(r"tokens/s\s+0\.0|total_flos|\b0 non-padding tokens"),
     "generation settings conflict": re.compile(r"seem to have been set"),
+    # The runs write to pipes, as to a log file: no bar drawn under another (its cursor-up codes show
+    # as `^[[A` in a file), no library bar for each dataset pass or for loading weights.
+    "cursor-up code of a nested bar": re.compile(r"\x1b\[A"),
+    "library progress bar in a log": re.compile(r"Loading weights|Generating \w+ split|examples/s\]"),
 }
 SCRIPTS = ["lora.py", "evaluate.py", "prefix_tuning.py", "orpo.py", "reward_model.py", "ppo.py"]
 
@@ -50,3 +54,57 @@ def test_ppo_prints_one_line_per_log_step_and_its_summary(plain_runs):
 def test_orpo_summary_omits_the_token_count_it_does_not_have(plain_runs):
     text = plain_runs[1]["orpo.py"].stdout
     assert "tokens/s     not counted by this trainer" in text
+
+
+def test_bars_in_a_log_are_redrawn_at_most_every_30_s_and_in_a_terminal_as_tqdm_draws_them(monkeypatch):
+    import io
+    import sys
+
+    from common import quiet
+
+    monkeypatch.delenv(quiet.TERMINAL_VAR, raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+    with quiet.progress_bar(total=3, file=io.StringIO()) as bar:
+        assert bar.mininterval == quiet.LOG_BAR_INTERVAL == 30.0
+    monkeypatch.setenv(quiet.TERMINAL_VAR, "1")  # what compare.py sets for the runs whose output it relays
+    with quiet.progress_bar(total=3, file=io.StringIO()) as bar:
+        assert bar.mininterval == 0.1  # tqdm's own default
+
+
+def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
+    """The same run with stderr on a pseudo-terminal (a shell, or a notebook's `!python ...`): the
+    weight-loading, dataset and evaluation bars are drawn as the libraries draw them."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.conftest import ROOT
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_DISABLE", "HF_HUB_DISABLE_PROGRESS",
+                                                                     "FINETUNE_TERMINAL"))}
+    proc = subprocess.Popen([sys.executable, "lora.py", "--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
+                             "--max_train_samples", "16", "--max_steps", "2", "--eval_strategy", "steps",
+                             "--eval_steps", "1", "--max_eval_samples", "4", "--save_strategy", "no", "--report_to",
+                             "none", "--output_dir", str(tmp_path / "run")], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the run closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=600) == 0
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert "Loading weights" in text and "examples/s]" in text
+    assert "\x1b[A" in text  # the evaluation bar, drawn under the training bar
