@@ -4,6 +4,7 @@ that uploads it later)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Optional
 
 from common import network
 from common.args import UsageError
+
+log = logging.getLogger("finetune")
 
 UPLOAD_FAILED = 3  # exit code: the run finished and is saved locally; only the upload failed
 IGNORE = ["checkpoint-*/**", "wandb/**", "runs/**", "*.lock", ".*"]
@@ -65,6 +68,7 @@ def push_result(args, out: str) -> str:
         from huggingface_hub import create_repo, upload_folder
 
         repo_id = create_repo(repo, token=token(args), exist_ok=True).repo_id
+        log.info("uploading %s to the hub as %s ...", out, repo_id)  # the upload's own bar is not drawn in a log
         upload_folder(repo_id=repo_id, folder_path=out, token=token(args), ignore_patterns=IGNORE,
                       commit_message=f"Upload {Path(out).name}")
     except Exception as exc:  # network, permissions, quota: the local result stays as it is

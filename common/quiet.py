@@ -26,22 +26,25 @@ LOG_BAR_INTERVAL = 30.0
 TERMINAL_VAR = "FINETUNE_TERMINAL"  # set by compare.py for the runs it starts, whose output it relays
 
 
-def interactive() -> bool:
-    """Whether stderr is a terminal someone watches (or compare.py relays to one)."""
+def interactive(stream=None) -> bool:
+    """Whether `stream` (stderr, where the bars go) is a terminal someone watches, or compare.py
+    relays this run's output to one."""
     if os.environ.get(TERMINAL_VAR) == "1":
         return True
     try:
-        return sys.stderr.isatty()
+        return (stream or sys.stderr).isatty()
     except (AttributeError, ValueError):
         return False
 
 
 def progress_bar(**kwargs):
-    """A tqdm bar as in a terminal; in a log, redrawn at most every LOG_BAR_INTERVAL seconds."""
+    """A tqdm bar as in a terminal; in a log, redrawn every LOG_BAR_INTERVAL seconds at most (and
+    at least: tqdm's monitor thread otherwise forces a redraw after 10 s)."""
     from tqdm.auto import tqdm
 
     if not interactive():
         kwargs.setdefault("mininterval", LOG_BAR_INTERVAL)
+        kwargs.setdefault("maxinterval", LOG_BAR_INTERVAL)
     return tqdm(**kwargs)
 
 
@@ -114,6 +117,7 @@ def log_line(logs: dict, step: int, max_steps: int, keys=LINE_KEYS) -> str | Non
 def readable_progress(trainer) -> None:
     """Replace the Trainer's printing of raw metric dicts with `log_line`; the bar stays."""
     from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_utils import has_length
 
     class ReadableProgress(ProgressCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -122,8 +126,13 @@ def readable_progress(trainer) -> None:
             self.current_step = 0
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            if interactive() or self.training_bar is None:  # in a log, no bar under the training bar
-                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+            if self.training_bar is not None and not interactive():  # in a log, no bar under the training bar
+                return
+            if state.is_world_process_zero and has_length(eval_dataloader):
+                if self.prediction_bar is None:
+                    self.prediction_bar = progress_bar(total=len(eval_dataloader), leave=self.training_bar is None,
+                                                       dynamic_ncols=True)
+                self.prediction_bar.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:

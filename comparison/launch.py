@@ -48,7 +48,7 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     out["PYTHONUNBUFFERED"] = "1"  # the child's lines reach the terminal and the log as they are written
     from common.quiet import TERMINAL_VAR, interactive
 
-    if interactive():  # the child's bars reach our terminal: drawn as in one
+    if interactive(sys.stdout):  # run_child relays the child's output to our stdout: a terminal there?
         out[TERMINAL_VAR] = "1"
     return out
 

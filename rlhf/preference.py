@@ -159,9 +159,10 @@ def model_answers(model, tokenizer, rows, fmt: PromptFormat, batch_size: int) ->
     """The model's own greedy answers where they are wrong; None where it is right (skipped)."""
     from common.evaluation import generate_answers
     from common.metrics import exact_match
+    from common.outputs import is_main_process
 
     predictions = generate_answers(model, tokenizer, list(rows["question"]), fmt, batch_size=batch_size,
-                                   progress=True)
+                                   progress=is_main_process())  # one bar, not one per process
     out: list[Optional[str]] = []
     for pred, aliases in zip(predictions, rows["aliases"]):
         wrong = pred.strip() and not any(exact_match(pred, a) for a in aliases)

@@ -276,9 +276,12 @@ def test_shared_flags_go_only_to_the_techniques_they_apply_to(tmp_path):
     assert argv["dpo"][:5] == ["--model_id", "m", "--lora_r", "8", "--max_steps=7"]
 
 
-def test_each_run_gets_the_launch_compare_was_started_with():
+def test_each_run_gets_the_launch_compare_was_started_with(monkeypatch):
     from comparison.launch import child_env, launch_prefix
+    from common import quiet
     from common.args import UsageError
+
+    monkeypatch.setattr(quiet, "interactive", lambda stream=None: False)  # compare.py's output goes to a file
 
     assert launch_prefix({}) == [sys.executable]
     assert launch_prefix({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == [
@@ -290,17 +293,29 @@ def test_each_run_gets_the_launch_compare_was_started_with():
     assert "RANK" not in env and "WORLD_SIZE" not in env and "MASTER_PORT" not in env
     assert "TORCHELASTIC_RUN_ID" not in env
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and env["PATH"] == "/bin"
-    assert "FINETUNE_TERMINAL" not in env  # compare.py's stderr here is not a terminal: the runs log as to a file
+    assert quiet.TERMINAL_VAR not in env  # the runs log as to a file
 
 
-def test_runs_started_from_a_terminal_draw_their_bars_as_in_one(monkeypatch):
-    """A run's output reaches compare.py through a pipe; where compare.py itself writes to a terminal
-    the run is told so, and draws its bars as it would there."""
+def test_runs_relayed_to_a_terminal_draw_their_bars_as_in_one(monkeypatch):
+    """A run's output reaches compare.py through a pipe and goes on to compare.py's stdout; where that
+    is a terminal the run is told so, and draws its bars as it would there."""
+    import io
+    import sys
+
     from comparison.launch import child_env
     from common import quiet
 
-    monkeypatch.setattr(quiet, "interactive", lambda: True)
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv(quiet.TERMINAL_VAR, raising=False)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert child_env({"PATH": "/bin"})[quiet.TERMINAL_VAR] == "1"
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # `compare.py ... > out.txt` from a terminal
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert quiet.TERMINAL_VAR not in child_env({"PATH": "/bin"})
 
 
 @pytest.mark.parametrize("output, code, reason", [

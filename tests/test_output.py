@@ -65,10 +65,10 @@ def test_bars_in_a_log_are_redrawn_at_most_every_30_s_and_in_a_terminal_as_tqdm_
     monkeypatch.delenv(quiet.TERMINAL_VAR, raising=False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
     with quiet.progress_bar(total=3, file=io.StringIO()) as bar:
-        assert bar.mininterval == quiet.LOG_BAR_INTERVAL == 30.0
+        assert bar.mininterval == bar.maxinterval == quiet.LOG_BAR_INTERVAL == 30.0
     monkeypatch.setenv(quiet.TERMINAL_VAR, "1")  # what compare.py sets for the runs whose output it relays
     with quiet.progress_bar(total=3, file=io.StringIO()) as bar:
-        assert bar.mininterval == 0.1  # tqdm's own default
+        assert (bar.mininterval, bar.maxinterval) == (0.1, 10.0)  # tqdm's own defaults
 
 
 def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
