@@ -477,6 +477,7 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
     trainer.add_callback(run_config_callback(args, technique or Path(args.script).stem))
     resume = resolve_resume(args, out)
     exact_resume(trainer, resume)
+    one_tensorboard_run(trainer)
     readable_progress(trainer)  # one readable line per logging step instead of raw dicts
     with Timer() as timer, save_on_interrupt(trainer, args):
         try:
@@ -493,6 +494,37 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
 
 
 # Resuming exactly ----------------------------------------------------------------------------
+
+TENSORBOARD_DIR = ("runs", "train")  # under the output dir
+
+
+def one_tensorboard_run(trainer) -> None:
+    """`--report_to tensorboard`: one event folder per output dir (runs/train), not one per start,
+    and a resumed run first purges what the stopped run logged after its checkpoint (steps it
+    trains again). TensorBoard then shows a resumed run as one curve, that of the run never
+    stopped. TENSORBOARD_LOGGING_DIR, where set, still names the folder."""
+    from transformers.integrations import TensorBoardCallback
+
+    found = [cb for cb in trainer.callback_handler.callbacks if type(cb) is TensorBoardCallback]
+    if not found:
+        return
+
+    class ResumableTensorBoard(TensorBoardCallback):
+        purge_step = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.logging_dir is None:
+                self.logging_dir = os.path.join(args.output_dir, *TENSORBOARD_DIR)
+            if state.global_step > 0:  # resumed: the events of later steps are the stopped run's
+                self.purge_step = state.global_step + 1
+            super().on_train_begin(args, state, control, **kwargs)
+
+        def _init_summary_writer(self, args):
+            if self._SummaryWriter is not None:
+                self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
+
+    trainer.remove_callback(TensorBoardCallback)
+    trainer.add_callback(ResumableTensorBoard(tb_writer=found[0].tb_writer))
 
 def exact_resume(trainer, resume: Optional[str]) -> None:
     """Makes a run resumed from any checkpoint end like the run that was never stopped, where the

@@ -139,6 +139,38 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_llam
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-5, rtol=1e-4)
 
 
+def _tensorboard_curve(out, tag="train/loss") -> list[tuple[int, float]]:
+    """The (step, value) points TensorBoard shows for `tag`: its own reader, over every event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [p for p in (out / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, f"TensorBoard shows {len(runs)} runs: {sorted(p.name for p in runs)}"
+    reader = EventAccumulator(str(runs[0]))
+    reader.Reload()
+    return [(e.step, e.value) for e in reader.Scalars(tag)]
+
+
+def test_killed_run_resumed_shows_one_tensorboard_curve_equal_to_the_uninterrupted_one(tiny_llama, tmp_path):
+    """The killed run logged steps past checkpoint-4 before it died; the resumed run logs them again.
+    TensorBoard shows one run whose loss curve is the uninterrupted run's, step for step."""
+    argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST,
+            "--logging_steps", "3", "--report_to", "tensorboard"]
+    reference, out, steps = tmp_path / "reference", tmp_path / "killed", tmp_path / "steps.log"
+    ref = _start(tmp_path, "lora.py", argv + ["--output_dir", reference])
+    proc = _start(tmp_path, "lora.py", argv + ["--output_dir", out], step_log=steps)
+    # Killed in step 7: checkpoint-4 is its last, and step 6's loss is already in its events.
+    _wait_until(lambda: steps.exists() and len(steps.read_text()) >= 7, proc)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL and ref.wait(timeout=300) == 0
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert [step for step, _ in _tensorboard_curve(out)] == [3, 6]
+    assert run_script("lora.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"]) == 0
+    expected, got = _tensorboard_curve(reference), _tensorboard_curve(out)
+    assert [step for step, _ in expected] == [3, 6, 9, 12]
+    assert [step for step, _ in got] == [3, 6, 9, 12]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+
+
 def test_same_seed_same_initial_adapter(tiny_llama, tmp_path):
     # The first warm-up step has learning rate 0: the saved adapter is the initial one.
     argv = ["--model_id", tiny_llama, "--max_steps", "1", "--warmup_steps", "5", "--save_strategy", "no", *FAST]
