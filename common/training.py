@@ -515,16 +515,18 @@ def one_tensorboard_run(trainer) -> None:
         def on_train_begin(self, args, state, control, **kwargs):
             if self.logging_dir is None:
                 self.logging_dir = os.path.join(args.output_dir, *TENSORBOARD_DIR)
-            if state.global_step > 0:  # resumed: the events of later steps are the stopped run's
-                self.purge_step = state.global_step + 1
+            # Events of later steps are a stopped run's (on a fresh start, 1: all of an earlier start's).
+            self.purge_step = state.global_step + 1
             super().on_train_begin(args, state, control, **kwargs)
 
         def _init_summary_writer(self, args):
             if self._SummaryWriter is not None:
+                # Once: a writer opened again after training (the final evaluation's) purges nothing.
                 self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
+                self.purge_step = None
 
-    trainer.remove_callback(TensorBoardCallback)
-    trainer.add_callback(ResumableTensorBoard(tb_writer=found[0].tb_writer))
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[callbacks.index(found[0])] = ResumableTensorBoard(tb_writer=found[0].tb_writer)  # same place
 
 def exact_resume(trainer, resume: Optional[str]) -> None:
     """Makes a run resumed from any checkpoint end like the run that was never stopped, where the

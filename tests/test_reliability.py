@@ -154,7 +154,8 @@ def test_killed_run_resumed_shows_one_tensorboard_curve_equal_to_the_uninterrupt
     """The killed run logged steps past checkpoint-4 before it died; the resumed run logs them again.
     TensorBoard shows one run whose loss curve is the uninterrupted run's, step for step."""
     argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST,
-            "--logging_steps", "3", "--report_to", "tensorboard"]
+            "--logging_steps", "3", "--eval_strategy", "steps", "--eval_steps", "6", "--max_eval_samples", "4",
+            "--report_to", "tensorboard"]
     reference, out, steps = tmp_path / "reference", tmp_path / "killed", tmp_path / "steps.log"
     ref = _start(tmp_path, "lora.py", argv + ["--output_dir", reference])
     proc = _start(tmp_path, "lora.py", argv + ["--output_dir", out], step_log=steps)
@@ -166,8 +167,11 @@ def test_killed_run_resumed_shows_one_tensorboard_curve_equal_to_the_uninterrupt
     assert [step for step, _ in _tensorboard_curve(out)] == [3, 6]
     assert run_script("lora.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"]) == 0
     expected, got = _tensorboard_curve(reference), _tensorboard_curve(out)
-    assert [step for step, _ in expected] == [3, 6, 9, 12]
-    assert [step for step, _ in got] == [3, 6, 9, 12]
+    assert [step for step, _ in expected] == [step for step, _ in got] == [3, 6, 9, 12]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+    # Evaluation during training and the final one after it (a writer opened again, purging nothing).
+    expected, got = _tensorboard_curve(reference, "eval/loss"), _tensorboard_curve(out, "eval/loss")
+    assert [step for step, _ in expected] == [step for step, _ in got] == [6, 12, 12]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
 
 
