@@ -358,7 +358,7 @@ def apply_template_flag(args, tokenizer) -> None:
     `false` drops the tokenizer's template, so conversations get the plain rendering and the saved
     tokenizer has none (later runs from the output, and PPO's reward-model scoring, render the same
     way); `true` needs a template."""
-    if args.use_chat_template == "false" and has_template(tokenizer):
+    from common.data import check_template_flag
+
+    if check_template_flag(args, tokenizer) and args.use_chat_template == "false":
         tokenizer.chat_template = None
-    if args.use_chat_template == "true" and not has_template(tokenizer):
-        raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")

@@ -560,11 +560,17 @@ def unescape(text: str) -> str:
     return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
+def check_template_flag(args, tokenizer) -> bool:
+    """-> whether the tokenizer has a chat template; `--use_chat_template true` needs one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.use_chat_template == "true" and not has_template:
+        raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
+    return has_template
+
+
 def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
     choice = args.use_chat_template
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if choice == "true" and not has_template:
-        raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
+    has_template = check_template_flag(args, tokenizer)
     use_chat = has_template if choice == "auto" else choice == "true"
     system = args.system_prompt if args.system_prompt and args.system_prompt.lower() != "none" else None
     return PromptFormat(template=unescape(args.prompt_template), use_chat=use_chat,

@@ -528,6 +528,7 @@ def one_tensorboard_run(trainer) -> None:
     callbacks = trainer.callback_handler.callbacks
     callbacks[callbacks.index(found[0])] = ResumableTensorBoard(tb_writer=found[0].tb_writer)  # same place
 
+
 def exact_resume(trainer, resume: Optional[str]) -> None:
     """Makes a run resumed from any checkpoint end like the run that was never stopped, where the
     Trainer alone does not:
