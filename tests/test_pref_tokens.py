@@ -70,11 +70,26 @@ def _trainer(fn, argv):
     return built.value.trainer
 
 
-def _sft_ids(model, tmp_path, argv=ARGV):
+def _sft_rows(model, tmp_path, argv=ARGV):
+    """The dataset SFTTrainer holds (input_ids, labels) for `argv`."""
     from sft.run import train
 
-    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *argv]).train_dataset
-    return sorted(ds["input_ids"])
+    return _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *argv]).train_dataset
+
+
+def _sft_ids(model, tmp_path, argv=ARGV):
+    return sorted(_sft_rows(model, tmp_path, argv)["input_ids"])
+
+
+def _through_last_label(rows) -> list:
+    """SFT's ids of each row up to its last trained token (the untrained whitespace a rendering
+    writes after the end of turn cut off), sorted."""
+    out = []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        last = max(i for i, label in enumerate(labels) if label != -100)
+        assert all(label == -100 for label in labels[last + 1:])
+        out.append(ids[:last + 1])
+    return sorted(out)
 
 
 def _train_reward_model(argv):
@@ -87,18 +102,28 @@ def _train_reward_model(argv):
     reward.run_reward_model(args)
 
 
-def _preference_ids(kind, model, tmp_path, argv=ARGV):
+def _train_fn(kind):
+    if kind == "reward":
+        return _train_reward_model
     from rlhf.run import train
 
+    return lambda a: train(kind, a)
+
+
+def _chosen_ids(kind, ds) -> list:
+    """Prompt + chosen ids (KTO: prompt + desirable completion) of each row a trainer holds, sorted."""
     if kind == "reward":
-        ds = _trainer(_train_reward_model, ["--model_id", model, "--output_dir", tmp_path / kind, *argv]).train_dataset
         return sorted(ds["chosen_ids"])
-    ds = _trainer(lambda a: train(kind, a), ["--model_id", model, "--output_dir", tmp_path / kind, *argv]).train_dataset
     if kind == "dpo":
         return sorted(p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
     if kind == "kto":
         return sorted(p + c for p, c, good in zip(ds["prompt_ids"], ds["completion_ids"], ds["label"]) if good)
     return sorted(ds["chosen_input_ids"])  # ORPO and SimPO (CPO) keep whole sequences
+
+
+def _preference_ids(kind, model, tmp_path, argv=ARGV):
+    return _chosen_ids(kind, _trainer(_train_fn(kind), ["--model_id", model, "--output_dir", tmp_path / kind,
+                                                        *argv]).train_dataset)
 
 
 @pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "simpo", "reward"])
@@ -158,41 +183,23 @@ def test_use_chat_template_false_on_conversation_pairs_trains_sfts_plain_ids(arc
     pairs, chats = _conversation_files(tmp_path)
     common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none", "--use_chat_template", "false"]
     model = request.getfixturevalue(MODELS[arch])
-    expected = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common])
+    sft = _sft_rows(model, tmp_path, ["--dataset_name", chats, *common])
+    expected = sorted(sft["input_ids"])
     templated = _sft_ids(model, tmp_path, ["--dataset_name", chats, *common[:-1], "auto"])
     assert not set(map(tuple, expected)) & set(map(tuple, templated))  # the two renderings differ
-    from rlhf.run import train
 
-    fn = _train_reward_model if kind == "reward" else (lambda a: train(kind, a))
-    trainer = _trainer(fn, ["--model_id", model, "--output_dir", tmp_path / kind, "--dataset_name", pairs, *common])
+    trainer = _trainer(_train_fn(kind), ["--model_id", model, "--output_dir", tmp_path / kind, "--dataset_name", pairs,
+                                         *common])
     # What the run saves: later runs from it (PPO's reward-model scoring too) render the same way.
     assert not has_template(trainer.processing_class)
-    ds = trainer.train_dataset
+    got = _chosen_ids(kind, trainer.train_dataset)
     if kind == "reward":  # 10% of the rows are kept aside for accuracy; the rest equal SFT's whole rows
-        assert ds["chosen_ids"] and all(ids in expected for ids in ds["chosen_ids"]), (ds["chosen_ids"][:1], expected)
+        assert got and all(ids in expected for ids in got), (got[:1], expected)
         return
-    if kind == "dpo":
-        got = sorted(p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
-    elif kind == "kto":
-        got = sorted(p + c for p, c, good in zip(ds["prompt_ids"], ds["completion_ids"], ds["label"]) if good)
-    else:
-        got = sorted(ds["chosen_input_ids"])
     # The pair trainers end each sequence at the answer's EOS; SFT's rows go on with the untrained
     # whitespace the rendering writes after it.
-    trained = sorted(_through_last_label(model, tmp_path, ["--dataset_name", chats, *common]))
+    trained = _through_last_label(sft)
     assert got == trained, f"{kind} on {arch}: {got[:1]} != SFT's {trained[:1]}"
-
-
-def _through_last_label(model, tmp_path, argv):
-    from sft.run import train
-
-    ds = _trainer(lambda a: train("lora", a), ["--model_id", model, "--output_dir", tmp_path / "sft", *argv]).train_dataset
-    out = []
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        last = max(i for i, label in enumerate(labels) if label != -100)
-        assert all(label == -100 for label in labels[last + 1:])
-        out.append(ids[:last + 1])
-    return out
 
 
 @pytest.mark.parametrize("kind", ["dpo", "reward"])
@@ -201,7 +208,6 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
     """Text pairs to train on, message-list pairs to evaluate on: `--use_chat_template false` applies
     to the held-out pairs too; and a model without a template says once that they are rendered plain."""
     from common.chat import has_template
-    from rlhf.run import train
     from tests.helpers import write_jsonl
 
     pairs, chats = _conversation_files(tmp_path)
@@ -211,17 +217,13 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
     shutil.copy(pairs, data / "validation.jsonl")
     flags = ["--dataset_name", data, "--eval_strategy", "epoch", "--report_to", "none", "--save_strategy", "no",
              "--use_chat_template", "false"]
-    fn = _train_reward_model if kind == "reward" else (lambda a: train(kind, a))
+    fn = _train_fn(kind)
     trainer = _trainer(fn, ["--model_id", tiny_chat_llama, "--output_dir", tmp_path / kind, *flags])
     assert not has_template(trainer.processing_class)
-    ds = trainer.eval_dataset
-    got = sorted(ds["chosen_ids"]) if kind == "reward" else sorted(p + c for p, c in zip(ds["prompt_ids"],
-                                                                                         ds["chosen_ids"]))
-    sft = ["--dataset_name", chats, "--report_to", "none", "--save_strategy", "no", "--eval_split", "none",
-           "--use_chat_template", "false"]
-    expected = _sft_ids(tiny_chat_llama, tmp_path, sft) if kind == "reward" else sorted(
-        _through_last_label(tiny_chat_llama, tmp_path, sft))
-    assert got == expected
+    got = _chosen_ids(kind, trainer.eval_dataset)
+    sft = _sft_rows(tiny_chat_llama, tmp_path, ["--dataset_name", chats, "--report_to", "none", "--save_strategy",
+                                                "no", "--eval_split", "none", "--use_chat_template", "false"])
+    assert got == (sorted(sft["input_ids"]) if kind == "reward" else _through_last_label(sft))
 
     from common.training import setup_logging
 
@@ -229,3 +231,16 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
     capsys.readouterr()
     _trainer(fn, ["--model_id", tiny_llama, "--output_dir", tmp_path / f"{kind}-plain", *flags[:-2]])
     assert capsys.readouterr().err.count("has no chat template: conversations are rendered as plain text") == 1
+
+
+@pytest.mark.parametrize("script, data", [("lora.py", "chats"), ("dpo.py", "pairs"), ("reward_model.py", "pairs")])
+def test_use_chat_template_true_without_a_template_exits_2(script, data, tiny_llama, tmp_path, capsys):
+    from tests.helpers import run_script
+
+    files = dict(zip(("pairs", "chats"), _conversation_files(tmp_path)))
+    assert run_script(script, ["--model_id", tiny_llama, "--dataset_name", files[data], "--use_chat_template", "true",
+                               "--output_dir", tmp_path / "out", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"{script}: error: `--use_chat_template true`: the tokenizer has no chat template; use "
+                       f"`auto` or `false`.")
+    assert not (tmp_path / "out" / "run_config.json").exists()

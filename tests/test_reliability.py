@@ -103,13 +103,15 @@ def _weights(folder) -> dict:
 
 # Killed and resumed --------------------------------------------------------------------------
 
-def _killed_after_checkpoint_4(tmp_path, script: str, argv: list) -> tuple:
+def _killed_after_checkpoint_4(tmp_path, script: str, argv: list, in_step: int = 0) -> tuple:
     """`script` run twice at once: to the end (the reference), and killed (SIGKILL) once checkpoint-4
-    is complete. -> (reference dir, killed dir), the reference finished, the killed run not."""
-    reference, out = tmp_path / "reference", tmp_path / "killed"
+    is complete (and, with `in_step`, once that step has begun).
+    -> (reference dir, killed dir), the reference finished, the killed run not."""
+    reference, out, steps = tmp_path / "reference", tmp_path / "killed", tmp_path / "steps.log"
     ref = _start(tmp_path, script, argv + ["--output_dir", reference])
-    proc = _start(tmp_path, script, argv + ["--output_dir", out], step_log=tmp_path / "steps.log")
-    _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4"), proc)
+    proc = _start(tmp_path, script, argv + ["--output_dir", out], step_log=steps)
+    _wait_until(lambda: is_complete_checkpoint(out / "checkpoint-4") and steps.exists()
+                and len(steps.read_text()) >= in_step, proc)
     proc.kill()
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert ref.wait(timeout=300) == 0, _stderr(ref)[-3000:]
@@ -156,13 +158,8 @@ def test_killed_run_resumed_shows_one_tensorboard_curve_equal_to_the_uninterrupt
     argv = ["--model_id", tiny_llama, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", *FAST,
             "--logging_steps", "3", "--eval_strategy", "steps", "--eval_steps", "6", "--max_eval_samples", "4",
             "--report_to", "tensorboard"]
-    reference, out, steps = tmp_path / "reference", tmp_path / "killed", tmp_path / "steps.log"
-    ref = _start(tmp_path, "lora.py", argv + ["--output_dir", reference])
-    proc = _start(tmp_path, "lora.py", argv + ["--output_dir", out], step_log=steps)
     # Killed in step 7: checkpoint-4 is its last, and step 6's loss is already in its events.
-    _wait_until(lambda: steps.exists() and len(steps.read_text()) >= 7, proc)
-    proc.kill()
-    assert proc.wait(timeout=60) == -signal.SIGKILL and ref.wait(timeout=300) == 0
+    reference, out = _killed_after_checkpoint_4(tmp_path, "lora.py", argv, in_step=7)
     assert last_complete_checkpoint(out) == str(out / "checkpoint-4")
     assert [step for step, _ in _tensorboard_curve(out)] == [3, 6]
     assert run_script("lora.py", argv + ["--output_dir", out, "--resume_from_checkpoint", "auto"]) == 0
