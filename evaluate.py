@@ -8,8 +8,8 @@ Writes eval_results.json and predictions.jsonl. `python evaluate.py --help` list
 
 import sys
 
-from common.evaluation import main as run_main
-from common.evaluation import make_parser as eval_parser
+from common.evaluation.run import main as run_main
+from common.evaluation.run import make_parser as eval_parser
 
 
 def make_parser():

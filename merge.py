@@ -7,8 +7,8 @@ The result loads with `AutoModelForCausalLM.from_pretrained("outputs/lora-merged
 
 import sys
 
-from common.merging import main as run_main
-from common.merging import make_parser as merge_parser
+from common.model.merging import main as run_main
+from common.model.merging import make_parser as merge_parser
 
 
 def make_parser():

@@ -4,7 +4,7 @@
 
 Offline, on the bundled sample and a tiny local model:
 
-    python -m common.tiny_model --output_dir models/tiny-llama
+    python -m common.model.tiny_model --output_dir models/tiny-llama
     python prefix_tuning.py --model_id models/tiny-llama --dataset_name triviaqa-sample --output_dir outputs/prefix_tuning-demo --max_steps 20
 
 `python prefix_tuning.py --help` lists every flag.

@@ -4,7 +4,7 @@
 
 Offline, on the bundled sample and a tiny local model:
 
-    python -m common.tiny_model --output_dir models/tiny-llama
+    python -m common.model.tiny_model --output_dir models/tiny-llama
     python qlora.py --model_id models/tiny-llama --dataset_name triviaqa-sample --output_dir outputs/qlora-demo --max_steps 20
 
 `python qlora.py --help` lists every flag.

@@ -4,7 +4,7 @@ Llama-style models of growing size, in float32 and under `torch.autocast("cpu", 
     python -m bench.bench_bf16                      # ~3 min on 2 CPU cores; numbers in outputs/bench_bf16.json
     python -m bench.bench_bf16 --sizes 256x4,512x8  # width x layers
 
-The measured crossover is what `common.model.CPU_BF16_MIN_PARAMETERS` should be on this CPU;
+The measured crossover is what `common.model.precision.CPU_BF16_MIN_PARAMETERS` should be on this CPU;
 `--use_bfloat16 True` on a CPU uses autocast only above it (and only where the CPU has bf16
 instructions).
 """
@@ -46,7 +46,7 @@ def step_seconds(model, batch, seq, bf16: bool, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    from common.model import cpu_bf16_flags
+    from common.model.precision import cpu_bf16_flags
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64x2,128x4,256x4,384x6,512x8,768x12", help="width x layers, comma-separated")

@@ -1,4 +1,4 @@
-"""Generation speed of evaluate.py's greedy answering (common/generation.py) against the previous
+"""Generation speed of evaluate.py's greedy answering (common/evaluation/generation.py) against the previous
 implementation (transformers' `generate()` with `stop_strings=["\\n"]`, prompts sorted by
 character length), on a tiny model trained until it stops after its answers.
 
@@ -38,9 +38,9 @@ def previous_generate_answers(model, tokenizer, questions, fmt, batch_size, max_
     stop_strings for the newline, prompts sorted by character length."""
     import torch
 
-    from common.data import generation_prompt
-    from common.evaluation import stop_token_ids
-    from common.metrics import extract_answer
+    from common.data.prompts import generation_prompt
+    from common.evaluation.answers import stop_token_ids
+    from common.evaluation.metrics import extract_answer
 
     prompts = [generation_prompt(q, fmt, tokenizer) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -78,10 +78,11 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
 
-    from common.data import BUNDLED, PromptFormat
-    from common.evaluation import generate_answers, generate_ids
-    from common.model import ensure_pad_token
-    from common.tiny_model import build_tiny_model
+    from common.data.sources import BUNDLED
+    from common.data.prompts import PromptFormat
+    from common.evaluation.answers import generate_answers, generate_ids
+    from common.model.loading import ensure_pad_token
+    from common.model.tiny_model import build_tiny_model
     import lora
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_generate-"))
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     variants = {
         "previous (HF generate, stop_strings)": lambda: previous_generate_answers(
             model, tokenizer, questions, fmt, args.batch_size, args.max_new_tokens),
-        "current (common/generation.py)": lambda: generate_answers(
+        "current (common/evaluation/generation.py)": lambda: generate_answers(
             model, tokenizer, questions, fmt, args.batch_size, args.max_new_tokens),
         # The same decoder fed batches in input order (each call sorts only within its one batch).
         "current, batches in input order": lambda: [

@@ -38,29 +38,31 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-from bench.bench_sft import _f, bench_env
-from common.args import FlagParser, UsageError
+from bench.bench_sft import bench_env
+from common.flags.groups import flag
+from common.flags.parser import FlagParser
+from common.flags.errors import UsageError
 
 
 @dataclass
 class PPOBenchArguments:
-    num_prompts: int = _f(512, "Synthetic TriviaQA-shaped questions to draw prompts from.")
-    hidden_size: int = _f(512, "Model width (a multiple of 64), as in bench_sft.py.")
-    num_layers: int = _f(8, "Transformer layers.")
-    steps: int = _f(8, "PPO steps to time (after one untimed warm-up step).")
-    per_device_train_batch_size: int = _f(16, "Micro-batch of the PPO updates.")
-    num_mini_batches: int = _f(2, "Mini-batches per step: rollouts per step = batch x mini-batches.")
-    ppo_epochs: int = _f(4, "Optimisation epochs over each step's rollouts.")
-    response_length: int = _f(16, "Tokens sampled per answer.")
-    seed: int = _f(42, "Seed of the data, the model and training.")
-    ppo_flags: str = _f("", "More ppo.py flags, as one string (e.g. \"--load_in_4bit True\").")
-    gradient_checkpointing: bool = _f(True, "Gradient checkpointing in the PPO updates (ppo.py's default), both sides.")
-    compare_trl112: bool = _f(False, "Also run TRL 1.12's PPOTrainer side by side, in its own virtual environment "
+    num_prompts: int = flag(512, "Synthetic TriviaQA-shaped questions to draw prompts from.")
+    hidden_size: int = flag(512, "Model width (a multiple of 64), as in bench_sft.py.")
+    num_layers: int = flag(8, "Transformer layers.")
+    steps: int = flag(8, "PPO steps to time (after one untimed warm-up step).")
+    per_device_train_batch_size: int = flag(16, "Micro-batch of the PPO updates.")
+    num_mini_batches: int = flag(2, "Mini-batches per step: rollouts per step = batch x mini-batches.")
+    ppo_epochs: int = flag(4, "Optimisation epochs over each step's rollouts.")
+    response_length: int = flag(16, "Tokens sampled per answer.")
+    seed: int = flag(42, "Seed of the data, the model and training.")
+    ppo_flags: str = flag("", "More ppo.py flags, as one string (e.g. \"--load_in_4bit True\").")
+    gradient_checkpointing: bool = flag(True, "Gradient checkpointing in the PPO updates (ppo.py's default), both sides.")
+    compare_trl112: bool = flag(False, "Also run TRL 1.12's PPOTrainer side by side, in its own virtual environment "
                                      "(built on first use from PyPI; needs network once).")
-    trl112_venv: str = _f("~/.cache/finetune-bench/trl-1.12", "Where that virtual environment is built and kept.")
-    work_dir: Optional[str] = _f(None, "Where the data, the model and the run go (default: a temporary "
+    trl112_venv: str = flag("~/.cache/finetune-bench/trl-1.12", "Where that virtual environment is built and kept.")
+    work_dir: Optional[str] = flag(None, "Where the data, the model and the run go (default: a temporary "
                                        "directory, removed at the end).")
-    output: str = _f("outputs/bench_ppo.json", "JSON file for the measured numbers.")
+    output: str = flag("outputs/bench_ppo.json", "JSON file for the measured numbers.")
 
 
 def make_parser() -> FlagParser:
@@ -83,7 +85,7 @@ def check(args) -> None:
 
 def run(args, work: Path) -> dict:
     from bench import bench_sft
-    from common.training import setup_logging
+    from common.recipe.cli import setup_logging
     from rlhf.ppo import train
 
     rollouts = args.per_device_train_batch_size * args.num_mini_batches
@@ -155,7 +157,7 @@ def trl112_python(venv: Path) -> str:
 def run_trl112(args, work: Path) -> dict:
     """TRL 1.12's PPOTrainer in its own process and environment (bench/trl112_ppo_worker.py)."""
     from bench import bench_sft
-    from common.args import LoraArguments
+    from common.flags.groups import LoraArguments
 
     python = trl112_python(Path(os.path.expanduser(args.trl112_venv)))
     shape = SimpleNamespace(num_examples=args.num_prompts, seed=args.seed, hidden_size=args.hidden_size,

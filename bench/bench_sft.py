@@ -31,62 +31,60 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from common.args import FlagParser, UsageError
-from common.data import BUNDLED
+from common.flags.groups import flag
+from common.flags.parser import FlagParser
+from common.flags.errors import UsageError
+from common.data.sources import BUNDLED
 
 TEMPLATE = "Question: {question}\nAnswer:"  # our default --prompt_template; the baseline formats with it too
 VARIANTS = ("ours", "baseline", "baseline_plain")  # baseline_plain: only with --plain_baseline True
 
 
-def _f(default: Any = None, help: str = "") -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class BenchArguments:
-    variant: Literal["both", "ours", "baseline", "baseline_plain"] = _f(
+    variant: Literal["both", "ours", "baseline", "baseline_plain"] = flag(
         "both", "`both` runs each variant in its own process and prints the table; `ours` or `baseline` runs "
                 "one variant in this process (what `both` spawns).")
-    technique: Literal["lora", "qlora"] = _f(
+    technique: Literal["lora", "qlora"] = flag(
         "lora", "`qlora`: both variants load the base in 4-bit NF4 (bitsandbytes), ours through qlora.py's path.")
-    ours_flags: str = _f("", "More lora.py/qlora.py flags for our run, as one string (e.g. \"--use_liger_kernel "
+    ours_flags: str = flag("", "More lora.py/qlora.py flags for our run, as one string (e.g. \"--use_liger_kernel "
                              "True\"); the baseline keeps TRL's defaults.")
-    num_examples: int = _f(1000, "Synthetic TriviaQA-shaped training questions (one epoch is trained).")
-    vocab_size: int = _f(0, "Model vocabulary (0: the 1,024 tokens of the local tokenizer; 128256: Llama 3's). Rows "
+    num_examples: int = flag(1000, "Synthetic TriviaQA-shaped training questions (one epoch is trained).")
+    vocab_size: int = flag(0, "Model vocabulary (0: the 1,024 tokens of the local tokenizer; 128256: Llama 3's). Rows "
                             "beyond the tokenizer's are never seen as inputs but enter every softmax.")
-    baseline_sampling: Literal["random", "group_by_length"] = _f(
+    baseline_sampling: Literal["random", "group_by_length"] = flag(
         "random", "The baseline's `train_sampling_strategy` (TRL's default is random; `group_by_length` is TRL "
                   "at its best).")
-    plain_baseline: bool = _f(False, "Also run TRL at its defaults (random order) as a third variant, "
+    plain_baseline: bool = flag(False, "Also run TRL at its defaults (random order) as a third variant, "
                                      "`baseline_plain`, for the memory comparison.")
-    optimizer: str = _f("", "One optimizer for both variants (e.g. `adamw_torch`); empty: each side's default.")
-    hidden_size: int = _f(512, "Model width (a multiple of 64); heads = width / 64, MLP width = 8/3 of it.")
-    num_layers: int = _f(8, "Transformer layers.")
-    per_device_train_batch_size: int = _f(16, "Examples per step, both variants.")
-    num_train_epochs: float = _f(1.0, "Passes over the data, both variants.")
-    max_steps: int = _f(
+    optimizer: str = flag("", "One optimizer for both variants (e.g. `adamw_torch`); empty: each side's default.")
+    hidden_size: int = flag(512, "Model width (a multiple of 64); heads = width / 64, MLP width = 8/3 of it.")
+    num_layers: int = flag(8, "Transformer layers.")
+    per_device_train_batch_size: int = flag(16, "Examples per step, both variants.")
+    num_train_epochs: float = flag(1.0, "Passes over the data, both variants.")
+    max_steps: int = flag(
         -1, "Stop after N steps (-1: train the epochs). Short of an epoch the two samplers pick different "
             "examples, so their token counts differ; tokens/s stays comparable.")
-    learning_rate: float = _f(2e-4, "Peak learning rate, both variants.")
-    lora_r: int = _f(16, "LoRA rank, both variants (all linear layers are adapted).")
-    lora_alpha: int = _f(32, "LoRA alpha, both variants.")
-    lora_dropout: float = _f(0.05, "LoRA dropout, both variants (our default; PEFT's own default is 0).")
-    seed: int = _f(42, "Seed of the data, the model initialisation and training.")
-    baseline_gradient_checkpointing: bool = _f(
+    learning_rate: float = flag(2e-4, "Peak learning rate, both variants.")
+    lora_r: int = flag(16, "LoRA rank, both variants (all linear layers are adapted).")
+    lora_alpha: int = flag(32, "LoRA alpha, both variants.")
+    lora_dropout: float = flag(0.05, "LoRA dropout, both variants (our default; PEFT's own default is 0).")
+    seed: int = flag(42, "Seed of the data, the model initialisation and training.")
+    baseline_gradient_checkpointing: bool = flag(
         True, "TRL's SFTConfig turns gradient checkpointing on by default; `False` measures the baseline "
               "without it, which isolates the rest of the difference.")
-    ours_gradient_checkpointing: bool = _f(
+    ours_gradient_checkpointing: bool = flag(
         True, "Our run's `--gradient_checkpointing` (on by default, as in TRL); `False` trades memory for speed.")
-    work_dir: Optional[str] = _f(
+    work_dir: Optional[str] = flag(
         None, "Where the data, the model, the runs and their logs go (default: a temporary directory, "
               "removed at the end).")
-    output: str = _f("outputs/bench_sft.json", "JSON file for the measured numbers.")
-    profile: bool = _f(False, "Run our variant under cProfile and print where the time goes (implies "
+    output: str = flag("outputs/bench_sft.json", "JSON file for the measured numbers.")
+    profile: bool = flag(False, "Run our variant under cProfile and print where the time goes (implies "
                               "`--variant ours`); the profile is saved in --work_dir.")
 
 
@@ -195,7 +193,7 @@ def model_overrides(args) -> dict:
 
 def prepare(args, work: Path) -> tuple[str, str]:
     """Writes the data set and the model once per work dir and setting; -> (data file, model dir)."""
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     key = {"num_examples": args.num_examples, "seed": args.seed, "vocab_size": getattr(args, "vocab_size", 0),
            **model_overrides(args)}
@@ -286,7 +284,7 @@ def precision() -> str:
 
 
 def train_ours(args, data: str, model: str, out: str, mode: str):
-    from common.training import setup_logging
+    from common.recipe.cli import setup_logging
     from sft.run import train
 
     argv = ["--model_id", model, "--dataset_name", data, "--output_dir", out, "--overwrite_output_dir", "True",
@@ -490,7 +488,7 @@ def cpu_busy_seconds() -> Optional[float]:
 def machine() -> dict:
     import torch
 
-    from common.training import library_versions
+    from common.recipe.run_config import library_versions
 
     cpu = platform.processor() or platform.machine()
     try:

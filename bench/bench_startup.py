@@ -62,8 +62,9 @@ PREPARE = r"""
 import sys, time, json
 sys.path.insert(0, {root!r})
 start = time.perf_counter()
-from common.args import DataArguments
-from common.data import load_qa_data, prompt_format, to_sft_dataset
+from common.flags.groups import DataArguments
+from common.data.qa import load_qa_data
+from common.data.prompts import prompt_format, to_sft_dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from transformers import AutoModelForCausalLM
@@ -74,9 +75,9 @@ args.dataset_name = {data!r}
 t0 = time.perf_counter()
 data = load_qa_data(args, need_eval=False)
 tok = AutoTokenizer.from_pretrained({model!r})
-from common.model import ensure_pad_token
+from common.model.loading import ensure_pad_token
 ensure_pad_token(tok)
-from common.data import auto_num_proc
+from common.data.prompts import auto_num_proc
 num_proc = auto_num_proc(None, len(data.train))  # what lora.py does by default
 ds = to_sft_dataset(data.train, prompt_format(args, tok, data.schema), num_proc)
 SFTTrainer(model=AutoModelForCausalLM.from_pretrained({model!r}), processing_class=tok, train_dataset=ds,
@@ -87,7 +88,7 @@ print(json.dumps({{"prepare_s": time.perf_counter() - t0, "rows": len(ds)}}))
 
 
 def data_preparation(rows: int, work: Path) -> dict:
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     data = work / "triviaqa_like.jsonl"
     write_rows(data, rows)

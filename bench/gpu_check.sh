@@ -39,7 +39,7 @@ tail -n 8 "$results/ppo.log"
 # QLoRA under FSDP, trained for real with the shipped config (one process per GPU; the CPU tests in
 # tests/test_fsdp.py only check that FSDP wraps the model): a tiny local model, bf16, a few steps.
 tiny="$results/tiny-llama"
-[ -d "$tiny" ] || python -m common.tiny_model --output_dir "$tiny" >/dev/null
+[ -d "$tiny" ] || python -m common.model.tiny_model --output_dir "$tiny" >/dev/null
 gpus=$(nvidia-smi -L | wc -l)
 rm -rf "$results/qlora_fsdp"
 if accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes "$gpus" qlora.py --model_id "$tiny" \

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-from common.args import UsageError
+from common.flags.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     out = {k: v for k, v in env.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
     out["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     out["PYTHONUNBUFFERED"] = "1"  # the child's lines reach the terminal and the log as they are written
-    from common.quiet import TERMINAL_VAR, interactive
+    from common.recipe.progress import TERMINAL_VAR, interactive
 
     if interactive(sys.stdout):  # run_child relays the child's output to our stdout: a terminal there?
         out[TERMINAL_VAR] = "1"

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from common.args import FlagParser, ParsedArgs, UsageError, _f, format_flags
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError, format_flags
+from common.flags.groups import flag
 from comparison import report
 from comparison.techniques import ALL, PREFERENCE, SFT, Runner, runner
 
@@ -27,20 +29,20 @@ log = logging.getLogger("finetune")
 
 @dataclass
 class CompareArguments:
-    techniques: Optional[str] = _f(
+    techniques: Optional[str] = flag(
         None, "Comma-separated techniques to train and compare: lora, dora, qlora, prefix_tuning, p_tuning, "
               "prompt_tuning (SFT); dpo, orpo, simpo, kto (preference, from an SFT start: `--model_id outputs/sft`); "
               "ppo, grpo (with `--reward_function triviaqa_f1`).")
-    runs: Optional[list[str]] = _f(None, "Finished run directories to compare without training (instead of "
+    runs: Optional[list[str]] = flag(None, "Finished run directories to compare without training (instead of "
                                          "`--techniques`).")
-    output_dir: str = _f("outputs/compare", "Where comparison.md, comparison.json and plots/ go; with "
+    output_dir: str = flag("outputs/compare", "Where comparison.md, comparison.json and plots/ go; with "
                                             "`--techniques`, each run gets its own directory in it.")
-    eval_samples: int = _f(1000, "Held-out questions each run is scored on (the first N of `--eval_split`; 0: all "
+    eval_samples: int = flag(1000, "Held-out questions each run is scored on (the first N of `--eval_split`; 0: all "
                                  "of it). 1000 takes about a minute per run for a 1B model on one GPU.")
-    train_eval_samples: int = _f(200, "Training questions each run is also scored on (the first N of "
+    train_eval_samples: int = flag(200, "Training questions each run is also scored on (the first N of "
                                       "`--dataset_split`): far above the held-out EM means memorised, not learnt "
                                       "(0: off).")
-    eval_batch_size: int = _f(16, "Questions answered per batch when scoring.")
+    eval_batch_size: int = flag(16, "Questions answered per batch when scoring.")
 
 
 def make_parser() -> FlagParser:
@@ -181,7 +183,7 @@ def changed_flags(args: ParsedArgs, run_dir: Path) -> list[str]:
 
 def compare(argv: Optional[list[str]] = None) -> int:
     from comparison.launch import launch_prefix
-    from common.outputs import is_main_process
+    from common.recipe.dist import is_main_process
 
     plan = parse(argv)
     prefix = launch_prefix(os.environ)  # refuses multi-node launches before anything runs
@@ -199,7 +201,7 @@ def compare(argv: Optional[list[str]] = None) -> int:
 
 def train_and_compare(plan: Plan, prefix: list[str], out: Path) -> list[dict]:
     from comparison.launch import ROOT, run_child
-    from common.outputs import is_finished_run
+    from common.recipe.outputs import is_finished_run
 
     runners = [runner(t) for t in techniques_of(plan)]
     check_shared_flags(plan, runners)
@@ -270,8 +272,8 @@ def _with_heldout_loss(argv: list[str], run: Runner) -> list[str]:
 
 
 def compare_runs(plan: Plan, prefix: list[str]) -> list[dict]:
-    from common.evaluation import make_parser as eval_parser
-    from common.outputs import is_finished_run
+    from common.evaluation.run import make_parser as eval_parser
+    from common.recipe.outputs import is_finished_run
 
     scoring = eval_parser()
     allowed = set(scoring.names) - {"output_dir", "max_samples", "batch_size"}
@@ -355,7 +357,7 @@ def score(row: dict, plan: Plan, prefix: list[str], flags: dict, extra: list[str
 # Outputs ----------------------------------------------------------------------------------------
 
 def write_outputs(rows: list[dict], out: Path) -> int:
-    from common.outputs import write_json
+    from common.recipe.outputs import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     machine_line = report.machine()
@@ -381,7 +383,7 @@ def write_outputs(rows: list[dict], out: Path) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     result: dict[str, int] = {}
 

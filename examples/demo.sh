@@ -7,7 +7,7 @@
 # and it trains faster without (the same results: dropout is 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m common.tiny_model --output_dir models/tiny-llama --hidden_size 128
+python -m common.model.tiny_model --output_dir models/tiny-llama --hidden_size 128
 python lora.py \
     --model_id models/tiny-llama \
     --dataset_name triviaqa-sample \

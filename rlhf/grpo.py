@@ -7,9 +7,10 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.args import (DataArguments, FlagParser, GRPOArguments, LoraArguments, ModelArguments, ParsedArgs,
-                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_grpo,
-                         format_flags)
+from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments)
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError, format_flags
+from common.flags.checks import check_common, check_grpo
 
 log = logging.getLogger("finetune")
 
@@ -52,7 +53,7 @@ def train(argv: Optional[list[str]] = None) -> GRPOResult:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     return run_cli("grpo.py", lambda: train(argv))
 
@@ -85,7 +86,7 @@ def sft_prompt_tokens():
     (nothing added), as in SFT."""
     from trl import GRPOTrainer
 
-    from common.evaluation import prompt_ids
+    from common.evaluation.answers import prompt_ids
 
     class SFTPromptTokens(GRPOTrainer):
         def _tokenize_prompts(self, prompts: list):
@@ -98,26 +99,31 @@ def sft_prompt_tokens():
 
 
 def run_grpo(args: ParsedArgs) -> GRPOResult:
-    from common import data as qa
-    from common import training as tr
-    from common.model import inherit_from_adapter, resolve_model
+    from common.data.qa import prompts
+    from common.data.qa import qa
+    from common.recipe import callbacks as recipe_callbacks
+    from common.recipe import config as trainer_config
+    from common.recipe import outputs
+    from common.recipe import reporting
+    from common.recipe import training
+    from common.model.source import inherit_from_adapter, resolve_model
 
-    out = tr.prepare_output_dir(args, default="outputs/grpo")
+    out = outputs.prepare_output_dir(args, default="outputs/grpo")
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     data = qa.load_qa_data(args, need_eval=False)
 
-    from common.evaluation import prompt_ids
-    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
-                              select_precision)
-    from common.peft_config import attach_adapter
+    from common.evaluation.answers import prompt_ids
+    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
+    from common.model.precision import select_precision
+    from common.model.adapters import attach_adapter
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
-    fmt = qa.prompt_format(args, tokenizer, data.schema)
-    prompts = [qa.chat_messages(q, fmt) if fmt.use_chat else qa.prompt_text(q, fmt) for q in data.train["question"]]
-    lengths = [len(ids) for ids in prompt_ids(tokenizer, [qa.generation_prompt(q, fmt, tokenizer)
+    fmt = prompts.prompt_format(args, tokenizer, data.schema)
+    prompts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in data.train["question"]]
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, [prompts.generation_prompt(q, fmt, tokenizer)
                                                           for q in data.train["question"]], fmt.use_chat)]
     too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
     if too_long:
@@ -152,7 +158,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
 
         scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
 
-        from common.evaluation import stop_token_ids
+        from common.evaluation.answers import stop_token_ids
 
         stops = set(stop_token_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
 
@@ -165,24 +171,24 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
 
     from trl import GRPOConfig
 
-    report_to = tr.setup_reporting(args, out)
+    report_to = reporting.setup_reporting(args, out)
     if args.overwrite_output_dir:
-        tr.clear_previous_run(out)
-    kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=False)
+        outputs.clear_previous_run(out)
+    kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=False)
     kwargs["train_sampling_strategy"] = "random"
     config = GRPOConfig(**kwargs, num_generations=args.num_generations,
                         max_completion_length=args.max_completion_length, temperature=args.temperature,
                         beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code,
                         disable_dropout=True)
     trainer = sft_prompt_tokens()(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
-                                  processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+                                  processing_class=tokenizer, callbacks=[recipe_callbacks.nan_guard_callback()])
     keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
-    metrics, wall = tr.train_guarded(trainer, args, out)
+    metrics, wall = training.train_guarded(trainer, args, out)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
              "data": {"source": data.source, "prompts": len(prompts), "chat_template": fmt.use_chat},
              "reward": names + (["reward_model"] if args.reward_model else []),
              "parameters": {"trainable": trainable, "total": total}}
-    info = tr.finish_run(trainer, tokenizer, args, out, "grpo", metrics, wall, extra, report_to,
+    info = training.finish_run(trainer, tokenizer, args, out, "grpo", metrics, wall, extra, report_to,
                          drop_adapters=("ref",))
     return GRPOResult(output_dir=out, summary=info, trainer=trainer)

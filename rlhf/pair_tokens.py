@@ -73,14 +73,14 @@ def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
     it scores in PPO and GRPO):
       - text: prompt + answer + EOS text, tokenised with the tokenizer's own special tokens;
       - a conversation (message list; `answer` is the reply's text or its messages): the chat
-        template's rendering, or common.chat's plain rendering without one, tokenised with nothing
+        template's rendering, or common.data.chat's plain rendering without one, tokenised with nothing
         added (the rendering writes its own BOS and end-of-turn tokens).
     `finished=False` (a reply cut off before its end) stops right after the reply's text: no EOS or
     end of turn."""
     if isinstance(prompt, str):
         end = tokenizer.eos_token if finished and not answer.endswith(tokenizer.eos_token) else ""
         return tokenizer(prompt + answer + end)["input_ids"]
-    from common.chat import render
+    from common.data.chat import render
 
     reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
     if not finished:

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PPOArguments,
-                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_ppo,
-                         format_flags, reporters)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PPOArguments, QuantizationArguments, TrainingArguments)
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError, format_flags
+from common.flags.checks import check_common, check_ppo, reporters
 
 log = logging.getLogger("finetune")
 
@@ -74,7 +75,7 @@ def train(argv: Optional[list[str]] = None) -> PPOResult:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     return run_cli("ppo.py", lambda: train(argv))
 
@@ -112,12 +113,18 @@ def _policy_and_value(policy, hidden_size: int):
 # The run -------------------------------------------------------------------------------------
 
 def run_ppo(args: ParsedArgs) -> PPOResult:
-    from common import data as qa
-    from common import training as tr
-    from common.model import inherit_from_adapter, resolve_model
+    from common.data.qa import prompts
+    from common.data.qa import qa
+    from common.recipe import outputs
+    from common.recipe import reporting
+    from common.recipe import run_config
+    from common.recipe import signals
+    from common.recipe import summary
+    from common.recipe import training
+    from common.model.source import inherit_from_adapter, resolve_model
 
-    out = tr.prepare_output_dir(args, default="outputs/ppo")
-    resume = tr.resolve_resume(args, out)
+    out = outputs.prepare_output_dir(args, default="outputs/ppo")
+    resume = outputs.resolve_resume(args, out)
     if resume:
         _check_checkpoint(Path(resume))
     source = resolve_model(args.model_id)
@@ -128,27 +135,27 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from common.model import (count_parameters, enable_checkpointing, is_quantized, load_model, load_tokenizer,
-                              select_precision)
-    from common.peft_config import attach_adapter
+    from common.model.loading import count_parameters, enable_checkpointing, is_quantized, load_model, load_tokenizer
+    from common.model.precision import select_precision
+    from common.model.adapters import attach_adapter
     from rlhf import ppo_core as core
     from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
     precision = select_precision(args)
     trackers = [r for r in reporters(args.report_to) if r != "none"]
-    report_to = tr.setup_reporting(args, out)
-    from common.training import _cuda, _mps
+    report_to = reporting.setup_reporting(args, out)
+    from common.recipe.config import cuda_available, mps_available
 
     accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
-                              cpu=not _cuda() and not _mps(),  # several CPU processes form one gloo group
+                              cpu=not cuda_available() and not mps_available(),  # several CPU processes form one gloo group
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=trackers or None, project_dir=out)
     set_seed(args.seed + accelerator.process_index)
 
     # Model & tokenizer
     tokenizer = load_tokenizer(source, args)
-    fmt = qa.prompt_format(args, tokenizer, data.schema)
+    fmt = prompts.prompt_format(args, tokenizer, data.schema)
     model = load_model(source, args, precision, training=True)
     quantized = is_quantized(model)
     technique = "dora" if args.use_dora else ("qlora" if quantized else "lora")
@@ -181,13 +188,13 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
 
     # Prompts: the ids SFT puts before the answer (and evaluation feeds the model): a BOS the
     # tokenizer adds in front stays, a [SEP] or EOS it appends does not.
-    from common.evaluation import prompt_ids as sft_prompt_ids
+    from common.evaluation.answers import prompt_ids as sft_prompt_ids
 
     questions = list(data.train["question"])
-    prompts = [qa.generation_prompt(q, fmt, tokenizer) for q in questions]
+    prompts = [prompts.generation_prompt(q, fmt, tokenizer) for q in questions]
     prompt_ids = sft_prompt_ids(tokenizer, prompts, fmt.use_chat)
     # The reward model renders a conversation itself, as reward_model.py did in training.
-    scored_prompts = [qa.chat_messages(q, fmt) for q in questions] if fmt.use_chat else prompts
+    scored_prompts = [prompts.chat_messages(q, fmt) for q in questions] if fmt.use_chat else prompts
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
     if too_long:
         raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
@@ -211,11 +218,11 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     # schedule would end N times too early. It is stepped in _ppo_updates after each optimizer step.
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
     if trackers:
-        accelerator.init_trackers(args.run_name or Path(out).name, config=tr.redact(args.to_dict(),
+        accelerator.init_trackers(args.run_name or Path(out).name, config=run_config.redact(args.to_dict(),
                                                                                    args.secret_fields()))
     unwrapped = accelerator.unwrap_model(wrapper)
     kl_ctl = core.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    from common.evaluation import stop_token_ids
+    from common.evaluation.answers import stop_token_ids
 
     stop_ids = stop_token_ids(tokenizer)
     reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
@@ -239,7 +246,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                  "num_processes": accelerator.num_processes, "kl_coef": kl_ctl.value}
         _save_checkpoint(unwrapped, tokenizer, folder, accelerator, history, optimizer, scheduler, state,
                          generator, order, args.save_total_limit,
-                         config=tr.run_config(args, "ppo", {"model": {"base": source.base, "quantized": quantized},
+                         config=run_config.run_config(args, "ppo", {"model": {"base": source.base, "quantized": quantized},
                                                             "checkpoint": {"step": step}}))
         return folder
 
@@ -297,11 +304,11 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
                              f"or raise `--kl_coef`.")
         return entry
 
-    from common.quiet import PPO_LINE_KEYS, log_line, progress_bar
+    from common.recipe.progress import PPO_LINE_KEYS, log_line, progress_bar
 
     bar = progress_bar(iterable=range(first_step, steps + 1), desc="PPO", initial=first_step - 1, total=steps,
                        disable=not accelerator.is_main_process)
-    with tr.stop_requests() as stop:
+    with signals.stop_requests() as stop:
         for step in bar:
             entry = ppo_step(step)
             history.append(entry)
@@ -313,9 +320,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
             saved = None
             if args.save_strategy == "steps" and step % args.save_steps == 0 and step < steps:
                 saved = checkpoint(step)
-            if tr.on_any_process(stop.requested, accelerator.device):  # every process stops at the same step
+            if signals.on_any_process(stop.requested, accelerator.device):  # every process stops at the same step
                 bar.close()
-                tr.announce_stop(args, step, saved or checkpoint(step), stop)
+                signals.announce_stop(args, step, saved or checkpoint(step), stop)
 
     runtime = time.perf_counter() - start
     info = {"steps": steps, "train_loss": None, "runtime_s": round(runtime, 2),
@@ -325,7 +332,7 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
             "time_sampling_s": round(seconds["sampling"], 2), "time_scoring_s": round(seconds["scoring"], 2),
             "time_optimisation_s": round(seconds["optimisation"], 2),
             "score_first": history[0]["score"], "score_last": history[-1]["score"],
-            "peak_memory": tr.peak_memory(), "peak_memory_gib": round(tr.peak_memory_gib()[0], 3),
+            "peak_memory": summary.peak_memory(), "peak_memory_gib": round(summary.peak_memory_gib()[0], 3),
             "output_dir": os.path.abspath(out)}
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": quantized},
@@ -335,12 +342,12 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
              "parameters": {"trainable": trainable, "total": total},
              "summary": info}
     if args.overwrite_output_dir:
-        tr.clear_previous_run(out)
-    _save(unwrapped, tokenizer, Path(out), accelerator, history, tr.run_config(args, "ppo", extra))
+        outputs.clear_previous_run(out)
+    _save(unwrapped, tokenizer, Path(out), accelerator, history, run_config.run_config(args, "ppo", extra))
     if trackers:
         accelerator.end_training()
-    tr.finish_reporting(report_to)
-    tr.write_plots(out)
+    reporting.finish_reporting(report_to)
+    summary.write_plots(out)
     if accelerator.is_main_process:
         print("\n── PPO summary " + "─" * 40 +
               f"\n  steps        {steps} ({info['rollouts']} rollouts, {info['rollouts_per_s']} rollouts/s)"
@@ -349,9 +356,9 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
               f"{info['time_sampling_s']:.1f} s, log-probs/values/reward {info['time_scoring_s']:.1f} s), "
               f"optimisation {info['time_optimisation_s']:.1f} s"
               f"\n  peak memory  {info['peak_memory']}"
-              f"\n  written to   {info['output_dir']}  (policy adapter, value_head.safetensors, {tr.RUN_CONFIG})",
+              f"\n  written to   {info['output_dir']}  (policy adapter, value_head.safetensors, {outputs.RUN_CONFIG})",
               flush=True)
-    tr.push_when_asked(args, out)
+    training.push_when_asked(args, out)
     return PPOResult(output_dir=out, history=history, summary=info, policy=unwrapped.policy)
 
 
@@ -517,22 +524,22 @@ def _write_policy(unwrapped, tokenizer, folder: Path, history: list, extra_state
     """Policy adapter (without the frozen reference copy), value head, tokenizer and log history."""
     from safetensors.torch import save_file
 
-    from common import training as tr
+    from common.recipe import outputs
 
     unwrapped.policy.save_pretrained(str(folder), selected_adapters=["default"])
     head = unwrapped.value_head
     save_file({"weight": head.weight.detach().float().cpu().contiguous(),
                "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / "value_head.safetensors"))
     tokenizer.save_pretrained(str(folder))
-    tr._absolute_base_path(folder)
+    outputs.absolute_base_path(folder)
     # Written last: a checkpoint counts as complete once this file is whole.
-    tr.write_json(folder / "trainer_state.json", {"global_step": len(history), "log_history": history,
+    outputs.write_json(folder / "trainer_state.json", {"global_step": len(history), "log_history": history,
                                                   **({"ppo": extra_state} if extra_state else {})})
 
 
 def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config: dict) -> None:
     """The final outputs, staged, then moved into place with adapter_config.json and run_config.json last."""
-    from common import training as tr
+    from common.recipe import outputs
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -540,8 +547,8 @@ def _save(unwrapped, tokenizer, target: Path, accelerator, history: list, config
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         _write_policy(unwrapped, tokenizer, staging, history)
-        tr.write_json(staging / tr.RUN_CONFIG, config)
-        tr.move_into_place(staging, target)
+        outputs.write_json(staging / outputs.RUN_CONFIG, config)
+        outputs.move_into_place(staging, target)
         for stale in target.glob(".checkpoint-*.tmp"):  # left by a run killed while saving a checkpoint
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -561,7 +568,7 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
     import torch
     from safetensors.torch import save_file
 
-    from common import training as tr
+    from common.recipe import outputs
 
     staging = folder.parent / f".{folder.name}.tmp"
     accelerator.wait_for_everyone()
@@ -578,13 +585,13 @@ def _save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: l
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         if config is not None:  # the run's prompt format travels with the checkpoint
-            tr.write_json(staging / tr.RUN_CONFIG, config)
+            outputs.write_json(staging / outputs.RUN_CONFIG, config)
         _write_policy(unwrapped, tokenizer, staging, history, loop_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
-        tr.rotate_checkpoints(str(folder.parent), keep)  # --save_total_limit: counts complete checkpoints only
+        outputs.rotate_checkpoints(str(folder.parent), keep)  # --save_total_limit: counts complete checkpoints only
     accelerator.wait_for_everyone()
 
 

@@ -8,7 +8,7 @@ Implicit prompt (only `chosen` and `rejected`, each the whole exchange):
   - message lists whose last assistant turn differs: the prompt is the messages before it.
 Pairs whose chosen equals rejected are counted, reported and skipped.
 
-A tokenizer without a chat template renders conversational pairs as plain text (common.chat's
+A tokenizer without a chat template renders conversational pairs as plain text (common.data.chat's
 plain rendering), so every trainer sees text it can tokenise.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.args import UsageError
+from common.flags.errors import UsageError
 
 log = logging.getLogger("finetune")
 
@@ -48,7 +48,7 @@ def split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
 
 
 def split_messages(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:
-    from common.chat import check_messages
+    from common.data.chat import check_messages
 
     chosen = check_messages(chosen, where, "`chosen`")
     rejected = check_messages(rejected, where, "`rejected`")
@@ -105,7 +105,7 @@ def conversation_rendering(args, tokenizer, *sources) -> None:
     """Where any split holds message-list pairs: `--use_chat_template` applies to them as in SFT
     (`false` drops the tokenizer's template, so the pairs and the saved tokenizer get the plain
     rendering), and a run without a template says so."""
-    from common import chat
+    from common.data.qa import chat
 
     if any(_is_conversation_source(src) for src in sources):
         chat.apply_template_flag(args, tokenizer)
@@ -116,7 +116,7 @@ def plain_if_no_template(ds, tokenizer):
     """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
     prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
     each answer = what the whole rendering adds to it, without the EOS the trainers append."""
-    from common import chat
+    from common.data.qa import chat
 
     if chat.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds

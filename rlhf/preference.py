@@ -16,10 +16,11 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from common.args import UsageError
-from common.data import (PromptFormat, chat_messages, detect_schema, load_splits, normalise, prompt_text,
-                         require_answers, select_split)
-from common.metrics import normalize_answer
+from common.flags.errors import UsageError
+from common.data.prompts import PromptFormat, chat_messages, prompt_text
+from common.data.qa import detect_schema, normalise, require_answers
+from common.data.sources import load_splits, select_split
+from common.evaluation.metrics import normalize_answer
 
 log = logging.getLogger("finetune")
 
@@ -84,8 +85,8 @@ def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -
 
 def _check_format(args, found: str, source: str, cols) -> None:
     """`--dataset_format` on preference data must name the shape its columns hold (or be `auto`)."""
-    from common.chat import FORMATS as SFT_FORMATS
-    from common.data import SCHEMAS
+    from common.data.chat import FORMATS as SFT_FORMATS
+    from common.data.qa import SCHEMAS
 
     requested = (getattr(args, "dataset_format", None) or "auto").strip().lower()
     if requested in ("auto", found):
@@ -157,9 +158,9 @@ def other_answers(rows, seed: int, pool=None) -> list[Optional[str]]:
 
 def model_answers(model, tokenizer, rows, fmt: PromptFormat, batch_size: int) -> list[Optional[str]]:
     """The model's own greedy answers where they are wrong; None where it is right (skipped)."""
-    from common.evaluation import generate_answers
-    from common.metrics import exact_match
-    from common.outputs import is_main_process
+    from common.evaluation.answers import generate_answers
+    from common.evaluation.metrics import exact_match
+    from common.recipe.dist import is_main_process
 
     predictions = generate_answers(model, tokenizer, list(rows["question"]), fmt, batch_size=batch_size,
                                    progress=is_main_process())  # one bar, not one per process

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PreferenceArguments,
-                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_preference)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments, QuantizationArguments, TrainingArguments)
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError
+from common.flags.checks import check_common, check_preference
 
 log = logging.getLogger("finetune")
 
@@ -23,7 +25,7 @@ def make_parser() -> FlagParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     def train():
         args = make_parser().parse(argv)
@@ -94,12 +96,16 @@ def pooled_accuracy_trainer():
 
 
 def run_reward_model(args: ParsedArgs) -> dict:
-    from common import data as qa
-    from common import training as tr
-    from common.model import inherit_from_adapter, resolve_model
+    from common.data.qa import prompts
+    from common.recipe import callbacks as recipe_callbacks
+    from common.recipe import config as trainer_config
+    from common.recipe import outputs
+    from common.recipe import reporting
+    from common.recipe import training
+    from common.model.source import inherit_from_adapter, resolve_model
     from rlhf import preference as pref
 
-    out = tr.prepare_output_dir(args, default="outputs/reward_model")
+    out = outputs.prepare_output_dir(args, default="outputs/reward_model")
     source = resolve_model(args.model_id)
     if source.adapter_dir:
         raise UsageError(f"`--model_id` {args.model_id} is an adapter; a reward model starts from a base model "
@@ -120,13 +126,13 @@ def run_reward_model(args: ParsedArgs) -> dict:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
 
-    from common.model import (count_parameters, get_quantization_config, keep_float32_trainables, load_tokenizer,
-                              select_precision, shardable, _device_map, _hub_error)
-    from common.peft_config import resolve_target_modules, share_dropout
+    from common.model.loading import (count_parameters, keep_float32_trainables, load_tokenizer, shardable, device_map_for, hub_error)
+    from common.model.precision import get_quantization_config, select_precision
+    from common.model.adapters import resolve_target_modules, share_dropout
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
-    fmt = qa.prompt_format(args, tokenizer, train_src.schema)
+    fmt = prompts.prompt_format(args, tokenizer, train_src.schema)
     from rlhf.pref_formats import conversation_rendering
 
     conversation_rendering(args, tokenizer, train_src, eval_src)
@@ -145,12 +151,12 @@ def run_reward_model(args: ParsedArgs) -> dict:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source.base, num_labels=1, trust_remote_code=args.trust_remote_code, revision=args.revision,
-            dtype=precision.torch_dtype, quantization_config=quant, device_map=_device_map(quant is not None))
+            dtype=precision.torch_dtype, quantization_config=quant, device_map=device_map_for(quant is not None))
     except Exception as exc:
-        raise _hub_error(args.model_id, exc) from None
+        raise hub_error(args.model_id, exc) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
-        from common.model import prepare_kbit_training
+        from common.model.loading import prepare_kbit_training
 
         model = prepare_kbit_training(model, args.gradient_checkpointing)
     config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -160,24 +166,24 @@ def run_reward_model(args: ParsedArgs) -> dict:
     trainable, total = count_parameters(model)
     log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
 
-    report_to = tr.setup_reporting(args, out)
+    report_to = reporting.setup_reporting(args, out)
     if args.overwrite_output_dir:
-        tr.clear_previous_run(out)
-    kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=True)
+        outputs.clear_previous_run(out)
+    kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=True)
     kwargs["train_sampling_strategy"] = "random"
     if args.eval_strategy == "no":
         kwargs["eval_strategy"] = "no"
     trainer = pooled_accuracy_trainer()(model=model, args=RewardConfig(**kwargs, max_length=args.max_seq_length,
                                                           dataset_num_proc=args.dataset_num_proc),
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                            callbacks=[tr.nan_guard_callback()])
+                            callbacks=[recipe_callbacks.nan_guard_callback()])
     keep_float32_trainables(trainer.model, precision)  # TRL's bf16 score head fails on float32 hidden states
-    metrics, wall = tr.train_guarded(trainer, args, out)
+    metrics, wall = training.train_guarded(trainer, args, out)
     metrics.update(trainer.evaluate())
     extra = {"model": {"base": source.base, "precision": precision.mode, "quantized": quant is not None},
              "data": {"source": train_src.source, "pairs": stats, "heldout_pairs": len(eval_ds)},
              "parameters": {"trainable": trainable, "total": total}}
-    info = tr.finish_run(trainer, tokenizer, args, out, "reward_model", metrics, wall, extra, report_to,
+    info = training.finish_run(trainer, tokenizer, args, out, "reward_model", metrics, wall, extra, report_to,
                          more_summary={"heldout_accuracy": metrics.get("eval_accuracy")})
     log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0,
              metrics.get("eval_pairs", len(eval_ds)))

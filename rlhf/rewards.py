@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
-from common.args import UsageError
-from common.metrics import extract_answer, score
+from common.flags.errors import UsageError
+from common.evaluation.metrics import extract_answer, score
 
 # name -> fn(responses, aliases) -> list of floats. The TriviaQA rewards use the same scorer as
 # evaluate.py on the answer as evaluate.py extracts it.
@@ -35,7 +35,8 @@ def _trained_quantization(source, device):
     """The BitsAndBytesConfig the reward model's run loaded its base with (run_config.json), or None."""
     from types import SimpleNamespace
 
-    from common.model import Precision, get_quantization_config, saved_run_config
+    from common.model.precision import Precision, get_quantization_config
+    from common.model.source import saved_run_config
 
     trained = saved_run_config(source)
     flags = trained.get("flags", {})
@@ -59,7 +60,8 @@ class RewardModelScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        from common.model import load_tokenizer, resolve_model
+        from common.model.loading import load_tokenizer
+        from common.model.source import resolve_model
 
         source = resolve_model(path)
         if not source.adapter_dir or (source.adapter_config or {}).get("task_type") != "SEQ_CLS":

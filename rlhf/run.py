@@ -11,9 +11,10 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs, PreferenceArguments,
-                         QuantizationArguments, TrainingArguments, UsageError, check_common, check_preference,
-                         format_flags)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments, QuantizationArguments, TrainingArguments)
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError, format_flags
+from common.flags.checks import check_common, check_preference
 
 log = logging.getLogger("finetune")
 
@@ -68,20 +69,24 @@ def train(kind: str, argv: Optional[list[str]] = None) -> PreferenceResult:
 
 
 def main(kind: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     return run_cli(KINDS[kind][0], lambda: train(kind, argv))
 
 
 def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
-    from common import data as qa
-    from common import training as tr
-    from common.model import inherit_from_adapter, resolve_model
+    from common.data.qa import prompts
+    from common.recipe import callbacks as recipe_callbacks
+    from common.recipe import config as trainer_config
+    from common.recipe import outputs
+    from common.recipe import reporting
+    from common.recipe import training
+    from common.model.source import inherit_from_adapter, resolve_model
     from rlhf import preference as pref
 
     script, title, _ = KINDS[kind]
     # Checks that need no model
-    out = tr.prepare_output_dir(args, default=f"outputs/{kind}")
+    out = outputs.prepare_output_dir(args, default=f"outputs/{kind}")
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     train_src = pref.load_preference_source(args, args.dataset_split)
@@ -93,13 +98,13 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
         eval_src = pref.load_preference_source(args, spec, flag="eval_split")
 
     # Model & tokenizer
-    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
-                              select_precision)
-    from common.peft_config import attach_adapter
+    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
+    from common.model.precision import select_precision
+    from common.model.adapters import attach_adapter
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
-    fmt = qa.prompt_format(args, tokenizer, train_src.schema)
+    fmt = prompts.prompt_format(args, tokenizer, train_src.schema)
     from rlhf.pref_formats import conversation_rendering
 
     conversation_rendering(args, tokenizer, train_src, eval_src)
@@ -138,10 +143,10 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     eval_ds = pairs_of(eval_src)[0] if eval_src is not None else None
 
     # Training
-    report_to = tr.setup_reporting(args, out)
+    report_to = reporting.setup_reporting(args, out)
     if args.overwrite_output_dir:
-        tr.clear_previous_run(out)
-    common_kwargs = tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None)
+        outputs.clear_previous_run(out)
+    common_kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None)
     # Pairs carry no `input_ids` column to group by; their lengths vary little for QA anyway.
     common_kwargs["train_sampling_strategy"] = "random"
     if kind == "dpo":
@@ -183,9 +188,9 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                         max_completion_length=completion, dataset_num_proc=args.dataset_num_proc,
                         trust_remote_code=args.trust_remote_code, **extra_config)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, callbacks=[tr.nan_guard_callback()])
+                          processing_class=tokenizer, callbacks=[recipe_callbacks.nan_guard_callback()])
     keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
-    from common import loss
+    from common.model.loading import loss
 
     loss.install(trainer)  # DPO, KTO: the LM head only at completion positions (ORPO, SimPO keep full logits)
     data = {"source": train_src.source, "schema": train_src.schema, "pairs": stats}
@@ -193,7 +198,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
         data["examples"] = pref.kto_counts(trainer.train_dataset["label"])
         log.info("KTO: %d desirable and %d undesirable examples (weights %g and %g).", data["examples"]["desirable"],
                  data["examples"]["undesirable"], args.desirable_weight, args.undesirable_weight)
-    metrics, wall = tr.train_guarded(trainer, args, out, kind)
+    metrics, wall = training.train_guarded(trainer, args, out, kind)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
@@ -202,5 +207,5 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
                       "rejected_source": args.rejected_source if train_src.kind == "qa" else None,
                       "chat_template": fmt.use_chat},
              "parameters": {"trainable": trainable, "total": total}}
-    info = tr.finish_run(trainer, tokenizer, args, out, kind, metrics, wall, extra, report_to, drop_adapters=("ref",))
+    info = training.finish_run(trainer, tokenizer, args, out, kind, metrics, wall, extra, report_to, drop_adapters=("ref",))
     return PreferenceResult(kind=kind, output_dir=out, summary=info, pairs=stats, trainer=trainer)

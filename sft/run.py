@@ -8,10 +8,11 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.args import (DataArguments, FlagParser, LoraArguments, ModelArguments, ParsedArgs,
-                         PromptLearningArguments, QuantizationArguments, TrainingArguments, UsageError,
-                         check_common, check_sft, format_flags)
-from common.peft_config import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PromptLearningArguments, QuantizationArguments, TrainingArguments)
+from common.flags.parser import FlagParser, ParsedArgs
+from common.flags.errors import UsageError, format_flags
+from common.flags.checks import check_common, check_sft
+from common.model.adapters import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
 
 log = logging.getLogger("finetune")
 
@@ -116,7 +117,7 @@ def train(technique: str, argv: Optional[list[str]] = None) -> "SFTResult":
 
 
 def main(technique: str, argv: Optional[list[str]] = None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     return run_cli(TECHNIQUES[technique].script, lambda: train(technique, argv))
 
@@ -130,17 +131,21 @@ class SFTResult:
 
 
 def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
-    from common import chat
-    from common import data as qa
-    from common import training as tr
-    from common.model import inherit_from_adapter, resolve_model
+    from common.data.qa import chat
+    from common.data.qa import prompts
+    from common.recipe import callbacks as recipe_callbacks
+    from common.recipe import config as trainer_config
+    from common.recipe import outputs
+    from common.recipe import reporting
+    from common.recipe import training
+    from common.model.source import inherit_from_adapter, resolve_model
 
     # Checks that need no model: output dir, model path, data
-    out = tr.prepare_output_dir(args, default=f"outputs/{technique}")
+    out = outputs.prepare_output_dir(args, default=f"outputs/{technique}")
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     dataset = chat.load_sft_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
-    own_format = dataset.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.chat
+    own_format = dataset.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.data.chat
     if own_format and args.eval_em_samples:
         raise UsageError(f"`--eval_em_samples` scores answers to questions; {dataset.source} is {dataset.schema} "
                          f"data. Leave it at 0 (held-out loss is reported with `--eval_strategy`).")
@@ -148,19 +153,19 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
              f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
 
     # Model & tokenizer
-    from common.model import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer,
-                              select_precision)
-    from common.peft_config import attach_adapter
+    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
+    from common.model.precision import select_precision
+    from common.model.adapters import attach_adapter
 
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
-    fmt = qa.prompt_format(args, tokenizer, dataset.schema)
-    num_proc = qa.auto_num_proc(args.dataset_num_proc, len(dataset.train))
+    fmt = prompts.prompt_format(args, tokenizer, dataset.schema)
+    num_proc = prompts.auto_num_proc(args.dataset_num_proc, len(dataset.train))
     if own_format:
         to_sft = chat.sft_dataset_builder(args, tokenizer)
         fmt.use_chat = chat.has_template(tokenizer)
     else:
-        to_sft = lambda ds, n: qa.to_sft_dataset(ds, fmt, n)  # noqa: E731
+        to_sft = lambda ds, n: prompts.to_sft_dataset(ds, fmt, n)  # noqa: E731
     train_ds = to_sft(dataset.train, num_proc)
     eval_ds = None
     if dataset.eval is not None and args.eval_strategy != "no":
@@ -177,11 +182,11 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
     # Training
     from trl import SFTConfig, SFTTrainer
 
-    report_to = tr.setup_reporting(args, out)
+    report_to = reporting.setup_reporting(args, out)
     if args.overwrite_output_dir:
-        tr.clear_previous_run(out)
+        outputs.clear_previous_run(out)
     config = SFTConfig(
-        **tr.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None),
+        **trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None),
         max_length=args.max_seq_length,
         completion_only_loss=args.completion_only_loss,
         packing=args.packing,
@@ -190,22 +195,22 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
         include_num_input_tokens_seen="non_padding",
         trust_remote_code=args.trust_remote_code,
     )
-    callbacks = [tr.nan_guard_callback()]
+    callbacks = [recipe_callbacks.nan_guard_callback()]
     em = None
     if args.eval_em_samples:
         em_rows = dataset.eval.select(range(min(args.eval_em_samples, len(dataset.eval))))
-        em = tr.exact_match_callback(em_rows, fmt, tokenizer, args.per_device_eval_batch_size)
+        em = recipe_callbacks.exact_match_callback(em_rows, fmt, tokenizer, args.per_device_eval_batch_size)
         callbacks.append(em)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
                          processing_class=tokenizer, callbacks=callbacks)
     if em is not None:
         em.trainer = trainer
-    from common import loss
+    from common.model.loading import loss
 
     loss.install(trainer)  # the LM head and cross-entropy only at labelled positions
     keep_float32_trainables(trainer.model, precision)  # TRL stores QLoRA adapters in bf16
-    metrics, wall = tr.train_guarded(trainer, args, out, technique)
+    metrics, wall = training.train_guarded(trainer, args, out, technique)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
     elif em is not None:
@@ -219,5 +224,5 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
                       "chat_template": fmt.use_chat,
                       **({"assistant_turns": args.assistant_turns} if own_format else {})},
              "parameters": {"trainable": trainable, "total": total}}
-    info = tr.finish_run(trainer, tokenizer, args, out, technique, metrics, wall, extra, report_to)
+    info = training.finish_run(trainer, tokenizer, args, out, technique, metrics, wall, extra, report_to)
     return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)

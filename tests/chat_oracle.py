@@ -1,7 +1,7 @@
 """Chat templates written to mimic real model families, and an independent oracle for the
 assistant-only label mask.
 
-The oracle never maps characters to tokens (common.chat does, through offsets): it tokenises the
+The oracle never maps characters to tokens (common.data.chat does, through offsets): it tokenises the
 conversation rendered up to each assistant turn (with the generation prompt) and rendered through
 that turn, checks both are token prefixes of the whole conversation's tokens, and trains the tokens
 between them, less the whitespace-only tokens the template writes after the end-of-turn token."""

@@ -53,7 +53,7 @@ def _isolated_environment():
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama"), "llama")
 
@@ -61,14 +61,14 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_chat_llama(tmp_path_factory):
     """Like an instruct model: ships a chat template."""
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-chat"), "llama", chat=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-gpt2"), "gpt2")
 
@@ -77,7 +77,7 @@ def tiny_gpt2(tmp_path_factory):
 def gpt2_base_shaped(tmp_path_factory):
     """GPT-2 base's shape (768 wide, 12 layers, 12 heads) with a small vocabulary and MLP, for the
     seed commands that pass those dimensions explicitly."""
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "gpt2-shaped"), "gpt2",
                             n_embd=768, n_layer=12, n_head=12, n_inner=128)

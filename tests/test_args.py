@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from common.args import OPTIMIZERS, SCHEDULERS, UsageError
+from common.flags.groups import OPTIMIZERS, SCHEDULERS
+from common.flags.errors import UsageError
 from sft.run import TECHNIQUES, make_parser, parse
 from tests.conftest import ROOT
 from tests.helpers import run_script

@@ -164,7 +164,7 @@ def test_grpo_from_an_sft_adapter_starts_with_kl_exactly_0(sft_run, tmp_path, ca
 
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory):
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("opt") / "opt"), "opt")  # dropout 0.1, in F.dropout
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common.chat import load_sft_data, render, tokenize_conversation
+from common.data.chat import load_sft_data, render, tokenize_conversation
 from tests.chat_oracle import TEMPLATES, oracle_labels, tokenizer_with, trained_text
 from tests.helpers import run_script, write_jsonl
 
@@ -175,17 +175,17 @@ def test_plain_rendering_run_says_so_once(tiny_llama, tmp_path, caplog):
 @pytest.mark.parametrize("script", ["evaluate.py", "lora.py"])
 def test_question_answer_data_is_loaded_once(script, tiny_llama, tmp_path, monkeypatch):
     """Format detection and the question-answer reader share one load: for a hub dataset each load
-    is a hub check (common.data.load_splits counted here)."""
-    from common import data
+    is a hub check (common.data.sources.load_splits counted here)."""
+    from common.data.qa import sources
 
     calls = []
-    real = data.load_splits
+    real = sources.load_splits
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data, "load_splits", counting)
+    monkeypatch.setattr(sources, "load_splits", counting)
     argv = {"evaluate.py": ["--dataset_split", "validation", "--max_samples", "2", "--max_new_tokens", "2"],
             "lora.py": ["--max_train_samples", "8", "--per_device_train_batch_size", "4", "--max_steps", "1",
                         "--save_strategy", "no", "--report_to", "none", "--lora_r", "2"]}[script]

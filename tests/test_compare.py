@@ -278,8 +278,8 @@ def test_shared_flags_go_only_to_the_techniques_they_apply_to(tmp_path):
 
 def test_each_run_gets_the_launch_compare_was_started_with(monkeypatch):
     from comparison.launch import child_env, launch_prefix
-    from common import quiet
-    from common.args import UsageError
+    from common.recipe import progress as quiet
+    from common.flags.errors import UsageError
 
     monkeypatch.setattr(quiet, "interactive", lambda stream=None: False)  # compare.py's output goes to a file
 
@@ -303,7 +303,7 @@ def test_runs_relayed_to_a_terminal_draw_their_bars_as_in_one(monkeypatch):
     import sys
 
     from comparison.launch import child_env
-    from common import quiet
+    from common.recipe import progress as quiet
 
     class Terminal(io.StringIO):
         def isatty(self):

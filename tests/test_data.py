@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from common import data as qa
-from common.args import UsageError
+from common.data.qa import prompts
+from common.data.qa import qa
+from common.data.qa import sources
+from common.flags.errors import UsageError
 from tests.helpers import write_jsonl
 
 ROWS = [("What is the capital of France?", "Paris", ["Paris", "Paree"]),
@@ -17,7 +19,7 @@ class Args:
     """The data flags with their defaults."""
 
     def __init__(self, **kw):
-        from common.args import DataArguments
+        from common.flags.groups import DataArguments
 
         self.__dict__.update(DataArguments().__dict__)
         self.__dict__.update(kw)
@@ -80,13 +82,13 @@ def test_prompt_completion_schema_is_used_verbatim(tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
     loaded = _load(path)
     assert loaded.schema == "prompt-completion"
-    fmt = qa.PromptFormat(raw=True)
+    fmt = prompts.PromptFormat(raw=True)
     row = loaded.train[0]
-    assert qa.sft_example(row["question"], row["answer"], fmt) == {"prompt": "Q: 2+2?\nA:", "completion": " 4"}
+    assert prompts.sft_example(row["question"], row["answer"], fmt) == {"prompt": "Q: 2+2?\nA:", "completion": " 4"}
 
 
 def test_bundled_sample():
-    splits, _ = qa.load_splits("triviaqa-sample")
+    splits, _ = sources.load_splits("triviaqa-sample")
     assert set(splits) == {"train", "validation"}
     total = len(splits["train"]) + len(splits["validation"])
     assert total >= 300 and len(splits["validation"]) >= 30
@@ -160,22 +162,22 @@ def test_missing_file_and_empty_slice(tmp_path):
 
 
 def test_default_prompt_and_completion():
-    fmt = qa.PromptFormat()
-    assert qa.sft_example("Who wrote Hamlet?", "Shakespeare", fmt) == {
+    fmt = prompts.PromptFormat()
+    assert prompts.sft_example("Who wrote Hamlet?", "Shakespeare", fmt) == {
         "prompt": "Question: Who wrote Hamlet?\nAnswer:", "completion": " Shakespeare"}
-    custom = qa.PromptFormat(template="Q: {question}\nA:")
-    assert qa.sft_example("x?", "y", custom)["prompt"] == "Q: x?\nA:"
+    custom = prompts.PromptFormat(template="Q: {question}\nA:")
+    assert prompts.sft_example("x?", "y", custom)["prompt"] == "Q: x?\nA:"
 
 
 def test_chat_format_uses_messages(tiny_chat_llama):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
-    fmt = qa.PromptFormat(use_chat=True, system_prompt="Be brief.")
-    ex = qa.sft_example("Who wrote Hamlet?", "Shakespeare", fmt)
+    fmt = prompts.PromptFormat(use_chat=True, system_prompt="Be brief.")
+    ex = prompts.sft_example("Who wrote Hamlet?", "Shakespeare", fmt)
     assert ex["prompt"][-1] == {"role": "user", "content": "Who wrote Hamlet?"}
     assert ex["completion"] == [{"role": "assistant", "content": "Shakespeare"}]
-    text = qa.generation_prompt("Who wrote Hamlet?", fmt, tok)
+    text = prompts.generation_prompt("Who wrote Hamlet?", fmt, tok)
     assert text.endswith("<|assistant|>\n") and "Be brief." in text
 
 
@@ -185,14 +187,14 @@ def test_eos_label_survives_padding(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from common.model import ensure_pad_token
+    from common.model.loading import ensure_pad_token
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert tok.pad_token is None  # like GPT-2 and Llama
     ensure_pad_token(tok)
     assert tok.pad_token_id != tok.eos_token_id
-    fmt = qa.PromptFormat()
-    ds = Dataset.from_list([qa.sft_example(q, a, fmt) for q, a, _ in ROWS])
+    fmt = prompts.PromptFormat()
+    ds = Dataset.from_list([prompts.sft_example(q, a, fmt) for q, a, _ in ROWS])
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), processing_class=tok,
                          train_dataset=ds, args=SFTConfig(output_dir="/tmp/unused", report_to="none",
                                                           completion_only_loss=True, bf16=False))

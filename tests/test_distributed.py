@@ -119,9 +119,9 @@ def test_dpo_and_ppo_run_with_two_processes(tiny_llama, tmp_path):
 SLOW_SAVE = """
 import os, time
 
-from common import outputs, training
+from common.recipe import outputs, training
 
-_save_final, _absolute_base_path = outputs.save_final, outputs._absolute_base_path
+_save_final, _absolute_base_path = outputs.save_final, outputs.absolute_base_path
 
 
 def save_final(*args, **kwargs):
@@ -135,7 +135,7 @@ def absolute_base_path(folder):
     return _absolute_base_path(folder)
 
 
-training.save_final, outputs._absolute_base_path = save_final, absolute_base_path
+training.save_final, outputs.absolute_base_path = save_final, absolute_base_path
 """
 
 
@@ -226,7 +226,7 @@ def test_two_process_resume_past_the_first_epoch_equals_the_uninterrupted_run(ti
 def _run_cli_worker(rank, port, out):
     import torch.distributed as dist
 
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
 

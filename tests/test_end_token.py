@@ -13,7 +13,7 @@ from tests.helpers import run_script
 def bert_base_shaped(tmp_path_factory):
     """bert-base-uncased's shape (768 wide, 12 layers, 12 heads) with a small MLP and a WordPiece
     vocabulary of the bundled sample: a BERT tokenizer ([CLS] ... [SEP], no EOS), offline."""
-    from common.tiny_model import build_tiny_bert
+    from common.model.tiny_model import build_tiny_bert
 
     return build_tiny_bert(str(tmp_path_factory.mktemp("models") / "bert-shaped"), hidden_size=768,
                            num_hidden_layers=12, num_attention_heads=12, intermediate_size=128)
@@ -51,7 +51,7 @@ def test_seed_bert_command_ends_answers_with_sep(bert_base_shaped, tmp_path, mon
 
 def test_sep_token_ends_the_sft_answers(bert_base_shaped, tmp_path, monkeypatch):
     """The ids SFTTrainer trains on end with SEP, the token generation stops at."""
-    from common import training
+    from common.recipe import training
     from sft.run import train
 
     seen = {}
@@ -94,8 +94,9 @@ def test_bert_logits_equal_prefix_only_logits(bert_base_shaped, caplog):
 
     import torch
 
-    from common.evaluation import make_parser
-    from common.model import load_for_inference, select_precision
+    from common.evaluation.run import make_parser
+    from common.model.loading import load_for_inference
+    from common.model.precision import select_precision
 
     args = make_parser().parse(["--model_id", bert_base_shaped, "--dataset_name", "triviaqa-sample"])
     with caplog.at_level(logging.WARNING, logger="finetune"):

@@ -13,7 +13,7 @@ FORMATS = "data/formats"
 
 @pytest.mark.parametrize("name", ["squad", "answers_list"])
 def test_reference_lists_score_em_f1_like_aliases(name, tiny_llama, tmp_path, monkeypatch):
-    from common import evaluation
+    from common.evaluation.answers import answers
 
     rows = [json.loads(line) for line in open(f"{FORMATS}/{name}.jsonl")]
     refs = [r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"] for r in rows]
@@ -26,12 +26,12 @@ def test_reference_lists_score_em_f1_like_aliases(name, tiny_llama, tmp_path, mo
         seen["questions"] = questions
         return predictions[:len(questions)]
 
-    monkeypatch.setattr(evaluation, "generate_answers", fake)
+    monkeypatch.setattr(answers, "generate_answers", fake)
     out = tmp_path / "eval"
     assert run_script("evaluate.py", ["--model_id", tiny_llama, "--dataset_name", f"{FORMATS}/{name}.jsonl",
                                       "--dataset_split", "train", "--output_dir", out]) == 0
     result = json.loads((out / "eval_results.json").read_text())
-    from common.metrics import f1_score
+    from common.evaluation.metrics import f1_score
 
     em = [1.0 if i % 3 == 0 else 0.0 for i in range(len(rows))]
     f1 = [1.0 if i % 3 == 0 else (0.0 if i % 3 == 1 else max(f1_score(predictions[i], r) for r in refs[i]))
@@ -48,7 +48,7 @@ def test_heldout_loss_and_perplexity_equal_per_example_model_loss(name, tiny_cha
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.chat import load_sft_data, tokenized_dataset
+    from common.data.chat import load_sft_data, tokenized_dataset
 
     out = tmp_path / "eval"
     assert run_script("evaluate.py", ["--model_id", tiny_chat_llama, "--dataset_name", f"{FORMATS}/{name}.jsonl",
@@ -111,8 +111,8 @@ def test_prompt_tuning_samples_and_loss_equal_cache_free_greedy_and_model_loss(n
     import torch
     from transformers import AutoTokenizer
 
-    from common.chat import load_sft_data, tokenized_dataset
-    from common.evaluation import stop_token_ids
+    from common.data.chat import load_sft_data, tokenized_dataset
+    from common.evaluation.answers import stop_token_ids
     from tests.oracles import cache_free_greedy
 
     model, adapter = prompt_tuning_adapter

@@ -48,16 +48,16 @@ def test_evaluate_formats_prompts_as_training_did(tiny_chat_llama, tmp_path):
     assert run_script("lora.py", ["--model_id", tiny_chat_llama, "--output_dir", run, "--max_steps", "1",
                                   "--use_chat_template", "false", "--prompt_template", "Q: {question}\nA:",
                                   *TRAIN]) == 0
-    from common import evaluation
+    from common.data.qa import prompts
 
     seen = []
-    real = evaluation.generation_prompt
-    evaluation.generation_prompt = lambda q, fmt, tok: seen.append(real(q, fmt, tok)) or seen[-1]
+    real = prompts.generation_prompt
+    prompts.generation_prompt = lambda q, fmt, tok: seen.append(real(q, fmt, tok)) or seen[-1]
     try:
         assert run_script("evaluate.py", ["--model_id", run, "--dataset_name", "triviaqa-sample",
                                           "--max_samples", "2", "--output_dir", tmp_path / "e"]) == 0
     finally:
-        evaluation.generation_prompt = real
+        prompts.generation_prompt = real
     assert seen and all(p.startswith("Q: ") and p.endswith("\nA:") for p in seen)
 
 
@@ -93,7 +93,7 @@ def test_exact_match_at_the_end_without_eval_strategy(tiny_llama, tmp_path):
 
 
 def test_plotting_cli_on_a_finished_run(lora_run, tmp_path):
-    from common.plotting import main
+    from common.recipe.plotting import main
 
     for png in (lora_run / "plots").glob("*.png"):
         png.unlink()
@@ -103,9 +103,9 @@ def test_plotting_cli_on_a_finished_run(lora_run, tmp_path):
 
 
 def _greedy(model, tokenizer, questions):
-    from common.data import PromptFormat
-    from common.evaluation import generate_answers
-    from common.model import ensure_pad_token
+    from common.data.prompts import PromptFormat
+    from common.evaluation.answers import generate_answers
+    from common.model.loading import ensure_pad_token
 
     ensure_pad_token(tokenizer)
     return generate_answers(model, tokenizer, questions, PromptFormat(), batch_size=4, max_new_tokens=8)
@@ -150,7 +150,7 @@ def test_merge_refuses_prompt_learning_and_notes_qlora(tiny_llama, tmp_path, cap
 @pytest.fixture(scope="module")
 def tiny_llama_128(tmp_path_factory):
     """Twice as wide as the other tiny models: wide enough to memorise the 300 training questions."""
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama-128"), "llama",
                             hidden_size=128, intermediate_size=256)

@@ -18,11 +18,11 @@ QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?"]
 # Escapes -------------------------------------------------------------------------------------
 
 def _format(argv, chat_template=None):
-    from common import data as qa
+    from common.data.qa import prompts
     from sft.run import make_parser
 
     args = make_parser("lora").parse(["--model_id", "m", *argv])
-    return qa.prompt_format(args, SimpleNamespace(chat_template=chat_template), "qa")
+    return prompts.prompt_format(args, SimpleNamespace(chat_template=chat_template), "qa")
 
 
 def test_typed_backslash_n_and_t_equal_a_real_newline_and_tab():
@@ -41,7 +41,7 @@ def test_typed_backslash_n_and_t_equal_a_real_newline_and_tab():
 
 @pytest.mark.parametrize("argv", [[], ["--gradient_checkpointing", "True"]], ids=["default", "explicit"])
 def test_prefix_tuning_says_once_that_checkpointing_is_off(argv, capsys):
-    from common.training import setup_logging
+    from common.recipe.cli import setup_logging
     from sft.run import parse
 
     setup_logging("prefix_tuning.py")  # the handler writes to this test's captured stderr
@@ -54,7 +54,7 @@ def test_prefix_tuning_says_once_that_checkpointing_is_off(argv, capsys):
 def test_dora_gpu_offload_without_cuda_is_dropped_before_peft(tiny_llama, tmp_path, monkeypatch, capsys):
     import torch
 
-    from common.training import setup_logging
+    from common.recipe.cli import setup_logging
     from sft.run import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -69,25 +69,25 @@ def test_dora_gpu_offload_without_cuda_is_dropped_before_peft(tiny_llama, tmp_pa
 # run_config.json in every artefact -----------------------------------------------------------
 
 class FormatSpy:
-    """Records the prompt format each run builds (every script builds it with qa.prompt_format),
+    """Records the prompt format each run builds (every script builds it with prompts.prompt_format),
     with the tokenizer it renders prompts with."""
 
     def __init__(self, monkeypatch):
-        from common import data as qa
+        from common.data.qa import prompts
 
         self.seen = []
-        real = qa.prompt_format
+        real = prompts.prompt_format
 
         def spy(args, tokenizer, schema):
             fmt = real(args, tokenizer, schema)
             self.seen.append((fmt, tokenizer))
             return fmt
 
-        monkeypatch.setattr(qa, "prompt_format", spy)
+        monkeypatch.setattr(prompts, "prompt_format", spy)
 
     def prompts(self):
         """The generation prompts (text, ids) of the last run, for QUESTIONS."""
-        from common.data import generation_prompt
+        from common.data.prompts import generation_prompt
 
         fmt, tokenizer = self.seen[-1]
         texts = [generation_prompt(q, fmt, tokenizer) for q in QUESTIONS]
@@ -154,7 +154,7 @@ TRAINERS = {  # every other trainer, one saved step each (PPO saves a checkpoint
 @pytest.mark.parametrize("script", list(TRAINERS))
 def test_every_trainers_checkpoints_carry_the_prompt_format(script, tiny_llama, tmp_path):
     """Oracle: the flags the run was given, and its final run_config.json."""
-    from common.model import resolve_model, saved_run_config
+    from common.model.source import resolve_model, saved_run_config
 
     out = tmp_path / "run"
     argv = ["--model_id", tiny_llama, "--output_dir", out, "--dataset_name", "triviaqa-sample",

@@ -6,8 +6,10 @@ dtypes. Training under FSDP on GPUs is what bench/gpu_check.sh runs."""
 import pytest
 import torch
 
-from common.model import Precision, load_model, resolve_model
-from common.peft_config import attach_adapter
+from common.model.precision import Precision
+from common.model.loading import load_model
+from common.model.source import resolve_model
+from common.model.adapters import attach_adapter
 from sft.run import make_parser
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 2]])

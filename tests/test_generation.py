@@ -18,7 +18,7 @@ N_QUESTIONS = 24  # batch 16 makes two batches of unequal length: sorting and re
 def questions():
     import json
 
-    from common.data import BUNDLED
+    from common.data.sources import BUNDLED
 
     lines = (BUNDLED["triviaqa-sample"] / "train.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["question"] for line in lines[:N_QUESTIONS]]
@@ -40,9 +40,11 @@ def trained(request, tiny_chat_llama, tmp_path_factory):
 
 
 def _load(run_dir, technique, chat: bool):
-    from common import data as qa
-    from common.evaluation import make_parser
-    from common.model import inherit_from_adapter, load_for_inference, resolve_model, select_precision
+    from common.data.qa import prompts
+    from common.evaluation.run import make_parser
+    from common.model.source import inherit_from_adapter, resolve_model
+    from common.model.loading import load_for_inference
+    from common.model.precision import select_precision
 
     argv = ["--model_id", str(run_dir), "--use_chat_template", "true" if chat else "false"]
     if technique == "qlora":
@@ -50,12 +52,12 @@ def _load(run_dir, technique, chat: bool):
     args = make_parser().parse(argv)
     inherit_from_adapter(args, resolve_model(args.model_id))
     model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
-    return model, tokenizer, qa.prompt_format(args, tokenizer, "triviaqa")
+    return model, tokenizer, prompts.prompt_format(args, tokenizer, "triviaqa")
 
 
 def _oracle(model, tokenizer, questions, fmt):
-    from common.data import generation_prompt
-    from common.evaluation import stop_token_ids
+    from common.data.prompts import generation_prompt
+    from common.evaluation.answers import stop_token_ids
 
     stops = set(stop_token_ids(tokenizer))
     out = []
@@ -67,7 +69,7 @@ def _oracle(model, tokenizer, questions, fmt):
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 def test_generation_equals_cache_free_greedy(trained, chat, questions):
-    from common.evaluation import stop_token_ids, answer_from_ids, generate_answers, generate_ids
+    from common.evaluation.answers import stop_token_ids, answer_from_ids, generate_answers, generate_ids
 
     technique, run_dir = trained
     model, tokenizer, fmt = _load(run_dir, technique, chat)
@@ -124,9 +126,9 @@ def test_rl_reward_equals_evaluate_score_of_the_same_text(text, answer, tiny_lla
     generated text (one extraction rule); evaluate's answer is checked against the hand-written one."""
     from transformers import AutoTokenizer
 
-    from common.data import PromptFormat
-    from common.evaluation import evaluate_qa
-    from common.model import ensure_pad_token
+    from common.data.prompts import PromptFormat
+    from common.evaluation.answers import evaluate_qa
+    from common.model.loading import ensure_pad_token
     from rlhf.rewards import triviaqa_em, triviaqa_f1
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -150,9 +152,9 @@ def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, pe
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.data import PromptFormat, generation_prompt
-    from common.evaluation import stop_token_ids, generate_ids
-    from common.model import ensure_eos_token, ensure_pad_token
+    from common.data.prompts import PromptFormat, generation_prompt
+    from common.evaluation.answers import stop_token_ids, generate_ids
+    from common.model.loading import ensure_eos_token, ensure_pad_token
 
     path = request.getfixturevalue(arch)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -169,7 +171,7 @@ def test_prompt_learning_on_absolute_positions_equals_cache_free_greedy(arch, pe
                 p.mul_(3.0)
     fmt = PromptFormat()
     stops = set(stop_token_ids(tokenizer))
-    from common.evaluation import prompt_ids
+    from common.evaluation.answers import prompt_ids
 
     prompts = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], False)
     assert len({len(p) for p in prompts}) > 1
@@ -187,8 +189,8 @@ def test_newline_ids_belong_to_their_tokenizer_even_at_a_reused_address(monkeypa
     """Reference: the ids whose decoded text holds a newline, computed here per tokenizer. Two
     tokenizers of one length, the first gone before the second is made, may share an id() in
     CPython; simulated by making id() constant. The second must not get the first's newline ids."""
-    from common import generation
-    from common.tiny_model import build_tokenizer
+    from common.evaluation.answers import generation
+    from common.model.tiny_model import build_tokenizer
 
     monkeypatch.setattr(generation, "id", lambda obj: 12345, raising=False)
     with_newline, without = build_tokenizer(), build_tokenizer()
@@ -212,7 +214,7 @@ def _swapped(model):
 @pytest.mark.parametrize("case", ["lora", "lora_bias", "bf16_base_fp32_adapter"])
 def test_plain_lora_forward_logits_equal_peft_forward(case, tiny_llama):
     """generation.py's lean LoRA forward against PEFT's own: bit for bit the same logits."""
-    from common.generation import plain_lora_forward
+    from common.evaluation.generation import plain_lora_forward
 
     if case == "bf16_base_fp32_adapter":  # as qlora.py/`--use_bfloat16` train: the input is cast to the adapter's dtype
         model = _lora_model(tiny_llama, dtype=torch.bfloat16)
@@ -237,7 +239,7 @@ def test_plain_lora_forward_logits_equal_peft_forward(case, tiny_llama):
 
 
 def test_plain_lora_forward_leaves_other_layers_to_peft(tiny_llama):
-    from common.generation import plain_lora_forward
+    from common.evaluation.generation import plain_lora_forward
 
     dora = _lora_model(tiny_llama, use_dora=True)
     two = _lora_model(tiny_llama)
@@ -261,7 +263,7 @@ def _fsdp_generation_worker(rank, world, port, model_dir, out):
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from common.generation import greedy_generate
+    from common.evaluation.generation import greedy_generate
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -57,9 +57,9 @@ def test_lora_bf16_on_cuda(tiny_llama, tmp_path):
 
 
 def test_cuda_lora_dropout_masks_keep_rate_replay_and_checkpointing(tiny_llama):
-    """common/dropout.py on CUDA: masks keep 1 - p, a replayed draw equals the first, and checkpointed
+    """common/model/dropout.py on CUDA: masks keep 1 - p, a replayed draw equals the first, and checkpointed
     gradients equal plain ones (the recomputation sees the first forward's masks)."""
-    from common.dropout import LoraInputDropout, effective_p, share_lora_dropout
+    from common.model.dropout import LoraInputDropout, effective_p, share_lora_dropout
     from tests.test_lora_dropout import _batch, _close, _peft_llama
 
     torch.manual_seed(0)

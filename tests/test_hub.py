@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.outputs import is_finished_run
+from common.recipe.outputs import is_finished_run
 from helpers import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,13 +19,13 @@ def test_push_to_hub_without_credentials_exits_2_before_any_model_loads(tiny_lla
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token file from `hf auth login` either
-    import common.model
+    import common.model.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(common.model, "load_model", no_loading)
-    monkeypatch.setattr(common.model, "load_tokenizer", no_loading)
+    monkeypatch.setattr(common.model.loading, "load_model", no_loading)
+    monkeypatch.setattr(common.model.loading, "load_tokenizer", no_loading)
     out = tmp_path / "out"
     assert run_script("lora.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--output_dir", out,
                                   "--push_to_hub", "True", "--max_steps", "1"]) == 2

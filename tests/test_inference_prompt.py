@@ -21,7 +21,7 @@ ARGV = ["--dataset_name", "triviaqa-sample", "--max_train_samples", str(N), "--r
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A small BERT: WordPiece tokenizer ([CLS] ... [SEP], no EOS) on the bundled sample's words."""
-    from common.tiny_model import build_tiny_bert
+    from common.model.tiny_model import build_tiny_bert
 
     return build_tiny_bert(str(tmp_path_factory.mktemp("models") / "tiny-bert"))
 
@@ -50,10 +50,12 @@ MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_generation_prompt_ids_equal_sft_trainer_prompt_ids(arch, request, tmp_path, stop_before_training):
-    from common import data as qa
-    from common.data import BUNDLED
-    from common.evaluation import generate_ids, make_parser
-    from common.model import load_tokenizer, resolve_model
+    from common.data.qa import prompts
+    from common.data.sources import BUNDLED
+    from common.evaluation.answers import generate_ids
+    from common.evaluation.run import make_parser
+    from common.model.loading import load_tokenizer
+    from common.model.source import resolve_model
     from sft.run import train
 
     model_id = request.getfixturevalue(MODELS[arch])
@@ -66,7 +68,7 @@ def test_generation_prompt_ids_equal_sft_trainer_prompt_ids(arch, request, tmp_p
 
     args = make_parser().parse(["--model_id", model_id, "--dataset_name", "triviaqa-sample"])
     tokenizer = load_tokenizer(resolve_model(model_id), args)
-    fmt = qa.prompt_format(args, tokenizer, "triviaqa")
+    fmt = prompts.prompt_format(args, tokenizer, "triviaqa")
     lines = (BUNDLED["triviaqa-sample"] / "train.jsonl").read_text(encoding="utf-8").splitlines()[:N]
     questions = [json.loads(line)["question"] for line in lines]
     recorder = _Recorder(tokenizer.eos_token_id, len(tokenizer))

@@ -1,11 +1,11 @@
-"""LoRA input dropout (common/dropout.py) against plain references: the masks adapters see, the
+"""LoRA input dropout (common/model/dropout.py) against plain references: the masks adapters see, the
 loss and gradients against the same masks applied with ordinary tensor ops, checkpointed against
 plain backward passes, the keep rate and scale of the masks, and the scripts' flag."""
 
 import pytest
 import torch
 
-from common.dropout import LoraInputDropout, drop, effective_p, share_lora_dropout
+from common.model.dropout import LoraInputDropout, drop, effective_p, share_lora_dropout
 from tests.helpers import peft_llama
 
 P = 0.3  # large, so that masks differ visibly
@@ -73,7 +73,7 @@ def test_adapters_reading_one_tensor_share_its_mask(shared, dtype, tiny_llama):
 def test_loss_and_grads_equal_the_same_masks_applied_by_hand(shared, use_dora, dtype, tiny_llama, monkeypatch):
     """The reference: PEFT's model with each layer's dropout replaced by `x * keep / (1 - p)` in plain
     tensor ops, one multiplication per layer, with the keep masks this run drew."""
-    from common import dropout as module
+    from common.model.loading import dropout as module
 
     drawn = {}  # id of each dropped-out tensor -> the mask that made it
     apply = module._KeepMask.apply

@@ -1,4 +1,4 @@
-"""The SFT loss computed only at labelled positions (common/loss.py) against the plain path: full
+"""The SFT loss computed only at labelled positions (common/model/loss.py) against the plain path: full
 logits from the model's own forward, shifted by hand, cross-entropy summed over the labelled
 positions. Same loss, same gradients, same logged entropy and token accuracy, for every SFT
 technique, with and without gradient checkpointing and with the Trainer's `num_items_in_batch`."""
@@ -6,7 +6,7 @@ technique, with and without gradient checkpointing and with the Trainer's `num_i
 import pytest
 import torch
 
-from common import loss as sft_loss
+from common.model.loading import loss as sft_loss
 
 ROWS = [("Question: Which planet is known as the red planet?\nAnswer:", " Mars"),
         ("Question: Who wrote Hamlet?\nAnswer:", " William Shakespeare"),
@@ -35,7 +35,7 @@ def _trainer(technique, model_dir, tmp_path, gradient_checkpointing=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from common.model import ensure_pad_token
+    from common.model.loading import ensure_pad_token
 
     torch.manual_seed(0)
     kwargs = {}
@@ -178,7 +178,7 @@ def _preference_trainer(kind, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    from common.model import ensure_pad_token
+    from common.model.loading import ensure_pad_token
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), _peft_config("lora"))

@@ -37,7 +37,8 @@ def test_qlora_merge_equals_dequantize_then_merge_reference(qlora_run, tiny_llam
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from common.data import PromptFormat, generation_prompt, load_qa_data
+    from common.data.prompts import PromptFormat, generation_prompt
+    from common.data.qa import load_qa_data
     from sft.run import make_parser
 
     merged_dir = tmp_path / "merged"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.metrics import exact_match, extract_answer, f1_score, normalize_answer, score
+from common.evaluation.metrics import exact_match, extract_answer, f1_score, normalize_answer, score
 
 
 @pytest.mark.parametrize("raw,normalised", [

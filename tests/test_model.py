@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from common.args import UsageError
-import common.model as model_module
-from common.model import Precision, ensure_pad_token, get_quantization_config, resolve_model, select_precision
-from common.peft_config import build_peft_config, linear_module_names, model_dims, resolve_target_modules
+from common.flags.errors import UsageError
+from common.model.loading import precision
+from common.model.precision import Precision, get_quantization_config, select_precision
+from common.model.loading import ensure_pad_token
+from common.model.source import resolve_model
+from common.model.adapters import build_peft_config, linear_module_names, model_dims, resolve_target_modules
 from sft.run import make_parser
 
 
@@ -44,7 +46,7 @@ def test_adapter_whose_base_moved(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_bf16_on_cpu_falls_back_to_fp32_with_one_warning(monkeypatch):
-    monkeypatch.setattr(model_module, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
     warnings = []
     assert select_precision(_args("--use_bfloat16", "True"), warn=warnings.append).mode == "fp32"
     assert len(warnings) == 1 and "float32" in warnings[0]
@@ -63,7 +65,7 @@ LLAMA_80M = dict(model_type="llama", vocab_size=32000, hidden_size=768, intermed
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_bf16_on_a_bf16_cpu_autocasts_large_models_only(monkeypatch, tmp_path, tiny_llama):
-    monkeypatch.setattr(model_module, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     large = _config_dir(tmp_path / "large", **LLAMA_80M)
     warnings = []
     chosen = select_precision(_args("--use_bfloat16", "True", "--model_id", large), warn=warnings.append)
@@ -75,7 +77,7 @@ def test_bf16_on_a_bf16_cpu_autocasts_large_models_only(monkeypatch, tmp_path, t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_bf16_on_a_cpu_without_bf16_instructions_stays_fp32_for_any_size(monkeypatch, tmp_path):
-    monkeypatch.setattr(model_module, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
     large = _config_dir(tmp_path / "large", **LLAMA_80M)
     warnings = []
     assert select_precision(_args("--use_bfloat16", "True", "--model_id", large), warn=warnings.append).mode == "fp32"
@@ -88,7 +90,7 @@ def test_parameter_estimate_is_within_10_percent_of_the_models_own_count(fixture
 
     path = request.getfixturevalue(fixture)
     real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
-    assert model_module.estimate_parameters(path) == pytest.approx(real, rel=0.10)
+    assert precision.estimate_parameters(path) == pytest.approx(real, rel=0.10)
 
 
 def test_cpu_bf16_flags_read_from_cpuinfo(monkeypatch, tmp_path):
@@ -98,7 +100,7 @@ def test_cpu_bf16_flags_read_from_cpuinfo(monkeypatch, tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
-    assert model_module.cpu_bf16_flags() == ["amx_bf16", "avx512_bf16"]
+    assert precision.cpu_bf16_flags() == ["amx_bf16", "avx512_bf16"]
 
 
 def test_bf16_falls_back_to_fp16_on_gpus_without_bf16(monkeypatch):

@@ -48,9 +48,9 @@ def _write(tmp_path, data, domain="Wikipedia", verified=False):
 
 def _evaluate(model, dataset, predictions, out, monkeypatch, argv=()):
     """evaluate.py on `dataset`, with each question answered by predictions[question]."""
-    from common import evaluation
+    from common.evaluation.answers import answers
 
-    monkeypatch.setattr(evaluation, "generate_answers",
+    monkeypatch.setattr(answers, "generate_answers",
                         lambda model, tok, questions, *a, **k: [predictions[q] for q in questions])
     assert run_script("evaluate.py", ["--model_id", model, "--dataset_name", dataset, "--dataset_split", "train",
                                       "--output_dir", out, *argv]) == 0
@@ -146,8 +146,8 @@ def test_official_scores_on_the_verified_web_subset(tiny_llama, tmp_path, monkey
 
 def test_hub_rows_are_scored_against_normalized_aliases_and_human_answers(tmp_path):
     """The hub schema carries the same fields in snake case: the official ground truth again."""
-    from common import data as qa
-    from common.metrics import score
+    from common.data.qa import qa
+    from common.evaluation.metrics import score
 
     rows = [{"question": "Which Lloyd Webber musical premiered in the US in 1993?",
              "answer": {"value": "Sunset Boulevard (musical)", "aliases": ["Sunset Boulevard (musical)"],
@@ -165,7 +165,7 @@ def test_hub_rows_are_scored_against_normalized_aliases_and_human_answers(tmp_pa
 
 class _Args:
     def __init__(self, **kw):
-        from common.args import DataArguments
+        from common.flags.groups import DataArguments
 
         self.__dict__.update(DataArguments().__dict__)
         self.__dict__.update(kw)

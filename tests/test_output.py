@@ -60,7 +60,7 @@ def test_bars_in_a_log_are_redrawn_at_most_every_30_s_and_in_a_terminal_as_tqdm_
     import io
     import sys
 
-    from common import quiet
+    from common.recipe import progress as quiet
 
     monkeypatch.delenv(quiet.TERMINAL_VAR, raising=False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file

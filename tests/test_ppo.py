@@ -197,7 +197,7 @@ def test_reward_model_learns_pairs_and_ppo_uses_it(learnable_pairs, tiny_llama, 
 def test_reward_model_of_another_vocabulary_exits_2(tiny_llama, learnable_pairs, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from common.tiny_model import build_model_config, build_tokenizer
+    from common.model.tiny_model import build_model_config, build_tokenizer
 
     tok = build_tokenizer(vocab_size=600)
     AutoModelForCausalLM.from_config(build_model_config("llama", len(tok))).save_pretrained(tmp_path / "small")
@@ -250,7 +250,7 @@ def _interrupt_during_update(monkeypatch, call: int, signum=signal.SIGINT) -> No
 def test_ppo_stopped_and_resumed_matches_an_uninterrupted_run(signum, tiny_llama, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    from common.training import is_finished_run, last_complete_checkpoint
+    from common.recipe.outputs import is_finished_run, last_complete_checkpoint
 
     # A checkpoint every 2 steps (only the newest kept), so the stop at step 3 adds its own.
     argv = ["--model_id", tiny_llama, "--reward_function", "triviaqa_f1", "--max_steps", "5", "--response_length",
@@ -295,7 +295,7 @@ def test_ppo_save_total_limit_counts_only_complete_checkpoints(tiny_llama, tmp_p
     # The same rule as the Trainer-based scripts (common.outputs.rotate_checkpoints): an incomplete
     # checkpoint, here one of a higher step left by an earlier killed run, never pushes the newest
     # complete one out, and goes itself once a complete one is newer.
-    from common.training import is_complete_checkpoint
+    from common.recipe.outputs import is_complete_checkpoint
 
     out = tmp_path / "run"
     leftover = out / "checkpoint-100"
@@ -357,7 +357,7 @@ ARCHITECTURES = {"llama": {"attention_dropout": 0.1}, "gpt2": {}, "gpt_neox": {}
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from common.tiny_model import build_tiny_model
+    from common.model.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("archs")
     return {arch: build_tiny_model(str(root / arch), arch, **overrides) for arch, overrides in ARCHITECTURES.items()}

@@ -89,7 +89,7 @@ def test_every_shape_trains_every_preference_script(kind, shape, tiny_chat_llama
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
 def test_dpo_token_ids_equal_sft_conversation_ids(chat, tiny_llama, tiny_chat_llama, tmp_path):
     """DPO on message pairs sees the token ids SFT sees for the same conversation."""
-    from common.chat import tokenize_conversation
+    from common.data.chat import tokenize_conversation
     from rlhf.run import train
 
     result = train("dpo", ["--model_id", tiny_chat_llama if chat else tiny_llama, "--dataset_name",
@@ -124,7 +124,7 @@ def test_chat_sft_then_dpo_uses_the_sft_model_as_reference(tiny_chat_llama, tmp_
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import use_adapter
 
-    from common.chat import render
+    from common.data.chat import render
     from rlhf.run import train
 
     sft = tmp_path / "sft"
@@ -152,7 +152,7 @@ class _Captured(Exception):
 
 @pytest.mark.parametrize("shape", ["pref_explicit", "pref_implicit_messages"])
 def test_reward_model_message_pairs_are_chat_template_ids(shape, tiny_chat_llama, tmp_path, monkeypatch):
-    """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.chat.render) trains
+    """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.data.chat.render) trains
     on the ids of the tokenizer's own chat template for the prompt and the last assistant turn, as
     SFTTrainer tokenises a conversation."""
     import trl

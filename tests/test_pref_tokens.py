@@ -22,7 +22,7 @@ class _Built(Exception):
 
 @pytest.fixture
 def stop_before_training(monkeypatch):
-    from common import training
+    from common.recipe import training
 
     def stop(trainer, *_):
         raise _Built(trainer)
@@ -51,7 +51,7 @@ def tiny_chat_bos(tmp_path_factory, tiny_llama_bos):
     """A BOS-adding tokenizer with a chat template that writes no BOS: SFT's chat ids have none."""
     from transformers import AutoTokenizer
 
-    from common.tiny_model import CHAT_TEMPLATE
+    from common.model.tiny_model import CHAT_TEMPLATE
 
     path = tmp_path_factory.mktemp("models") / "tiny-chat-bos"
     shutil.copytree(tiny_llama_bos, path)
@@ -93,7 +93,7 @@ def _through_last_label(rows) -> list:
 
 
 def _train_reward_model(argv):
-    from common.args import check_common, check_preference
+    from common.flags.checks import check_common, check_preference
     from rlhf import reward
 
     args = reward.make_parser().parse(argv)
@@ -143,7 +143,7 @@ CONVERSATION_MODELS = {"no_template": "tiny_llama", **MODELS}
 @pytest.mark.parametrize("arch", list(CONVERSATION_MODELS))
 def test_reward_model_ids_on_conversations_equal_sft_trainer_ids(arch, request, tmp_path, stop_before_training):
     """Message-list pairs (prompt, chosen, rejected) against SFT on `messages` = prompt + chosen: with a
-    chat template, and with none (common.chat's plain rendering, BOS-adding or not)."""
+    chat template, and with none (common.data.chat's plain rendering, BOS-adding or not)."""
     pairs, chats = _conversation_files(tmp_path)
     common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none"]
     model = request.getfixturevalue(CONVERSATION_MODELS[arch])
@@ -178,7 +178,7 @@ def test_use_chat_template_false_on_conversation_pairs_trains_sfts_plain_ids(arc
     """`--use_chat_template false` on message-list pairs, with a tokenizer that has a chat template:
     every preference trainer trains on the plain rendering, the ids SFT trains on for the same
     conversations with the same flag (and not on the template's rendering, which it used to)."""
-    from common.chat import has_template
+    from common.data.chat import has_template
 
     pairs, chats = _conversation_files(tmp_path)
     common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none", "--use_chat_template", "false"]
@@ -207,7 +207,7 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
                                                                          tmp_path, stop_before_training, capsys):
     """Text pairs to train on, message-list pairs to evaluate on: `--use_chat_template false` applies
     to the held-out pairs too; and a model without a template says once that they are rendered plain."""
-    from common.chat import has_template
+    from common.data.chat import has_template
     from tests.helpers import write_jsonl
 
     pairs, chats = _conversation_files(tmp_path)
@@ -225,7 +225,7 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
                                                 "no", "--eval_split", "none", "--use_chat_template", "false"])
     assert got == (sorted(sft["input_ids"]) if kind == "reward" else _through_last_label(sft))
 
-    from common.training import setup_logging
+    from common.recipe.cli import setup_logging
 
     setup_logging(f"{kind}.py")  # the run's log lines, to the stderr captured here
     capsys.readouterr()

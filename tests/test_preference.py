@@ -26,7 +26,7 @@ def _rows():
 
 
 def test_other_answers_are_reproducible_and_never_correct():
-    from common.metrics import exact_match
+    from common.evaluation.metrics import exact_match
     from rlhf.preference import other_answers
 
     rows = _rows()
@@ -38,11 +38,11 @@ def test_other_answers_are_reproducible_and_never_correct():
 
 
 def test_model_answers_keep_only_wrong_ones(monkeypatch):
-    from common import evaluation
-    from common.data import PromptFormat
+    from common.evaluation.answers import answers
+    from common.data.prompts import PromptFormat
     from rlhf import preference
 
-    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: ["paris", "Milan", "", "Saturn"])
+    monkeypatch.setattr(answers, "generate_answers", lambda *a, **k: ["paris", "Milan", "", "Saturn"])
     rejected = preference.model_answers(None, None, _rows(), PromptFormat(), batch_size=2)
     assert rejected == [None, "Milan", None, "Saturn"]  # right or empty answers are skipped
     pairs, stats = preference.build_pairs(_rows(), PromptFormat(), rejected, "src", "model")
@@ -51,7 +51,7 @@ def test_model_answers_keep_only_wrong_ones(monkeypatch):
 
 
 def test_conversational_pairs_for_chat_models():
-    from common.data import PromptFormat
+    from common.data.prompts import PromptFormat
     from rlhf.preference import build_pairs
 
     pairs, _ = build_pairs(_rows(), PromptFormat(use_chat=True, system_prompt="Be brief."),
@@ -77,9 +77,9 @@ def test_bad_preference_data_exits_2(rows, match, tiny_llama, tmp_path, capsys):
 
 
 def test_empty_after_filtering_exits_2(tiny_llama, tmp_path, monkeypatch, capsys):
-    from common import evaluation
+    from common.evaluation.answers import answers
 
-    monkeypatch.setattr(evaluation, "generate_answers", lambda model, tok, questions, *a, **k: [""] * len(questions))
+    monkeypatch.setattr(answers, "generate_answers", lambda model, tok, questions, *a, **k: [""] * len(questions))
     assert run_script("dpo.py", ["--model_id", tiny_llama, "--output_dir", tmp_path / "o", "--max_steps", "1",
                                  "--rejected_source", "model", *FAST]) == 2
     assert "no preference pairs left" in capsys.readouterr().err

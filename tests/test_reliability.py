@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.args import UsageError
-from common.training import is_complete_checkpoint, is_finished_run, last_complete_checkpoint, resolve_resume
+from common.flags.errors import UsageError
+from common.recipe.outputs import is_complete_checkpoint, is_finished_run, last_complete_checkpoint, resolve_resume
 from tests.conftest import ROOT
 from tests.helpers import losses, run_script, write_jsonl
 from tests.test_data import Args as DataArgs
@@ -292,7 +292,7 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(signals, code, tiny_llama, tmp_p
 
 
 def test_resume_command_keeps_the_users_flags_without_secrets_or_overwrite(tmp_path, monkeypatch):
-    from common.training import resume_command
+    from common.recipe.signals import resume_command
     from sft.run import parse
 
     argv = ["--model_id", "m", "--output_dir", "o x", "--hub_token", "hf_SECRET", "--overwrite_output_dir",
@@ -496,7 +496,7 @@ def datasets_cache(tmp_path_factory):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=jsonl_lines(), suffix=st.sampled_from([".jsonl", ".json"]))
 def test_malformed_rows_load_exactly_or_fail_naming_the_file(lines, suffix):
-    from common.data import load_qa_data
+    from common.data.qa import load_qa_data
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"rows{suffix}"
@@ -519,7 +519,7 @@ def test_malformed_rows_load_exactly_or_fail_naming_the_file(lines, suffix):
     optional={"aliases": st.lists(st.text(max_size=5), max_size=3)}), min_size=1, max_size=5),
     nested=st.booleans())
 def test_well_formed_rows_always_load(rows, nested):
-    from common.data import load_qa_data
+    from common.data.qa import load_qa_data
 
     if nested:
         rows = [{"question": r["question"], "answer": {"value": r["answer"], "aliases": r.get("aliases", [])}}
@@ -532,7 +532,7 @@ def test_well_formed_rows_always_load(rows, nested):
 
 @pytest.mark.parametrize("answers", [[1066, "007"], [8, 2.5], [8, "true"]])
 def test_text_keeps_its_value_in_columns_of_mixed_types(answers, tmp_path):
-    from common.data import load_qa_data
+    from common.data.qa import load_qa_data
 
     path = write_jsonl(tmp_path / "rows.jsonl", [{"question": f"q{i}?", "answer": a} for i, a in enumerate(answers)])
     loaded = load_qa_data(DataArgs(dataset_name=path), need_eval=False)
@@ -646,7 +646,7 @@ def test_checkpoint_missing_one_process_random_state_is_skipped(tmp_path):
 
 
 def test_save_total_limit_keeps_complete_checkpoints_and_drops_older_broken_ones(tmp_path):
-    from common.outputs import rotate_checkpoints
+    from common.recipe.outputs import rotate_checkpoints
 
     now = time.time()
     for step, age in ((40, 300), (48, 200), (99, 150), (52, 10), (56, 0)):
@@ -694,7 +694,7 @@ def test_disk_full_on_the_final_save_is_one_line_and_the_printed_command_finishe
                                                                                  monkeypatch):
     import errno
 
-    from common import outputs
+    from common.recipe import outputs
 
     argv = ["--model_id", tiny_llama, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3", *FAST]
     reference, out = tmp_path / "reference", tmp_path / "full"

@@ -123,7 +123,7 @@ def _reward_model_on_training_ids(base, pairs, out, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from common import training
+    from common.recipe import training
     from rlhf import reward
 
     built, guarded = [], training.train_guarded
@@ -194,7 +194,7 @@ def test_rl_reward_model_scores_equal_reward_model_on_its_training_ids(rm_base, 
     got = {"ppo": [(p, score_answers(scorer, [p], [answers[question(p)]], [True])[0], fed[-1]) for p in prompts]}
 
     # GRPO: its reward function on its own dataset's prompts, each answered by the chosen answer
-    from common import training
+    from common.recipe import training
 
     def stop_before_training(trainer, *_):
         raise _Built(trainer)
@@ -232,7 +232,7 @@ def test_rl_reward_model_ids_equal_its_training_ids_without_tokenizer_files_or_e
     from peft import PeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    from common import training
+    from common.recipe import training
     from rlhf import reward
     from rlhf.rewards import RewardModelScorer
 

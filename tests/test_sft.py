@@ -248,11 +248,11 @@ def test_seed_commands_run_as_written(name, request, tmp_path, monkeypatch, caps
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU behaviour")
 def test_bf16_on_a_bf16_cpu_trains_under_autocast_with_float32_weights(tiny_llama, tmp_path, monkeypatch):
-    import common.model as model_module
+    from common.model.loading import precision
     from sft.run import train
 
-    monkeypatch.setattr(model_module, "cpu_bf16_flags", lambda: ["avx512_bf16"])
-    monkeypatch.setattr(model_module, "CPU_BF16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_PARAMETERS", 0)
     seen = []
     import torch.nn.functional as F
 

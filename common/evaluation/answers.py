@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from common.data import PromptFormat, generation_prompt
-from common.metrics import END_OF_TURN_TOKENS, extract_answer, score
+from common.data.prompts import PromptFormat, generation_prompt
+from common.evaluation.metrics import END_OF_TURN_TOKENS, extract_answer, score
 
 
 def generate_answers(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = False) -> list[str]:
-    """Greedy answers (see common/generation.py), each cut by `extract_answer`, in question order."""
+    """Greedy answers (see common/evaluation/generation.py), each cut by `extract_answer`, in question order."""
     stops = stop_token_ids(tokenizer)
     generated = generate_ids(model, tokenizer, questions, fmt, batch_size, max_new_tokens, progress)
     return [answer_from_ids(tokenizer, ids, stops) for ids in generated]
+
 
 
 def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
@@ -22,14 +23,14 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     """Greedy continuations of the questions' prompts, as token ids up to and including the first
     stop id or newline token: the same tokens as a cache-free greedy decode through the training
     forward, for every technique and batch size."""
-    from common.generation import greedy_generate, newline_ids
+    from common.evaluation.generation import greedy_generate, newline_ids
 
     encoded = prompt_ids(tokenizer, [generation_prompt(q, fmt, tokenizer) for q in questions], fmt.use_chat)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bar = None
     if progress:
-        from common.quiet import progress_bar
+        from common.recipe.progress import progress_bar
 
         bar = progress_bar(total=len(encoded), desc="Answering", unit="q")
     try:
@@ -39,6 +40,7 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
     finally:
         if bar is not None:
             bar.close()
+
 
 
 def prompt_ids(tokenizer, prompts: list[str], use_chat: bool) -> list[list[int]]:
@@ -58,11 +60,13 @@ def prompt_ids(tokenizer, prompts: list[str], use_chat: bool) -> list[list[int]]
     return out
 
 
+
 def answer_from_ids(tokenizer, ids: list[int], stop_ids) -> str:
     """Generated ids -> answer: up to the first stop id, decoded, then `extract_answer`."""
     stops = set(stop_ids)
     cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     return extract_answer(tokenizer.decode(ids[:cut], skip_special_tokens=True))
+
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -73,6 +77,7 @@ def stop_token_ids(tokenizer) -> list[int]:
         if token in vocab:
             ids.add(vocab[token])
     return sorted(i for i in ids if i is not None)
+
 
 
 def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16, max_new_tokens: int = 16,
@@ -91,6 +96,7 @@ def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16,
         records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s,
                         **({"weight": weight} if weight is not None else {})})
     return summarize(records, elapsed), records
+
 
 
 def summarize(records: list[dict], elapsed: float) -> dict:
@@ -116,7 +122,8 @@ def summarize(records: list[dict], elapsed: float) -> dict:
     return summary
 
 
-def _gather_records(records: list[dict], elapsed: float, world: int) -> tuple[list[dict], float]:
+
+def gather_records(records: list[dict], elapsed: float, world: int) -> tuple[list[dict], float]:
     """Every process scored rows rank, rank + world, ...: put all of them back in the split's order."""
     from accelerate.utils import gather_object
 
@@ -127,92 +134,3 @@ def _gather_records(records: list[dict], elapsed: float, world: int) -> tuple[li
             merged[rank + j * world] = record
     return [r for r in merged if r is not None], max(t for _, t in parts)
 
-
-# evaluate.py -----------------------------------------------------------------------------------
-
-def make_parser():
-    from common.args import DataArguments, EvalArguments, FlagParser, ModelArguments, QuantizationArguments
-
-    return FlagParser([ModelArguments, QuantizationArguments, DataArguments, EvalArguments], prog="evaluate.py",
-                      defaults={"dataset_split": "validation", "dataset_name": "triviaqa"},
-                      description="TriviaQA exact match and F1 of a model or of an adapter from any of these "
-                                  "scripts, scored like the official TriviaQA evaluation script.")
-
-
-def run_evaluate(args) -> dict:
-    import json
-    import os
-    from pathlib import Path
-
-    from common import data as qa
-    from common.args import UsageError
-    from common.model import inherit_from_adapter, load_for_inference, resolve_model, select_precision
-
-    if not args.model_id:
-        raise UsageError("`--model_id` is required: a hub id, a local model dir or an adapter dir.")
-    if args.load_in_4bit and args.load_in_8bit:
-        raise UsageError("`--load_in_4bit` and `--load_in_8bit` cannot both be set; pick one.")
-    for name in ("batch_size", "max_new_tokens", "max_samples"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"`--{name}` must be > 0 (got {value}).")
-    out = Path(args.output_dir or "outputs/eval")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
-    source = resolve_model(args.model_id)
-    inherit_from_adapter(args, source)
-    args.set("max_train_samples", args.max_samples)
-    from common.chat import FORMATS, load_sft_data
-
-    data = load_sft_data(args, need_eval=False)  # the split to score is --dataset_split
-
-    from common.training import is_main_process, world_size
-
-    # Under torchrun / accelerate launch each process answers every world-th question.
-    world = world_size()
-    rows = data.train
-    if world > 1:
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo on the CPU)
-        rows = rows.select(range(state.process_index, len(rows), world))
-    model, tokenizer, _ = load_for_inference(args, select_precision(args, warn=lambda *_: None))
-    if data.schema in FORMATS:  # conversations or text: held-out loss, perplexity and sample generations
-        from common.lm_eval import run_lm_evaluate
-
-        if world > 1 and not is_main_process():
-            return {}  # one process scores conversation and text data
-
-        return run_lm_evaluate(args, data, out, model, tokenizer)
-    fmt = qa.prompt_format(args, tokenizer, data.schema)
-    summary, records = evaluate_qa(model, tokenizer, rows, fmt, args.batch_size, args.max_new_tokens,
-                                   progress=is_main_process())
-    if world > 1:
-        records, elapsed = _gather_records(records, summary["time_s"], world)
-        summary = summarize(records, elapsed)
-        summary["processes"] = world
-        if not is_main_process():
-            return summary
-    summary.update({"model_id": args.model_id, "dataset": data.source, "split": args.dataset_split,
-                    "chat_template": fmt.use_chat})
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "predictions.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "predictions.jsonl")
-    (out / "eval_results.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(out / "eval_results.json.tmp", out / "eval_results.json")
-    pairs = f" ({summary['denominator']} question-document pairs)" if "denominator" in summary else ""
-    print(f"\nTriviaQA  n={summary['n']}{pairs}  EM={summary['exact_match_percent']:.2f}  "
-          f"F1={summary['f1_percent']:.2f}  (percent, as the official script)  "
-          f"time={summary['time_s']:.1f}s  ({summary['samples_per_s']} samples/s)\n"
-          f"written to {out.resolve()}/eval_results.json and predictions.jsonl", flush=True)
-    return summary
-
-
-def main(argv=None) -> int:
-    from common.training import run_cli
-
-    return run_cli("evaluate.py", lambda: run_evaluate(make_parser().parse(argv)))

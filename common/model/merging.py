@@ -8,9 +8,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.args import FlagParser, MergeArguments, UsageError
+from common.flags.errors import UsageError
+from common.flags.groups import MergeArguments
+from common.flags.parser import FlagParser
 
 log = logging.getLogger("finetune")
+
 
 
 def make_parser() -> FlagParser:
@@ -19,8 +22,9 @@ def make_parser() -> FlagParser:
                                   "and the tokenizer.")
 
 
+
 def run_merge(args) -> Path:
-    from common.model import resolve_model, saved_run_config
+    from common.model.source import resolve_model, saved_run_config
 
     if not args.adapter:
         raise UsageError("`--adapter` is required: an adapter dir written by lora.py, dora.py or qlora.py.")
@@ -37,7 +41,7 @@ def run_merge(args) -> Path:
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise UsageError(f"`--output_dir` {out} is not empty; pass `--overwrite_output_dir True` or choose another.")
 
-    from common.training import is_main_process
+    from common.recipe.dist import is_main_process
 
     if not is_main_process():  # launched on several processes: merging is one process's job
         return out
@@ -45,7 +49,7 @@ def run_merge(args) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.training import RUN_CONFIG, write_json
+    from common.recipe.outputs import RUN_CONFIG, write_json
 
     trained = saved_run_config(source)
     flags = trained.get("flags", {})
@@ -81,6 +85,7 @@ def run_merge(args) -> Path:
     return out
 
 
+
 def merge_dtype(args, source, trained: dict, quantized: bool):
     """`--merge_dtype auto`: the base model's own 16/32-bit dtype; for a quantized run, the compute
     dtype its adapter was trained in on a GPU (fp32 on the CPU, where bitsandbytes computes in fp32)."""
@@ -104,6 +109,7 @@ def merge_dtype(args, source, trained: dict, quantized: bool):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+
 def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
     """The base as a QLoRA (or 8-bit LoRA) adapter saw it: quantized with the run's own settings
     (quantization is deterministic, so these are the very weights of training), then every
@@ -111,7 +117,7 @@ def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
-    from common.model import _device_map
+    from common.model.loading import device_map_for
 
     if flags.get("load_in_8bit"):
         quant = BitsAndBytesConfig(load_in_8bit=True)
@@ -120,7 +126,7 @@ def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
                                    bnb_4bit_use_double_quant=flags.get("bnb_4bit_use_double_quant", True),
                                    bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
     model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, quantization_config=quant,
-                                                 device_map=_device_map(True), trust_remote_code=trust_remote_code)
+                                                 device_map=device_map_for(True), trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "dequantized in ... and casted to ...": said by our own note already
     try:
@@ -130,11 +136,12 @@ def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
     return model
 
 
+
 def merged_run_config(args, source, trained: dict, quantized: bool, dtype) -> dict:
     """run_config.json of a merged model: the prompt format of the run that trained the adapter,
     which evaluate.py and runs chained on the merged model take over (its quantization flags are
     not: the merged weights are plain ones). The adapter run's whole record is kept under `adapter_run`."""
-    from common.model import PROMPT_FLAGS
+    from common.model.source import PROMPT_FLAGS
 
     flags = trained.get("flags", {})
     return {"script": "merge.py", "technique": "merged",
@@ -147,7 +154,9 @@ def merged_run_config(args, source, trained: dict, quantized: bool, dtype) -> di
             "adapter_run": trained}
 
 
+
 def main(argv=None) -> int:
-    from common.training import run_cli
+    from common.recipe.cli import run_cli
 
     return run_cli("merge.py", lambda: run_merge(make_parser().parse(argv)))
+

@@ -1,6 +1,6 @@
 """Training curves from a run's logged history (trainer_state.json) as PNG files.
 
-    python -m common.plotting outputs/lora        # writes outputs/lora/plots/*.png
+    python -m common.recipe.plotting outputs/lora        # writes outputs/lora/plots/*.png
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ PANELS = {
 }
 
 
+
 def history(run_dir: str | Path) -> list[dict]:
     state = Path(run_dir) / "trainer_state.json"
     if not state.is_file():
         raise FileNotFoundError(f"{state} not found: is {run_dir} a finished training run?")
     return json.loads(state.read_text())["log_history"]
+
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -61,20 +63,23 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m common.plotting RUN_DIR", file=sys.stderr)
+        print("usage: python -m common.recipe.plotting RUN_DIR", file=sys.stderr)
         return 2
     try:
         paths = plot_run(argv[0])
     except FileNotFoundError as exc:
-        print(f"common.plotting: error: {exc}", file=sys.stderr)
+        print(f"common.recipe.plotting: error: {exc}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
     return 0
 
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

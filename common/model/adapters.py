@@ -6,18 +6,24 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.args import UsageError
+from common.flags.errors import UsageError
 
 log = logging.getLogger("finetune")
 
+
 LORA_FAMILY = ("lora", "dora", "qlora")
+
 PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
+
 PEFT_TYPES = {"PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning", "PROMPT_TUNING": "prompt_tuning",
               "LORA": "lora"}
 
+
 # One attention-input projection under its different names: fused q/k/v or split.
 _QKV_FUSED = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "qkv")
+
 _QKV_SPLIT = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
+
 
 
 def linear_module_names(model) -> list[str]:
@@ -32,6 +38,7 @@ def linear_module_names(model) -> list[str]:
             if leaf not in ("lm_head", "score") and "lora_" not in full:
                 names.add(leaf)
     return sorted(names)
+
 
 
 def resolve_target_modules(model, requested: str, warn=log.warning) -> Any:
@@ -65,6 +72,7 @@ def resolve_target_modules(model, requested: str, warn=log.warning) -> Any:
     return out
 
 
+
 def model_dims(model) -> dict[str, int]:
     """token_dim / num_layers / num_attention_heads / num_transformer_submodules of a causal LM."""
     cfg = model.config
@@ -85,6 +93,7 @@ def model_dims(model) -> dict[str, int]:
     }
 
 
+
 def _dims(args, model) -> dict[str, int]:
     dims = model_dims(model)
     for key, inferred in dims.items():
@@ -93,6 +102,7 @@ def _dims(args, model) -> dict[str, int]:
             raise UsageError(f"`--{key} {given}` contradicts the model, which has {key}={inferred}; drop the flag "
                              f"(it is inferred) or pass {inferred}.")
     return dims
+
 
 
 def build_peft_config(technique: str, args, model, tokenizer_path: str | None = None):
@@ -143,10 +153,12 @@ def build_peft_config(technique: str, args, model, tokenizer_path: str | None = 
     raise ValueError(f"unknown technique {technique!r}")
 
 
+
 # LoRA flags and their keys in adapter_config.json.
 _SAVED_LORA_SETTINGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_bias": "bias",
                         "use_rslora": "use_rslora", "use_dora": "use_dora", "target_modules": "target_modules",
                         "modules_to_save": "modules_to_save"}
+
 
 
 def _comparable(value):
@@ -158,6 +170,7 @@ def _comparable(value):
     if isinstance(value, (int, float)):
         return float(value)
     return [value] if isinstance(value, str) else value
+
 
 
 def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
@@ -176,11 +189,12 @@ def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
     return out
 
 
+
 def attach_adapter(technique: str, args, model, source):
     """A new adapter, or the adapter of --model_id continued (runs chain)."""
     from peft import PeftModel, get_peft_model
 
-    from common.model import shardable
+    from common.model.loading import shardable
 
     expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
                                                           "prompt_tuning": "PROMPT_TUNING"}[technique]
@@ -209,10 +223,12 @@ def attach_adapter(technique: str, args, model, source):
     return share_dropout(model, args) if technique in LORA_FAMILY else model
 
 
+
 def share_dropout(model, args):
     """LoRA dropout shared between adapters that read one tensor, unless `--share_lora_dropout False`
-    (common/dropout.py). -> model."""
-    from common.dropout import share_lora_dropout
+    (common/model/dropout.py). -> model."""
+    from common.model.dropout import share_lora_dropout
 
     share_lora_dropout(model, shared=getattr(args, "share_lora_dropout", True))
     return model
+

@@ -3,8 +3,8 @@
 It shows the pipeline end to end offline in seconds; it knows nothing, so its answers are
 meaningless until trained (and even then only on what it was trained on).
 
-    python -m common.tiny_model --output_dir models/tiny-llama
-    python -m common.tiny_model --output_dir models/tiny-gpt2 --arch gpt2
+    python -m common.model.tiny_model --output_dir models/tiny-llama
+    python -m common.model.tiny_model --output_dir models/tiny-gpt2 --arch gpt2
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-from common.data import BUNDLED
+from common.data.sources import BUNDLED
 
 # A minimal chat template in the shape instruct models ship (role headers, end-of-turn token).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
 
 
 def _corpus() -> list[str]:
@@ -31,6 +32,7 @@ def _corpus() -> list[str]:
                 lines.append(f"Question: {row['question']}\nAnswer: {row['answer']['value']}")
                 lines.extend(row["answer"]["aliases"])
     return lines
+
 
 
 def build_tokenizer(vocab_size: int = 1024, chat: bool = False):
@@ -49,6 +51,7 @@ def build_tokenizer(vocab_size: int = 1024, chat: bool = False):
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
+
 
 
 def build_model_config(arch: str, vocab_size: int, **overrides):
@@ -88,6 +91,7 @@ def build_model_config(arch: str, vocab_size: int, **overrides):
     raise ValueError(f"unknown arch {arch!r}")
 
 
+
 def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, seed: int = 0,
                      **overrides) -> str:
     import torch
@@ -104,6 +108,7 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
 
 
 def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
@@ -133,6 +138,7 @@ def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
     return str(out)
 
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
@@ -148,5 +154,7 @@ def main(argv=None) -> int:
     return 0
 
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -22,9 +22,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from common.args import UsageError
+from common.flags.errors import UsageError
 
 log = logging.getLogger("finetune")
+
 
 FORMATS = {
     "messages": "`messages`: list of {`role`, `content`} (system/user/assistant)",
@@ -32,8 +33,9 @@ FORMATS = {
     "alpaca": "Alpaca `instruction` + optional `input` + `output` (optional `system`)",
     "text": "plain `text` (loss on every token)",
 }
-CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca")
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
 
 
 def detect_format(columns) -> Optional[str]:
@@ -49,6 +51,7 @@ def detect_format(columns) -> Optional[str]:
     return None
 
 
+
 # Rows -> messages ----------------------------------------------------------------------------
 
 def _content(value: Any, what: str, where: str) -> str:
@@ -56,6 +59,7 @@ def _content(value: Any, what: str, where: str) -> str:
         kind = "missing" if value is None else f"a {type(value).__name__}, not text"
         raise UsageError(f"{where}: {what} is {kind}; fix or remove that row.")
     return value
+
 
 
 def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[dict]:
@@ -93,6 +97,7 @@ def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[
     return out
 
 
+
 def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
     if fmt == "messages":
         return check_messages(row.get("messages"), where)
@@ -128,11 +133,13 @@ def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
     raise ValueError(fmt)
 
 
+
 def row_text(row: dict, where: str) -> str:
     text = _content(row.get("text"), "`text`", where)
     if not text.strip():
         raise UsageError(f"{where}: `text` is empty; fix or remove that row.")
     return text
+
 
 
 def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
@@ -156,11 +163,12 @@ def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
                   num_proc=num_proc, desc="Reading rows")
 
 
+
 # Loading -------------------------------------------------------------------------------------
 
 def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format") -> Optional[str]:
     """-> a conversation/text format, or None for question-answer data (common.data's schemas)."""
-    from common.data import SCHEMAS
+    from common.data.qa import SCHEMAS
 
     requested = (requested or "auto").strip().lower()
     if requested == "auto":
@@ -179,14 +187,15 @@ def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format"
     return requested
 
 
+
 def load_sft_data(args, need_eval: bool):
     """Like common.data.load_qa_data, for every SFT format: conversation and text data are read
     here, question-answer data by load_qa_data. -> QAData (rows are `messages` or `text` for the
     formats of this module)."""
-    from common import data as qa
+    from common.data.qa import prompts, qa, sources
 
-    splits, source = qa.load_splits(args.dataset_name, args.dataset_config)
-    train = qa.select_split(splits, args.dataset_split, source, "dataset_split")
+    splits, source = sources.load_splits(args.dataset_name, args.dataset_config)
+    train = sources.select_split(splits, args.dataset_split, source, "dataset_split")
     fmt = resolve_format(train, getattr(args, "dataset_format", "auto"), source)
     if fmt is None:
         try:
@@ -205,13 +214,13 @@ def load_sft_data(args, need_eval: bool):
         train = train.select(range(min(args.max_train_samples, len(train))))
     if len(train) == 0:
         raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
-    train = normalise(train, fmt, source, qa.auto_num_proc(args.dataset_num_proc, len(train)))
+    train = normalise(train, fmt, source, prompts.auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
     spec = args.eval_split
     if spec.lower() == "auto":
         spec = "validation" if ("validation" in splits and need_eval) else "none"
     if need_eval and spec.lower() != "none":
-        eval_ds = qa.select_split(splits, spec, source, "eval_split")
+        eval_ds = sources.select_split(splits, spec, source, "eval_split")
         if args.max_eval_samples:
             eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
         if len(eval_ds) == 0:
@@ -224,12 +233,14 @@ def load_sft_data(args, need_eval: bool):
     return qa.QAData(train=train, eval=eval_ds, schema=fmt, source=source)
 
 
+
 # Rendering -----------------------------------------------------------------------------------
 
 def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a")["input_ids"]
     return bos is not None and bool(ids) and ids[0] == bos
+
 
 
 def plain_template(tokenizer) -> str:
@@ -246,8 +257,10 @@ def plain_template(tokenizer) -> str:
             "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
+
 def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
 
 
 def say_plain(tokenizer, model_id: str = "the model") -> None:
@@ -256,10 +269,12 @@ def say_plain(tokenizer, model_id: str = "the model") -> None:
                  "`Assistant: ...` + EOS; README, \"Your own data\").", model_id)
 
 
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     template = None if has_template(tokenizer) else plain_template(tokenizer)
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+
 
 
 # Masking -------------------------------------------------------------------------------------
@@ -284,6 +299,7 @@ def assistant_spans(tokenizer, messages: list[dict], turns: str = "all") -> tupl
     return full, spans
 
 
+
 def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> dict:
     """-> {input_ids, labels}: labels are -100 except on the assistant's tokens (see module doc)."""
     full, spans = assistant_spans(tokenizer, messages, turns)
@@ -297,12 +313,14 @@ def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -
     return {"input_ids": ids, "labels": labels}
 
 
+
 def tokenize_text(tokenizer, text: str) -> dict:
     """Language modelling: the tokenizer's own special tokens plus EOS, every token trained."""
     ids = tokenizer(text)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
+
 
 
 def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int] = None):
@@ -321,11 +339,13 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
     return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
 
 
+
 @dataclass
 class Sample:
     prompt: str
     reference: str
     add_special_tokens: bool = False  # a rendered conversation carries its own; a text prefix does not
+
 
 
 def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
@@ -344,6 +364,7 @@ def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
     return out
 
 
+
 def sft_dataset_builder(args, tokenizer):
     """-> fn(dataset, num_proc) for sft/run.py. `--use_chat_template false` renders conversations
     as plain text even where the tokenizer has a template (the saved tokenizer then has none, so
@@ -353,12 +374,14 @@ def sft_dataset_builder(args, tokenizer):
     return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)
 
 
+
 def apply_template_flag(args, tokenizer) -> None:
     """`--use_chat_template` for conversation data (SFT messages, message-list preference pairs):
     `false` drops the tokenizer's template, so conversations get the plain rendering and the saved
     tokenizer has none (later runs from the output, and PPO's reward-model scoring, render the same
     way); `true` needs a template."""
-    from common.data import check_template_flag
+    from common.data.prompts import check_template_flag
 
     if check_template_flag(args, tokenizer) and args.use_chat_template == "false":
         tokenizer.chat_template = None
+

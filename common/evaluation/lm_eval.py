@@ -12,6 +12,7 @@ import time
 SAMPLES = 5  # held-out prompts answered in samples.jsonl
 
 
+
 def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int]:
     """-> (summed negative log-likelihood, number of trained tokens) over {input_ids, labels} rows."""
     import torch
@@ -43,12 +44,13 @@ def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int
     return total, count
 
 
+
 def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations of each prompt (rendered text, tokenized as SFT tokenizes it), through the
-    project's one decoder (common/generation.py, right for every adapter type). A reply may span
+    project's one decoder (common/evaluation/generation.py, right for every adapter type). A reply may span
     lines, so only EOS or an end-of-turn token ends it."""
-    from common.evaluation import stop_token_ids, prompt_ids
-    from common.generation import greedy_generate
+    from common.evaluation.answers import prompt_ids, stop_token_ids
+    from common.evaluation.generation import greedy_generate
 
     stops = stop_token_ids(tokenizer)
     encoded = [prompt_ids(tokenizer, [s.prompt], use_chat=not s.add_special_tokens)[0] for s in samples]
@@ -58,8 +60,9 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_siz
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
 
+
 def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
-    from common import chat
+    from common.data.qa import chat
 
     start = time.perf_counter()
     chat.say_plain(tokenizer, args.model_id) if data.schema != "text" else None
@@ -87,3 +90,4 @@ def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
           f"written to {out.resolve()}/eval_results.json and samples.jsonl ({len(samples)} sample generations)",
           flush=True)
     return summary
+

@@ -4,32 +4,26 @@ directory that looks finished."""
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-from common.args import ParsedArgs, UsageError
+from common.flags.errors import UsageError
+from common.flags.parser import ParsedArgs
+from common.recipe.dist import is_main_process
+from common.recipe.lock import lock_output_dir
 
 log = logging.getLogger("finetune")
 
+
 RUN_CONFIG = "run_config.json"
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
-
-
-def world_size() -> int:
-    """Processes in this launch (torchrun and `accelerate launch` set WORLD_SIZE); 1 otherwise."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 # Output directory ----------------------------------------------------------------------------
 
@@ -37,6 +31,7 @@ def is_finished_run(path: str) -> bool:
     """A finished run has its final adapter (or model) and run_config.json in place."""
     p = Path(path)
     return (p / RUN_CONFIG).is_file() and ((p / "adapter_config.json").is_file() or (p / "config.json").is_file())
+
 
 
 def prepare_output_dir(args: ParsedArgs, default: str) -> str:
@@ -49,88 +44,6 @@ def prepare_output_dir(args: ParsedArgs, default: str) -> str:
     lock_output_dir(out)
     return out
 
-
-# One run per output directory ----------------------------------------------------------------
-
-LOCK = ".lock"
-_held: dict[Path, bool] = {}  # lock file -> whether this process created the directory for it
-
-
-def lock_output_dir(out: str) -> None:
-    """The main process holds `out/.lock` (its pid and host) until it exits: a second run into the
-    same directory stops at once naming the holder; a lock whose process is gone is taken over."""
-    if not is_main_process():
-        return
-    folder = Path(out)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    # Written whole to a private file, then linked into place: the link fails if a lock exists, so two
-    # runs starting together cannot both win, and a lock is never seen half-written.
-    tmp = folder / f".lock.{me['pid']}.tmp"
-    tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, lock)
-                break
-            except FileExistsError:
-                holder = _lock_holder(lock)
-                if holder is None:
-                    continue  # removed meanwhile
-                if holder == me:  # this process again (runs called one after another in one Python)
-                    break
-                pid, host = holder.get("pid"), holder.get("host")
-                if host != me["host"]:
-                    raise UsageError(f"`--output_dir` {out} is in use by process {pid} on {host}; choose another "
-                                     f"directory, or delete {lock} if that run is gone.") from None
-                if _alive(pid):
-                    raise UsageError(f"`--output_dir` {out} is in use by another run (process {pid}); wait for it "
-                                     f"to finish or choose another directory.") from None
-                log.warning("`--output_dir` %s: taking over the lock of process %s, which is no longer running.",
-                            out, pid)
-                lock.unlink(missing_ok=True)
-        else:
-            raise UsageError(f"`--output_dir` {out}: could not take its lock {lock}; delete it if no run is using "
-                             f"the directory.")
-    finally:
-        tmp.unlink(missing_ok=True)
-    if lock not in _held:
-        _held[lock] = created
-    atexit.register(release_output_locks)
-
-
-def _lock_holder(lock: Path) -> Optional[dict]:
-    try:
-        holder = json.loads(lock.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"pid": "unknown", "host": "unknown"}  # unreadable: never guess it is stale
-    return holder if isinstance(holder, dict) else {"pid": "unknown", "host": "unknown"}
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # someone else's process, or a pid we cannot judge
-    return True
-
-
-def release_output_locks() -> None:
-    """Drop this process's locks; a directory this run created and left empty goes too."""
-    for lock, created in list(_held.items()):
-        holder = _lock_holder(lock)
-        if holder is not None and holder.get("pid") == os.getpid():
-            lock.unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                lock.parent.rmdir()  # only if empty
-        del _held[lock]
 
 
 def clear_previous_run(out: str) -> None:
@@ -145,6 +58,7 @@ def clear_previous_run(out: str) -> None:
                                   "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final",
                                   ".checkpoint-")):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
 
 
 def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
@@ -169,10 +83,12 @@ def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
     return value
 
 
+
 # A checkpoint holds the weights under one of these names (PEFT adapter or full model, one file
 # or shards with an index); the trainer writes them first and trainer_state.json last.
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
 
 
 def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
@@ -188,6 +104,7 @@ def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
     return sorted(steps)
 
 
+
 def last_complete_checkpoint(out: str) -> Optional[str]:
     """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
     for _, child in reversed(checkpoint_dirs(out)):
@@ -195,6 +112,7 @@ def last_complete_checkpoint(out: str) -> Optional[str]:
             return str(child)
         log.warning("skipping %s: incomplete (cut off while being written).", child)
     return None
+
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -214,7 +132,9 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return all(zipfile.is_zipfile(f) for f in folder.iterdir() if f.suffix in (".pt", ".pth", ".bin"))
 
 
+
 _RNG_FILE = re.compile(r"rng_state_(\d+)\.(pth|safetensors)$")
+
 
 
 def missing_rng_states(folder: Path) -> list[str]:
@@ -229,6 +149,7 @@ def missing_rng_states(folder: Path) -> list[str]:
     return [f"rng_state_{r}.{suffix}" for r in range(expected) if r not in ranks]
 
 
+
 def recorded_world_size(folder: Path) -> Optional[int]:
     """The process count a checkpoint was written with, where the writer recorded it."""
     try:
@@ -240,9 +161,11 @@ def recorded_world_size(folder: Path) -> Optional[int]:
         return None
 
 
-# The name under which the trainer callback of common.training records, in trainer_state.json, what
+
+# The name under which the trainer callback of common.recipe.training records, in trainer_state.json, what
 # the trainer itself does not keep (process count, the loss summed so far).
 RESUME_STATE = "ResumeState"
+
 
 
 def rotate_checkpoints(out: str, keep: Optional[int]) -> list[Path]:
@@ -264,11 +187,13 @@ def rotate_checkpoints(out: str, keep: Optional[int]) -> list[Path]:
     return sorted(doomed)
 
 
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
 
 
 def _weights_whole(path: Path) -> bool:
@@ -281,6 +206,7 @@ def _weights_whole(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return _safetensors_whole(path)
     return zipfile.is_zipfile(path)
+
 
 
 def _safetensors_whole(path: Path) -> bool:
@@ -298,12 +224,14 @@ def _safetensors_whole(path: Path) -> bool:
     return size == 8 + length + end
 
 
+
 # Saving --------------------------------------------------------------------------------------
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
 
 
 def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapters: tuple = ()) -> None:
@@ -322,10 +250,11 @@ def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapte
         for name in drop_adapters:  # helper adapters (DPO's frozen reference copy) are not the result
             if (staging / name / "adapter_config.json").is_file():
                 shutil.rmtree(staging / name)
-        _absolute_base_path(staging)
+        absolute_base_path(staging)
         write_json(staging / RUN_CONFIG, config)
         move_into_place(staging, final)
     trainer.accelerator.wait_for_everyone()
+
 
 
 def move_into_place(staging: Path, final: Path) -> None:
@@ -341,7 +270,8 @@ def move_into_place(staging: Path, final: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _absolute_base_path(folder: Path) -> None:
+
+def absolute_base_path(folder: Path) -> None:
     """Record a local base model by absolute path, so the adapter loads from any working dir."""
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
@@ -353,8 +283,10 @@ def _absolute_base_path(folder: Path) -> None:
         write_json(cfg_path, cfg)
 
 
+
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
 
 
 def disk_full_error(out: str, resume: str) -> UsageError:
@@ -365,3 +297,4 @@ def disk_full_error(out: str, resume: str) -> UsageError:
             "no checkpoint was written (`--save_strategy no`), so the run starts again")
     return UsageError(f"no space left on the device of {os.path.abspath(out)}; {kept}. Free space, then finish "
                       f"the run with: {resume}")
+

@@ -10,17 +10,21 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from common import network
-from common.args import UsageError
+from common.flags.errors import UsageError
+from common.hub.upload import network
 
 log = logging.getLogger("finetune")
 
+
 UPLOAD_FAILED = 3  # exit code: the run finished and is saved locally; only the upload failed
+
 IGNORE = ["checkpoint-*/**", "wandb/**", "runs/**", "*.lock", ".*"]
+
 
 
 class UploadFailed(Exception):
     """The finished run is saved locally; its upload did not go through. str() is the one line to print."""
+
 
 
 def token(args=None) -> Optional[str]:
@@ -39,6 +43,7 @@ def token(args=None) -> Optional[str]:
         return None
 
 
+
 def check_push(args) -> None:
     """Before any model loads: --push_to_hub needs credentials and must not contradict HF_HUB_OFFLINE."""
     if not getattr(args, "push_to_hub", False):
@@ -51,8 +56,10 @@ def check_push(args) -> None:
                          "`--push_to_hub` off and upload later with `hf upload`.")
 
 
+
 def upload_command(repo: str, out: str) -> str:
     return f"hf upload {shlex.quote(repo)} {shlex.quote(str(out))} . --exclude 'checkpoint-*/**'"
+
 
 
 def push_result(args, out: str) -> str:
@@ -76,3 +83,4 @@ def push_result(args, out: str) -> str:
         raise UploadFailed(f"the run is saved in {out}, but the upload to {repo!r} failed ({reason}); upload it "
                            f"later with: {later}") from None
     return repo_id
+

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 _NEWLINE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+
 def newline_ids(tokenizer) -> frozenset:
     """Ids of the tokens whose text contains a newline: the answer ends at the first of them."""
     cached = _NEWLINE_IDS.get(tokenizer)
@@ -36,6 +37,7 @@ def newline_ids(tokenizer) -> frozenset:
         cached = (len(tokenizer), frozenset(i for i, t in enumerate(texts) if "\n" in t))
         _NEWLINE_IDS[tokenizer] = cached
     return cached[1]
+
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, stop_ids: Sequence[int],
@@ -64,6 +66,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, sto
     finally:
         model.train(was_training)
     return [o or [] for o in out]
+
 
 
 def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> list[list[int]]:
@@ -119,6 +122,7 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
     return result
 
 
+
 @contextlib.contextmanager
 def plain_lora_forward(model):
     """Inside this block, eval-mode LoRA layers on plain `nn.Linear`s compute their output with the
@@ -139,6 +143,7 @@ def plain_lora_forward(model):
     finally:
         for module in swapped:
             del module.forward
+
 
 
 def _plain_lora(module):
@@ -176,6 +181,7 @@ def _plain_lora(module):
     return forward
 
 
+
 def _first_inputs(model, ids, mask, max_new_tokens: int):
     """(callable, first-step inputs, attention mask over everything the first step attends to)."""
     import torch
@@ -199,11 +205,13 @@ def _first_inputs(model, ids, mask, max_new_tokens: int):
                      f"prefix tuning, P-tuning and prompt tuning.")
 
 
+
 def _input_device(model):
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
+
 
 
 def _forward_parameters(model) -> set:
@@ -215,6 +223,8 @@ def _forward_parameters(model) -> set:
         return set()
 
 
+
 def _cache_of(output):
     cache = output.get("cache") if hasattr(output, "get") else None
     return cache if cache is not None else output.past_key_values
+

@@ -32,13 +32,16 @@ from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger("finetune")
 
+
 # Logits per chunk: 2**24 float32 values are 64 MiB (131 positions of a 128,256-token vocabulary).
 CHUNK_ELEMENTS = 2**24
+
 
 # Config attributes that change the logits beyond `lm_head(hidden)`; a model with any of them set
 # keeps TRL's head, which applies them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+
 
 
 def _chunk_stats(hidden, weight, bias, targets):
@@ -54,6 +57,7 @@ def _chunk_stats(hidden, weight, bias, targets):
         is_top1 = logits.argmax(-1) == targets
         mean_logits = logits.mean(-1)
     return log_probs, entropy, is_top1, mean_logits
+
 
 
 def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
@@ -72,6 +76,7 @@ def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+
 def supports(model) -> bool:
     """Whether `lm_head(last_hidden_state)` is the model's logits (no scaling or soft-capping)."""
     config = model.config
@@ -79,6 +84,7 @@ def supports(model) -> bool:
         return False
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS) \
         and model.get_output_embeddings() is not None
+
 
 
 def install(trainer) -> bool:
@@ -92,6 +98,7 @@ def install(trainer) -> bool:
     if installed and getattr(trainer, "ref_model", None) is not None:
         _patch(trainer.ref_model)
     return installed
+
 
 
 def _patch(base) -> bool:
@@ -123,3 +130,4 @@ def _patch(base) -> bool:
 
     base.forward = types.MethodType(forward, base)
     return True
+

@@ -1,0 +1,2 @@
+"""Data: loading (hub, local files, the bundled sample), question-answer and conversation formats,
+prompts."""

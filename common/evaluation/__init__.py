@@ -1,0 +1,1 @@
+"""Greedy generation, TriviaQA scores, and evaluate.py."""

@@ -1,0 +1,138 @@
+"""Checks of flag values that need no model; each error names the flag and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+
+from common.flags.errors import UsageError
+from common.flags.groups import DPO_LOSS_TYPES, KNOWN_REPORTERS, OPTIMIZERS, SCHEDULERS
+from common.flags.parser import ParsedArgs
+
+
+def _choice(flag: str, value: str, allowed) -> None:
+    if value not in allowed:
+        match = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.5)
+        hint = f"; did you mean {match[0]!r}?" if match else f"; choose one of: {', '.join(allowed)}"
+        raise UsageError(f"`--{flag}` {value!r} is not a known name" + hint)
+
+
+
+def _positive(args: ParsedArgs, names: list[str], strict: bool = True) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if (value <= 0) if strict else (value < 0):
+            bound = "> 0" if strict else ">= 0"
+            raise UsageError(f"`--{name}` must be {bound} (got {value}).")
+
+
+
+def reporters(report_to: str) -> list[str]:
+    return [r.strip().lower() for r in report_to.split(",") if r.strip()]
+
+
+
+def check_common(args: ParsedArgs) -> None:
+    """Flag checks shared by every training script; run before anything heavy is imported."""
+    if not args.model_id:
+        raise UsageError("`--model_id` is required: a hub id (e.g. `gpt2`), a local model dir or an adapter dir.")
+    if args.load_in_4bit and args.load_in_8bit:
+        raise UsageError("`--load_in_4bit` and `--load_in_8bit` cannot both be set; pick one.")
+    if args.use_bfloat16 and args.fp16:
+        raise UsageError("`--use_bfloat16` and `--fp16` cannot both be set; pick one precision.")
+    _positive(args, ["lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size",
+                     "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                     "logging_steps", "save_steps", "eval_steps", "num_virtual_tokens", "max_train_samples",
+                     "max_eval_samples", "encoder_num_layers", "save_total_limit", "dataset_num_proc",
+                     "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
+                     "encoder_hidden_size"])
+    _positive(args, ["max_grad_norm", "weight_decay", "warmup_steps", "dataloader_num_workers", "eval_em_samples"],
+              strict=False)
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise UsageError("`--num_train_epochs` must be > 0 (or set `--max_steps`).")
+    for name in ("lora_dropout", "encoder_dropout", "warmup_ratio"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < 1:
+            raise UsageError(f"`--{name}` must be in [0, 1) (got {value}).")
+    _choice("optimizer", args.optimizer, OPTIMIZERS)
+    _choice("lr_scheduler_type", args.lr_scheduler_type, SCHEDULERS)
+    for reporter in reporters(args.report_to):
+        _choice("report_to", reporter, KNOWN_REPORTERS)
+    if getattr(args, "task_type", "CAUSAL_LM").upper() != "CAUSAL_LM":
+        raise UsageError(f"`--task_type {args.task_type}` is not supported; these scripts train CAUSAL_LM models.")
+    if "{question}" not in args.prompt_template:
+        raise UsageError("`--prompt_template` must contain `{question}`, e.g. 'Question: {question}\\nAnswer:'.")
+    if (args.eval_strategy != "no" or args.eval_em_samples) and args.eval_split.lower() == "none":
+        flag = "--eval_strategy" if args.eval_strategy != "no" else "--eval_em_samples"
+        raise UsageError(f"`{flag}` needs held-out data: set `--eval_split` (e.g. `validation`).")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise UsageError("`--resume_from_checkpoint` and `--overwrite_output_dir` contradict; pick one.")
+    from common.hub.upload import check_push
+
+    check_push(args)
+    if args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise UsageError("`--use_liger_kernel` needs the liger-kernel package (CUDA GPUs): `pip install "
+                         "liger-kernel`, or leave the flag off.")
+
+
+
+def check_sft(technique: str, args: ParsedArgs) -> None:
+    """SFT-only flag checks."""
+    for name in ("packing", "padding_free"):
+        if getattr(args, name) and technique in ("prefix_tuning", "p_tuning", "prompt_tuning"):
+            raise UsageError(f"`--{name}` cannot be used with {technique}: its virtual tokens are prepended to each "
+                             f"sequence, not to each example; leave `--{name}` off.")
+        if getattr(args, name) and "flash" not in (args.attn_implementation or ""):
+            raise UsageError(f"`--{name}` puts several examples in one sequence, and only flash attention keeps them "
+                             f"from attending to each other: add `--attn_implementation flash_attention_2` (CUDA, "
+                             f"`pip install flash-attn`), or leave `--{name}` off (length-grouped batches already "
+                             f"keep padding low).")
+
+
+
+def check_preference(args: ParsedArgs, kind: str) -> None:
+    _positive(args, ["beta", "max_prompt_length", "generation_batch_size", "desirable_weight",
+                     "undesirable_weight"])
+    _positive(args, ["simpo_gamma"], strict=False)
+    if kind == "dpo":
+        for loss in [x.strip() for x in args.loss_type.split(",") if x.strip()]:
+            _choice("loss_type", loss, DPO_LOSS_TYPES)
+    if args.max_prompt_length and args.max_prompt_length >= args.max_seq_length:
+        raise UsageError(f"`--max_prompt_length {args.max_prompt_length}` must be below `--max_length "
+                         f"{args.max_seq_length}`, which bounds prompt plus answer.")
+
+
+
+def check_ppo(args: ParsedArgs) -> None:
+    if bool(args.reward_model) == bool(args.reward_function):
+        raise UsageError("give exactly one of `--reward_model DIR` and `--reward_function triviaqa_em|triviaqa_f1`.")
+    _positive(args, ["response_length", "temperature", "kl_horizon", "cliprange", "cliprange_value", "ppo_epochs",
+                     "num_mini_batches", "max_prompt_length", "target_kl"])
+    _positive(args, ["kl_coef", "vf_coef", "missing_eos_penalty"], strict=False)
+    for name in ("gamma", "lam"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            raise UsageError(f"`--{name}` must be in [0, 1] (got {value}).")
+
+
+
+def check_grpo(args: ParsedArgs) -> None:
+    if not args.reward_function and not args.reward_model:
+        raise UsageError("give `--reward_function triviaqa_em|triviaqa_f1` (comma-separated for several) and/or "
+                         "`--reward_model DIR`.")
+    names = [n.strip() for n in (args.reward_function or "").split(",") if n.strip()]
+    if args.reward_weights:
+        try:
+            weights = [float(w) for w in args.reward_weights.split(",")]
+        except ValueError:
+            raise UsageError(f"`--reward_weights {args.reward_weights}`: write numbers separated by commas.") from None
+        expected = len(names) + (1 if args.reward_model else 0)
+        if len(weights) != expected:
+            raise UsageError(f"`--reward_weights` has {len(weights)} values for {expected} rewards; give one each.")
+    _positive(args, ["num_generations", "max_completion_length", "temperature", "max_prompt_length"])
+    _positive(args, ["beta"], strict=False)
+    if args.num_generations < 2:
+        raise UsageError("`--num_generations` must be >= 2: GRPO compares answers within a group.")
+

@@ -1,0 +1,1 @@
+"""Model loading, precision, quantization, adapters and the LoRA/loss replacements."""

@@ -1,0 +1,80 @@
+"""Trainer callbacks every run adds: the NaN guard, run_config.json in each checkpoint, exact match
+during training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from common.flags.parser import ParsedArgs
+from common.recipe.outputs import RUN_CONFIG, write_json
+from common.recipe.run_config import run_config
+
+# Callbacks -----------------------------------------------------------------------------------
+
+def nan_guard_callback():
+    """Stops the run when the loss turns NaN/inf instead of training on garbage."""
+    from transformers import TrainerCallback
+
+    class NanGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"the training loss became {loss} at step {state.global_step}; lower `--learning_rate`, keep "
+                    f"`--max_grad_norm` on, or use `--use_bfloat16` instead of fp16."
+                )
+
+    return NanGuard()
+
+
+
+def run_config_callback(args: ParsedArgs, technique: str):
+    """Writes run_config.json into every checkpoint-N the trainer saves: a checkpoint evaluated,
+    merged or chained from is then prompted exactly as the run trained (template, system prompt,
+    chat template, quantization), like the final output directory."""
+    from transformers import TrainerCallback
+
+    class RunConfigInCheckpoints(TrainerCallback):
+        def on_save(self, targs, state, control, model=None, **kwargs):
+            folder = Path(targs.output_dir) / f"checkpoint-{state.global_step}"
+            if not state.is_world_process_zero or not folder.is_dir():
+                return
+            from common.model.loading import is_quantized
+
+            extra = {"model": {"quantized": bool(model is not None and is_quantized(model))},
+                     "checkpoint": {"step": state.global_step}}
+            write_json(folder / RUN_CONFIG, run_config(args, technique, extra))
+
+    return RunConfigInCheckpoints()
+
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+
+def exact_match_callback(rows, fmt, tokenizer, batch_size: int):
+    """Scores TriviaQA EM/F1 by greedy generation on held-out rows at each evaluation; `score()`
+    is also called once at the end of training. Results go to the reporter and the final metrics."""
+    from transformers import TrainerCallback
+
+    from common.evaluation.answers import evaluate_qa
+
+    class ExactMatch(TrainerCallback):
+        trainer = None
+
+        def score(self, model) -> dict:
+            summary, _ = evaluate_qa(model, tokenizer, rows, fmt, batch_size=batch_size)
+            return {"eval_em": summary["exact_match"], "eval_f1": summary["f1"]}
+
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            result = self.score(model)
+            if metrics is not None:
+                metrics.update(result)
+            if self.trainer is not None:
+                self.trainer.log(result)
+
+    return ExactMatch()
+
