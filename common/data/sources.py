@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.flags.errors import UsageError
-from common.hub.upload import network
+from common.hub import network
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 BUNDLED = {"triviaqa-sample": REPO_ROOT / "data" / "triviaqa_sample"}
 
