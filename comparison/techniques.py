@@ -34,14 +34,14 @@ def runner(name: str) -> Runner:
     if name in SFT:
         from sft import run as sft
 
-        specific = set(sft._TECHNIQUE_GROUPS) - set(sft.TECHNIQUES[name].flags)
+        specific = set(sft.TECHNIQUE_FLAGS) - set(sft.TECHNIQUES[name].flags)
         return Runner(name, sft.TECHNIQUES[name].script, _cached(lambda: sft.make_parser(name)),
                       lambda argv: sft.parse(name, argv)[1], frozenset(specific))
     if name in PREFERENCE:
         from rlhf import run as pref
 
         return Runner(name, pref.KINDS[name][0], _cached(lambda: pref.make_parser(name)),
-                      lambda argv: pref.parse(name, argv), frozenset(pref._UNUSED[name]))
+                      lambda argv: pref.parse(name, argv), frozenset(pref.UNUSED_FLAGS[name]))
     if name == "ppo":
         from rlhf import ppo
 
@@ -49,7 +49,7 @@ def runner(name: str) -> Runner:
     if name == "grpo":
         from rlhf import grpo
 
-        return Runner(name, "grpo.py", _cached(grpo.make_parser), grpo.parse, frozenset(grpo._UNUSED))
+        return Runner(name, "grpo.py", _cached(grpo.make_parser), grpo.parse, frozenset(grpo.UNUSED_FLAGS))
     raise KeyError(name)
 
 

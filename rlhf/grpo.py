@@ -11,16 +11,18 @@ from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, Mo
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError, format_flags
 from common.flags.checks import check_common, check_grpo
+from common.recipe import pipeline as recipe
+from common.recipe.pipeline import Run, Steps
 
 log = logging.getLogger("finetune")
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, GRPOArguments, TrainingArguments]
-_UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_em_samples", "max_seq_length",
+UNUSED_FLAGS = ("completion_only_loss", "packing", "padding_free", "eval_em_samples", "max_seq_length",
            "neftune_noise_alpha")
 
 
 def make_parser() -> FlagParser:
-    return FlagParser(ARG_GROUPS, hidden=_UNUSED, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
+    return FlagParser(ARG_GROUPS, hidden=UNUSED_FLAGS, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
                                                             "per_device_train_batch_size": 8},
                       description="GRPO with LoRA on TriviaQA-style prompts, rewarded by exact match / F1 against "
                                   "the gold answers (combinable, weighted) and/or a reward model.")
@@ -35,7 +37,7 @@ def parse(argv: Optional[list[str]]) -> ParsedArgs:
     for name in (args.reward_function or "").split(","):
         if name.strip():
             get_reward_function(name.strip())
-    ignored = sorted(n for n in args.explicit if n in _UNUSED)
+    ignored = sorted(n for n in args.explicit if n in UNUSED_FLAGS)
     if ignored:
         log.warning("grpo.py ignores flags that do not apply to GRPO: %s.", format_flags(ignored))
     return args
@@ -98,97 +100,92 @@ def sft_prompt_tokens():
     return SFTPromptTokens
 
 
-def run_grpo(args: ParsedArgs) -> GRPOResult:
-    from common.data import prompts
-    from common.data import qa
-    from common.recipe import callbacks as recipe_callbacks
-    from common.recipe import config as trainer_config
-    from common.recipe import outputs
-    from common.recipe import reporting
-    from common.recipe import training
-    from common.model.source import inherit_from_adapter, resolve_model
+class GRPOSteps(Steps):
+    """GRPO: the prompts ppo.py uses, rewarded by TriviaQA rewards and/or a reward model."""
 
-    out = outputs.prepare_output_dir(args, default="outputs/grpo")
-    source = resolve_model(args.model_id)
-    inherit_from_adapter(args, source)
-    data = qa.load_qa_data(args, need_eval=False)
+    name, title = "grpo", "GRPO"
+    drop_adapters = ("ref",)
+    labelled_positions_only = False
 
-    from common.evaluation.answers import prompt_ids
-    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
-    from common.model.precision import select_precision
-    from common.model.adapters import attach_adapter
+    def load_data(self, run: Run) -> None:
+        from common.data import qa
+
+        run.data = qa.load_qa_data(run.args, need_eval=False)
+
+    def prepare(self, run: Run) -> None:
+        from datasets import Dataset
+
+        from common.data import prompts
+        from common.evaluation.answers import prompt_ids
+
+        args, data, fmt, tokenizer = run.args, run.data, run.fmt, run.tokenizer
+        questions = data.train["question"]
+        texts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in questions]
+        lengths = [len(ids) for ids in prompt_ids(tokenizer, [prompts.generation_prompt(q, fmt, tokenizer)
+                                                              for q in questions], fmt.use_chat)]
+        too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
+        if too_long:
+            raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
+                             f"{args.max_prompt_length}` tokens (row {too_long[0]}: {lengths[too_long[0]]}); raise "
+                             f"the limit or filter the data.")
+        run.train_rows = Dataset.from_dict({"prompt": texts, "aliases": list(data.train["aliases"])})
+
+    def config(self, run: Run, kwargs: dict):
+        from trl import GRPOConfig
+
+        args = run.args
+        kwargs["train_sampling_strategy"] = "random"
+        weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
+        return GRPOConfig(**kwargs, num_generations=args.num_generations,
+                          max_completion_length=args.max_completion_length, temperature=args.temperature,
+                          beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code,
+                          disable_dropout=True)
+
+    def after_model(self, run: Run) -> None:
+        # Dropout off (TRL's GRPOConfig leaves it on, and a continued SFT adapter brings its
+        # lora_dropout: policy and reference would then differ at step 0), and TRL's sampling follows
+        # the policy alone, not the decoding settings of generation_config.json.
+        from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
+
+        disable_dropout(run.model)
+        sample_from_the_policy_only(run.model)
+        self.reward_funcs = reward_functions(run.args, run.tokenizer, run.model)
+
+    def trainer(self, run: Run, callbacks: list):
+        return sft_prompt_tokens()(model=run.model, reward_funcs=self.reward_funcs, args=run.config,
+                                   train_dataset=run.train_rows, processing_class=run.tokenizer, callbacks=callbacks)
+
+    def record(self, run: Run) -> dict:
+        names = reward_names(run.args)
+        return {"data": {"source": run.data.source, "prompts": len(run.train_rows), "chat_template": run.fmt.use_chat},
+                "reward": names + (["reward_model"] if run.args.reward_model else [])}
+
+
+def reward_names(args) -> list[str]:
+    return [n.strip() for n in (args.reward_function or "").split(",") if n.strip()]
+
+
+def reward_functions(args, tokenizer, model) -> list:
+    """--reward_function (several, in order) and then --reward_model, as TRL's reward functions."""
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
-    precision = select_precision(args)
-    tokenizer = load_tokenizer(source, args)
-    fmt = prompts.prompt_format(args, tokenizer, data.schema)
-    prompts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in data.train["question"]]
-    lengths = [len(ids) for ids in prompt_ids(tokenizer, [prompts.generation_prompt(q, fmt, tokenizer)
-                                                          for q in data.train["question"]], fmt.use_chat)]
-    too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
-    if too_long:
-        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
-                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {lengths[too_long[0]]}); raise the "
-                         f"limit or filter the data.")
-    from datasets import Dataset
-
-    train_ds = Dataset.from_dict({"prompt": prompts, "aliases": list(data.train["aliases"])})
-
-    model = load_model(source, args, precision, training=True)
-    technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    model = attach_adapter(technique, args, model, source)
-    # Dropout off (TRL's GRPOConfig leaves it on, and a continued SFT adapter brings its
-    # lora_dropout: policy and reference would then differ at step 0), and TRL's sampling follows
-    # the policy alone, not the decoding settings of generation_config.json.
-    from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
-
-    disable_dropout(model)
-    sample_from_the_policy_only(model)
-    trainable, total = count_parameters(model)
-    log.info("GRPO (%s): %s trainable parameters of %s", technique, f"{trainable:,}", f"{total:,}")
-
-    # Rewards
-    names = [n.strip() for n in (args.reward_function or "").split(",") if n.strip()]
-    reward_funcs = [_as_grpo_reward(n, get_reward_function(n)) for n in names]
+    funcs = [_as_grpo_reward(n, get_reward_function(n)) for n in reward_names(args)]
     if args.reward_model:
         import torch
 
-        scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
-
         from common.evaluation.answers import stop_token_ids
 
+        scorer = RewardModelScorer(args.reward_model, tokenizer, args, "cuda" if torch.cuda.is_available() else "cpu")
         stops = set(stop_token_ids(tokenizer)) | set(_as_list(model.generation_config.eos_token_id))
 
         def reward_model(prompts, completions, completion_ids, **_):
             finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]  # truncated ones have no EOS
             return scorer.score_answers(prompts, [_text(c) for c in completions], finished)
 
-        reward_funcs.append(reward_model)
-    weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
+        funcs.append(reward_model)
+    return funcs
 
-    from trl import GRPOConfig
 
-    report_to = reporting.setup_reporting(args, out)
-    if args.overwrite_output_dir:
-        outputs.clear_previous_run(out)
-    kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=False)
-    kwargs["train_sampling_strategy"] = "random"
-    config = GRPOConfig(**kwargs, num_generations=args.num_generations,
-                        max_completion_length=args.max_completion_length, temperature=args.temperature,
-                        beta=args.beta, reward_weights=weights, trust_remote_code=args.trust_remote_code,
-                        disable_dropout=True)
-    trainer = sft_prompt_tokens()(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
-                                  processing_class=tokenizer, callbacks=[recipe_callbacks.nan_guard_callback()])
-    keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
-    metrics, wall = training.train_guarded(trainer, args, out)
-    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
-                       "quantized": is_quantized(model)},
-             "data": {"source": data.source, "prompts": len(prompts), "chat_template": fmt.use_chat},
-             "reward": names + (["reward_model"] if args.reward_model else []),
-             "parameters": {"trainable": trainable, "total": total}}
-    info = training.finish_run(trainer, tokenizer, args, out, "grpo", metrics, wall, extra, report_to,
-                         drop_adapters=("ref",))
-    return GRPOResult(output_dir=out, summary=info, trainer=trainer)
+def run_grpo(args: ParsedArgs) -> GRPOResult:
+    run, info = recipe.train(GRPOSteps(), args)
+    return GRPOResult(output_dir=run.out, summary=info, trainer=run.trainer)

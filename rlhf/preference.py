@@ -19,7 +19,7 @@ from typing import Any, Optional
 from common.flags.errors import UsageError
 from common.data.prompts import PromptFormat, chat_messages, prompt_text
 from common.data.qa import detect_schema, normalise, require_answers
-from common.data.sources import load_splits, select_split
+from common.data.sources import heldout_spec, load_splits, take_rows
 from common.evaluation.metrics import normalize_answer
 
 log = logging.getLogger("finetune")
@@ -48,15 +48,18 @@ PREFERENCE_FORMATS = {
 }
 
 
-def load_preference_source(args, split_spec: str, flag: str = "dataset_split") -> PreferenceSource:
+def load_preference_data(args, need_eval: bool, required: bool):
+    """-> (training source, held-out source or None), from one load of the data; the held-out split
+    follows the rule every script shares (common.data.sources.heldout_spec)."""
     splits, source = load_splits(args.dataset_name, args.dataset_config)
-    ds = select_split(splits, split_spec, source, flag)
-    if flag == "dataset_split" and args.max_train_samples:
-        ds = ds.select(range(min(args.max_train_samples, len(ds))))
-    if flag != "dataset_split" and args.max_eval_samples:
-        ds = ds.select(range(min(args.max_eval_samples, len(ds))))
-    if len(ds) == 0:
-        raise UsageError(f"`--{flag} {split_spec}` of {source} is empty; widen the slice.")
+    train = read_preference_rows(args, splits, source, args.dataset_split, "dataset_split")
+    spec = heldout_spec(args, splits, source, required) if need_eval else None
+    return train, (read_preference_rows(args, splits, source, spec, "eval_split") if spec else None)
+
+
+def read_preference_rows(args, splits: dict, source: str, split_spec: str, flag: str) -> PreferenceSource:
+    limit = args.max_train_samples if flag == "dataset_split" else args.max_eval_samples
+    ds = take_rows(splits, split_spec, source, flag, limit)
     cols = set(ds.column_names)
     if {"prompt", "completion", "label"} <= cols:  # unpaired feedback (KTO)
         _check_format(args, "unpaired", source, cols)

@@ -11,6 +11,8 @@ from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, P
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError
 from common.flags.checks import check_common, check_preference
+from common.recipe import pipeline as recipe
+from common.recipe.pipeline import Run, Steps
 
 log = logging.getLogger("finetune")
 
@@ -95,96 +97,97 @@ def pooled_accuracy_trainer():
     return PooledAccuracyRewardTrainer
 
 
-def run_reward_model(args: ParsedArgs) -> dict:
-    from common.data import prompts
-    from common.recipe import callbacks as recipe_callbacks
-    from common.recipe import config as trainer_config
-    from common.recipe import outputs
-    from common.recipe import reporting
-    from common.recipe import training
-    from common.model.source import inherit_from_adapter, resolve_model
-    from rlhf import preference as pref
+class RewardSteps(Steps):
+    """A scalar head on the base model plus LoRA, trained with TRL's RewardTrainer on pairs."""
 
-    out = outputs.prepare_output_dir(args, default="outputs/reward_model")
-    source = resolve_model(args.model_id)
-    if source.adapter_dir:
-        raise UsageError(f"`--model_id` {args.model_id} is an adapter; a reward model starts from a base model "
-                         f"(merge the adapter with merge.py first if you want its weights).")
-    inherit_from_adapter(args, source)
-    train_src = pref.load_preference_source(args, args.dataset_split)
-    spec = args.eval_split
-    eval_src = None
-    if spec.lower() != "none":
+    name, title = "reward_model", "reward model (LoRA + scalar head)"
+    labelled_positions_only = False
+
+    def load_data(self, run: Run) -> None:
+        from rlhf import preference as pref
+
+        if run.source.adapter_dir:
+            raise UsageError(f"`--model_id` {run.args.model_id} is an adapter; a reward model starts from a base "
+                             f"model (merge the adapter with merge.py first if you want its weights).")
+        run.data = pref.load_preference_data(run.args, need_eval=True, required=False)
+
+    def schema(self, run: Run) -> str:
+        return run.data[0].schema
+
+    def prepare(self, run: Run) -> None:
+        from rlhf import preference as pref
+        from rlhf.pref_formats import conversation_rendering
+
+        args, (train_src, eval_src) = run.args, run.data
+        conversation_rendering(args, run.tokenizer, train_src, eval_src)
+        if args.rejected_source == "model" and train_src.kind == "qa":
+            raise UsageError("`--rejected_source model` needs a policy to generate answers; reward_model.py builds "
+                             "question-answer pairs with `--rejected_source other`, or takes prompt/chosen/rejected "
+                             "data.")
+        if eval_src is not None:
+            train_ds, self.stats = pref.preference_dataset(train_src, run.fmt, args.rejected_source, args.seed)
+            eval_ds, _ = pref.preference_dataset(eval_src, run.fmt, args.rejected_source, args.seed + 1)
+        else:  # no held-out split: keep 10% of the rows aside, reproducibly, before any pair is built
+            train_ds, self.stats, eval_ds = _split_then_pair(train_src, run.fmt, args)
+            log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
+        run.train_rows, run.eval_rows = _tokenize(train_ds, run.tokenizer), _tokenize(eval_ds, run.tokenizer)
+
+    def config(self, run: Run, kwargs: dict):
+        from trl import RewardConfig
+
+        kwargs["train_sampling_strategy"] = "random"
+        if run.args.eval_strategy == "no":
+            kwargs["eval_strategy"] = "no"
+        return RewardConfig(**kwargs, max_length=run.args.max_seq_length, dataset_num_proc=run.args.dataset_num_proc)
+
+    def load_model(self, run: Run):
+        from transformers import AutoModelForSequenceClassification
+
+        from common.model.loading import device_map_for, hub_error, prepare_kbit_training
+        from common.model.precision import get_quantization_config
+
+        args = run.args
+        quant = get_quantization_config(args, run.precision)
         try:
-            eval_src = pref.load_preference_source(args, "validation" if spec.lower() == "auto" else spec,
-                                                   flag="eval_split")
-        except UsageError:
-            if spec.lower() != "auto":
-                raise
+            model = AutoModelForSequenceClassification.from_pretrained(
+                run.source.base, num_labels=1, trust_remote_code=args.trust_remote_code, revision=args.revision,
+                dtype=run.precision.torch_dtype, quantization_config=quant, device_map=device_map_for(quant is not None))
+        except Exception as exc:
+            raise hub_error(args.model_id, exc) from None
+        model.config.pad_token_id = run.tokenizer.pad_token_id
+        return prepare_kbit_training(model, args.gradient_checkpointing) if quant is not None else model
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig
+    def attach(self, run: Run):
+        from peft import LoraConfig, get_peft_model
 
-    from common.model.loading import (count_parameters, keep_float32_trainables, load_tokenizer, shardable, device_map_for, hub_error)
-    from common.model.precision import get_quantization_config, select_precision
-    from common.model.adapters import resolve_target_modules, share_dropout
+        from common.model.adapters import resolve_target_modules, share_dropout
+        from common.model.loading import shardable
 
-    precision = select_precision(args)
-    tokenizer = load_tokenizer(source, args)
-    fmt = prompts.prompt_format(args, tokenizer, train_src.schema)
-    from rlhf.pref_formats import conversation_rendering
+        args = run.args
+        config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
+                            lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
+                            target_modules=resolve_target_modules(run.model, args.target_modules))
+        return share_dropout(shardable(get_peft_model(run.model, config)), args)
 
-    conversation_rendering(args, tokenizer, train_src, eval_src)
-    if args.rejected_source == "model" and train_src.kind == "qa":
-        raise UsageError("`--rejected_source model` needs a policy to generate answers; reward_model.py builds "
-                         "question-answer pairs with `--rejected_source other`, or takes prompt/chosen/rejected data.")
-    if eval_src is not None:
-        train_ds, stats = pref.preference_dataset(train_src, fmt, args.rejected_source, args.seed)
-        eval_ds, _ = pref.preference_dataset(eval_src, fmt, args.rejected_source, args.seed + 1)
-    else:  # no held-out split: keep 10% of the rows aside, reproducibly, before any pair is built
-        train_ds, stats, eval_ds = _split_then_pair(train_src, fmt, args)
-        log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
-    train_ds, eval_ds = _tokenize(train_ds, tokenizer), _tokenize(eval_ds, tokenizer)
+    def trainer(self, run: Run, callbacks: list):
+        return pooled_accuracy_trainer()(model=run.model, args=run.config, train_dataset=run.train_rows,
+                                         eval_dataset=run.eval_rows, processing_class=run.tokenizer,
+                                         callbacks=callbacks)
 
-    quant = get_quantization_config(args, precision)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source.base, num_labels=1, trust_remote_code=args.trust_remote_code, revision=args.revision,
-            dtype=precision.torch_dtype, quantization_config=quant, device_map=device_map_for(quant is not None))
-    except Exception as exc:
-        raise hub_error(args.model_id, exc) from None
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if quant is not None:
-        from common.model.loading import prepare_kbit_training
+    def final_metrics(self, run: Run, metrics: dict) -> None:
+        metrics.update(run.trainer.evaluate())
 
-        model = prepare_kbit_training(model, args.gradient_checkpointing)
-    config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
-                        target_modules=resolve_target_modules(model, args.target_modules))
-    model = share_dropout(shardable(get_peft_model(model, config)), args)
-    trainable, total = count_parameters(model)
-    log.info("reward model: %s trainable parameters of %s (LoRA + scalar head)", f"{trainable:,}", f"{total:,}")
+    def record(self, run: Run) -> dict:
+        return {"data": {"source": run.data[0].source, "pairs": self.stats, "heldout_pairs": len(run.eval_rows)}}
 
-    report_to = reporting.setup_reporting(args, out)
-    if args.overwrite_output_dir:
-        outputs.clear_previous_run(out)
-    kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=True)
-    kwargs["train_sampling_strategy"] = "random"
-    if args.eval_strategy == "no":
-        kwargs["eval_strategy"] = "no"
-    trainer = pooled_accuracy_trainer()(model=model, args=RewardConfig(**kwargs, max_length=args.max_seq_length,
-                                                          dataset_num_proc=args.dataset_num_proc),
-                            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                            callbacks=[recipe_callbacks.nan_guard_callback()])
-    keep_float32_trainables(trainer.model, precision)  # TRL's bf16 score head fails on float32 hidden states
-    metrics, wall = training.train_guarded(trainer, args, out)
-    metrics.update(trainer.evaluate())
-    extra = {"model": {"base": source.base, "precision": precision.mode, "quantized": quant is not None},
-             "data": {"source": train_src.source, "pairs": stats, "heldout_pairs": len(eval_ds)},
-             "parameters": {"trainable": trainable, "total": total}}
-    info = training.finish_run(trainer, tokenizer, args, out, "reward_model", metrics, wall, extra, report_to,
-                         more_summary={"heldout_accuracy": metrics.get("eval_accuracy")})
+    def more_summary(self, run: Run, metrics: dict) -> dict:
+        self.metrics = metrics
+        return {"heldout_accuracy": metrics.get("eval_accuracy")}
+
+
+def run_reward_model(args: ParsedArgs) -> dict:
+    steps = RewardSteps()
+    run, info = recipe.train(steps, args)
     log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0,
-             metrics.get("eval_pairs", len(eval_ds)))
+             steps.metrics.get("eval_pairs", len(run.eval_rows)))
     return info

@@ -15,6 +15,8 @@ from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, P
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError, format_flags
 from common.flags.checks import check_common, check_preference
+from common.recipe import pipeline as recipe
+from common.recipe.pipeline import Run, Steps
 
 log = logging.getLogger("finetune")
 
@@ -32,13 +34,13 @@ ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArgument
 _SPECIFIC = ("loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight")
 _USES = {"dpo": ("loss_type",), "orpo": (), "kto": ("desirable_weight", "undesirable_weight"),
          "simpo": ("simpo_gamma",)}
-_UNUSED = {kind: ("completion_only_loss", "packing", "padding_free", *(f for f in _SPECIFIC if f not in uses))
+UNUSED_FLAGS = {kind: ("completion_only_loss", "packing", "padding_free", *(f for f in _SPECIFIC if f not in uses))
            for kind, uses in _USES.items()}
 
 
 def make_parser(kind: str) -> FlagParser:
     script, title, defaults = KINDS[kind]
-    return FlagParser(ARG_GROUPS, prog=script, defaults=defaults, hidden=_UNUSED[kind],
+    return FlagParser(ARG_GROUPS, prog=script, defaults=defaults, hidden=UNUSED_FLAGS[kind],
                       description=f"{title} with LoRA on preference pairs (prompt/chosen/rejected) or on TriviaQA "
                                   f"turned into pairs. Accepts the SFT scripts' model, quantization, LoRA and "
                                   f"training flags.")
@@ -48,7 +50,7 @@ def parse(kind: str, argv: Optional[list[str]]) -> ParsedArgs:
     args = make_parser(kind).parse(argv)
     check_common(args)
     check_preference(args, kind)
-    ignored = sorted(n for n in args.explicit if n in _UNUSED[kind])
+    ignored = sorted(n for n in args.explicit if n in UNUSED_FLAGS[kind])
     if ignored:
         log.warning("%s ignores flags that do not apply to %s: %s.", args.script, KINDS[kind][1],
                     format_flags(ignored))
@@ -74,138 +76,134 @@ def main(kind: str, argv: Optional[list[str]] = None) -> int:
     return run_cli(KINDS[kind][0], lambda: train(kind, argv))
 
 
-def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
-    from common.data import prompts
-    from common.recipe import callbacks as recipe_callbacks
-    from common.recipe import config as trainer_config
-    from common.recipe import outputs
-    from common.recipe import reporting
-    from common.recipe import training
-    from common.model.source import inherit_from_adapter, resolve_model
-    from rlhf import preference as pref
+class PreferenceSteps(Steps):
+    """DPO, ORPO, KTO and SimPO: preference pairs (or question-answer rows turned into pairs, or
+    KTO's unpaired feedback) and TRL's trainer for each."""
 
-    script, title, _ = KINDS[kind]
-    # Checks that need no model
-    out = outputs.prepare_output_dir(args, default=f"outputs/{kind}")
-    source = resolve_model(args.model_id)
-    inherit_from_adapter(args, source)
-    train_src = pref.load_preference_source(args, args.dataset_split)
-    eval_src = None
-    if args.eval_strategy != "no":
-        spec = args.eval_split
-        if spec.lower() == "auto":
-            spec = "validation"
-        eval_src = pref.load_preference_source(args, spec, flag="eval_split")
+    drop_adapters = ("ref",)
 
-    # Model & tokenizer
-    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
-    from common.model.precision import select_precision
-    from common.model.adapters import attach_adapter
+    def __init__(self, kind: str):
+        self.name = kind
+        self.title = KINDS[kind][1]
+        self.labelled_positions_only = kind in ("dpo", "kto")  # ORPO and SimPO keep full logits
+        self.stats = None
 
-    precision = select_precision(args)
-    tokenizer = load_tokenizer(source, args)
-    fmt = prompts.prompt_format(args, tokenizer, train_src.schema)
-    from rlhf.pref_formats import conversation_rendering
+    def load_data(self, run: Run) -> None:
+        from rlhf import preference as pref
 
-    conversation_rendering(args, tokenizer, train_src, eval_src)
-    model = load_model(source, args, precision, training=True)
-    technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
-    from transformers import set_seed
+        run.data = pref.load_preference_data(run.args, need_eval=run.args.eval_strategy != "no", required=True)
 
-    set_seed(args.seed)  # the new adapter's initial weights follow --seed
-    model = attach_adapter(technique, args, model, source)
-    if kind in ("dpo", "kto"):  # policy and reference agree at step 0: TRL's disable_dropout (on) covers
-        from rlhf.policy_model import disable_dropout  # nn.Dropout only, not OPT-style F.dropout layers
+    def schema(self, run: Run) -> str:
+        return run.data[0].schema
 
-        disable_dropout(model)
-    trainable, total = count_parameters(model)
-    log.info("%s (%s): %s trainable parameters of %s (%.4f%%)", title, technique, f"{trainable:,}", f"{total:,}",
-             100 * trainable / max(total, 1))
+    def prepare(self, run: Run) -> None:
+        from rlhf.pref_formats import conversation_rendering
 
-    # Dataset: pairs (rejected answers from the starting model, before any training, if asked)
-    from rlhf.pref_formats import plain_if_no_template
+        conversation_rendering(run.args, run.tokenizer, *run.data)
 
-    def pairs_of(src):
+    def has_eval(self, run: Run) -> bool:
+        return run.data[1] is not None
+
+    def config(self, run: Run, kwargs: dict):
+        args, kind = run.args, self.name
+        # Pairs carry no `input_ids` column to group by; their lengths vary little for QA anyway.
+        kwargs["train_sampling_strategy"] = "random"
+        shared = dict(beta=args.beta, max_length=args.max_seq_length, dataset_num_proc=args.dataset_num_proc,
+                      trust_remote_code=args.trust_remote_code)
+        if kind == "dpo":
+            from trl import DPOConfig
+
+            return DPOConfig(**kwargs, **shared,
+                             loss_type=[x.strip() for x in args.loss_type.split(",") if x.strip()])
+        if kind == "kto":
+            from trl import KTOConfig
+
+            # KTO's KL term pairs each example with its neighbours in a fixed order: shuffled once, by --seed.
+            kwargs["train_sampling_strategy"] = "sequential"
+            return KTOConfig(**kwargs, **shared, desirable_weight=args.desirable_weight,
+                             undesirable_weight=args.undesirable_weight)
+        completion = args.max_seq_length - (args.max_prompt_length or 0) or None
+        if kind == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config
+
+            extra = {"remove_unused_columns": False}  # its pair collator needs every column
+        else:  # SimPO is CPO's trainer with the SimPO loss and no behaviour-cloning term
+            from trl.experimental.cpo import CPOConfig as Config
+
+            extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma,
+                     "remove_unused_columns": False}
+        return Config(**kwargs, **shared, max_completion_length=completion, **extra)
+
+    def after_model(self, run: Run) -> None:
+        if self.name in ("dpo", "kto"):  # policy and reference agree at step 0: TRL's disable_dropout (on) covers
+            from rlhf.policy_model import disable_dropout  # nn.Dropout only, not OPT-style F.dropout layers
+
+            disable_dropout(run.model)
+        train_src, eval_src = run.data
+        run.train_rows, self.stats = self.pairs_of(run, train_src)
+        run.eval_rows = self.pairs_of(run, eval_src)[0] if eval_src is not None else None
+        if self.name == "kto":
+            from rlhf import preference as pref
+
+            run.train_rows = run.train_rows.shuffle(seed=run.args.seed)
+            pref.balance_kto(run.args, pref.kto_counts(run.train_rows["label"]))
+            pref.quiet_trl_balance_warning()
+            run.config.desirable_weight = run.args.desirable_weight  # as rebalanced
+            run.config.undesirable_weight = run.args.undesirable_weight
+
+    def pairs_of(self, run: Run, src):
+        from rlhf import preference as pref
+        from rlhf.pref_formats import plain_if_no_template
+
+        args, kind, tokenizer = run.args, self.name, run.tokenizer
         if src.kind == "unpaired":
             if kind != "kto":
                 raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
                                  f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
             ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer)
             return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
-        ds, stats = pref.preference_dataset(src, fmt, args.rejected_source, args.seed, model=model,
+        ds, stats = pref.preference_dataset(src, run.fmt, args.rejected_source, args.seed, model=run.model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
         if kind == "kto":  # each pair becomes one desirable and one undesirable example
             ds = pref.unpaired_dataset(src, ds)
         ds = plain_if_no_template(ds, tokenizer)
         return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
 
-    train_ds, stats = pairs_of(train_src)
-    eval_ds = pairs_of(eval_src)[0] if eval_src is not None else None
+    def trainer(self, run: Run, callbacks: list):
+        if self.name == "dpo":
+            from trl import DPOTrainer as trainer_cls
+        elif self.name == "kto":
+            from trl import KTOTrainer as trainer_cls
+        else:
+            from rlhf.pair_tokens import aligned
 
-    # Training
-    report_to = reporting.setup_reporting(args, out)
-    if args.overwrite_output_dir:
-        outputs.clear_previous_run(out)
-    common_kwargs = trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None)
-    # Pairs carry no `input_ids` column to group by; their lengths vary little for QA anyway.
-    common_kwargs["train_sampling_strategy"] = "random"
-    if kind == "dpo":
-        from trl import DPOConfig, DPOTrainer
+            if self.name == "orpo":
+                from trl.experimental.orpo import ORPOTrainer as base
+            else:
+                from trl.experimental.cpo import CPOTrainer as base
+            trainer_cls = aligned(base)  # the token ids SFT, DPO and KTO train on
+        trainer = trainer_cls(model=run.model, args=run.config, train_dataset=run.train_rows,
+                              eval_dataset=run.eval_rows, processing_class=run.tokenizer, callbacks=callbacks)
+        if self.name == "kto":
+            from rlhf import preference as pref
 
-        config = DPOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
-                           loss_type=[x.strip() for x in args.loss_type.split(",") if x.strip()],
-                           dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
-        trainer_cls = DPOTrainer
-    elif kind == "kto":
-        from trl import KTOConfig, KTOTrainer
+            counts = pref.kto_counts(trainer.train_dataset["label"])
+            log.info("KTO: %d desirable and %d undesirable examples (weights %g and %g).", counts["desirable"],
+                     counts["undesirable"], run.args.desirable_weight, run.args.undesirable_weight)
+        return trainer
 
-        # KTO's KL term pairs each example with its neighbours in a fixed order: shuffle once, by --seed.
-        common_kwargs["train_sampling_strategy"] = "sequential"
-        train_ds = train_ds.shuffle(seed=args.seed)
-        pref.balance_kto(args, pref.kto_counts(train_ds["label"]))
-        pref.quiet_trl_balance_warning()
-        config = KTOConfig(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
-                           desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-                           dataset_num_proc=args.dataset_num_proc, trust_remote_code=args.trust_remote_code)
-        trainer_cls = KTOTrainer
-    else:
-        completion = args.max_seq_length - (args.max_prompt_length or 0) or None
-        if kind == "orpo":
-            from trl.experimental.orpo import ORPOConfig as Config
-            from trl.experimental.orpo import ORPOTrainer as trainer_cls
+    def record(self, run: Run) -> dict:
+        from rlhf import preference as pref
 
-            extra_config = {"remove_unused_columns": False}  # its pair collator needs every column
-        else:  # SimPO is CPO's trainer with the SimPO loss and no behaviour-cloning term
-            from trl.experimental.cpo import CPOConfig as Config
-            from trl.experimental.cpo import CPOTrainer as trainer_cls
+        train_src = run.data[0]
+        data = {"source": train_src.source, "schema": train_src.schema, "pairs": self.stats}
+        if self.name == "kto":  # what was trained: each pair gave one desirable and one undesirable example
+            data["examples"] = pref.kto_counts(run.trainer.train_dataset["label"])
+        return {"data": {**data, "rejected_source": run.args.rejected_source if train_src.kind == "qa" else None,
+                         "chat_template": run.fmt.use_chat}}
 
-            extra_config = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": args.simpo_gamma,
-                            "remove_unused_columns": False}
-        from rlhf.pair_tokens import aligned
 
-        trainer_cls = aligned(trainer_cls)  # the token ids SFT, DPO and KTO train on
-        config = Config(**common_kwargs, beta=args.beta, max_length=args.max_seq_length,
-                        max_completion_length=completion, dataset_num_proc=args.dataset_num_proc,
-                        trust_remote_code=args.trust_remote_code, **extra_config)
-    trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, callbacks=[recipe_callbacks.nan_guard_callback()])
-    keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
-    from common.model import loss
-
-    loss.install(trainer)  # DPO, KTO: the LM head only at completion positions (ORPO, SimPO keep full logits)
-    data = {"source": train_src.source, "schema": train_src.schema, "pairs": stats}
-    if kind == "kto":  # what was trained: each pair gave one desirable and one undesirable example
-        data["examples"] = pref.kto_counts(trainer.train_dataset["label"])
-        log.info("KTO: %d desirable and %d undesirable examples (weights %g and %g).", data["examples"]["desirable"],
-                 data["examples"]["undesirable"], args.desirable_weight, args.undesirable_weight)
-    metrics, wall = training.train_guarded(trainer, args, out, kind)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
-                       "quantized": is_quantized(model)},
-             "data": {**data,
-                      "rejected_source": args.rejected_source if train_src.kind == "qa" else None,
-                      "chat_template": fmt.use_chat},
-             "parameters": {"trainable": trainable, "total": total}}
-    info = training.finish_run(trainer, tokenizer, args, out, kind, metrics, wall, extra, report_to, drop_adapters=("ref",))
-    return PreferenceResult(kind=kind, output_dir=out, summary=info, pairs=stats, trainer=trainer)
+def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
+    steps = PreferenceSteps(kind)
+    run, info = recipe.train(steps, args)
+    return PreferenceResult(kind=kind, output_dir=run.out, summary=info, pairs=steps.stats, trainer=run.trainer)

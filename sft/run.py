@@ -13,6 +13,8 @@ from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError, format_flags
 from common.flags.checks import check_common, check_sft
 from common.model.adapters import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
+from common.recipe import pipeline as recipe
+from common.recipe.pipeline import Run, Steps
 
 log = logging.getLogger("finetune")
 
@@ -43,7 +45,7 @@ TECHNIQUES = {
                                _DIM_FLAGS + ("prompt_tuning_init", "prompt_tuning_init_text")),
 }
 
-_TECHNIQUE_GROUPS = _LORA_FLAGS + tuple(f.name for f in dataclasses.fields(PromptLearningArguments)
+TECHNIQUE_FLAGS = _LORA_FLAGS + tuple(f.name for f in dataclasses.fields(PromptLearningArguments)
                                         if f.name not in ("peft_type", "task_type"))
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PromptLearningArguments,
@@ -53,7 +55,7 @@ ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArgument
 def make_parser(technique: str) -> FlagParser:
     t = TECHNIQUES[technique]
     # Other techniques' flags are accepted (and warned about), not listed.
-    hidden = [n for n in _TECHNIQUE_GROUPS if n not in t.flags]
+    hidden = [n for n in TECHNIQUE_FLAGS if n not in t.flags]
     if technique in LORA_FAMILY:
         hidden += ["peft_type", "task_type"]
     return FlagParser(ARG_GROUPS, prog=t.script, defaults=t.defaults, hidden=tuple(hidden),
@@ -88,7 +90,7 @@ def effective_technique(technique: str, args: ParsedArgs) -> str:
 
 def warn_ignored(technique: str, args: ParsedArgs) -> None:
     applies = set(TECHNIQUES[technique].flags)
-    ignored = sorted(n for n in args.explicit if n in _TECHNIQUE_GROUPS and n not in applies)
+    ignored = sorted(n for n in args.explicit if n in TECHNIQUE_FLAGS and n not in applies)
     if ignored:
         log.warning("%s ignores flags that do not apply to %s: %s.", args.script,
                     TECHNIQUES[technique].title, format_flags(ignored))
@@ -130,99 +132,89 @@ class SFTResult:
     trainer: object  # the trained model is `trainer.model`
 
 
+class SFTSteps(Steps):
+    """Supervised fine-tuning: question-answer rows become prompt/completion pairs (or chat
+    messages), conversation and text rows are tokenised and masked here; TRL's SFTTrainer."""
+
+    def __init__(self, technique: str):
+        self.name = self.adapter = technique
+        self.title = TECHNIQUES[technique].title
+        self.em = None
+
+    def load_data(self, run: Run) -> None:
+        from common.data import chat
+
+        args = run.args
+        run.data = chat.load_sft_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
+        if self.own_format(run) and args.eval_em_samples:
+            raise UsageError(f"`--eval_em_samples` scores answers to questions; {run.data.source} is "
+                             f"{run.data.schema} data. Leave it at 0 (held-out loss is reported with `--eval_strategy`).")
+        log.info("data: %d training rows from %s (schema: %s)%s", len(run.data.train), run.data.source,
+                 run.data.schema, f", {len(run.data.eval)} held-out rows" if run.data.eval is not None else "")
+
+    @staticmethod
+    def own_format(run: Run) -> bool:
+        from common.data import chat
+
+        return run.data.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.data.chat
+
+    def prepare(self, run: Run) -> None:
+        from common.data import chat, prompts
+
+        args, data = run.args, run.data
+        self.num_proc = prompts.auto_num_proc(args.dataset_num_proc, len(data.train))
+        if self.own_format(run):
+            to_sft = chat.sft_dataset_builder(args, run.tokenizer)
+            run.fmt.use_chat = chat.has_template(run.tokenizer)
+        else:
+            to_sft = lambda ds, n: prompts.to_sft_dataset(ds, run.fmt, n)  # noqa: E731
+        run.train_rows = to_sft(data.train, self.num_proc)
+        if data.eval is not None and args.eval_strategy != "no":
+            run.eval_rows = to_sft(data.eval, args.dataset_num_proc)
+
+    def config(self, run: Run, kwargs: dict):
+        from trl import SFTConfig
+
+        args = run.args
+        return SFTConfig(**kwargs, max_length=args.max_seq_length, completion_only_loss=args.completion_only_loss,
+                         packing=args.packing, padding_free=args.padding_free, dataset_num_proc=self.num_proc,
+                         include_num_input_tokens_seen="non_padding", trust_remote_code=args.trust_remote_code)
+
+    def adapter_kind(self, run: Run) -> str:
+        return self.adapter
+
+    def trainer(self, run: Run, callbacks: list):
+        from trl import SFTTrainer
+
+        from common.recipe.callbacks import exact_match_callback
+
+        args = run.args
+        if args.eval_em_samples:
+            rows = run.data.eval.select(range(min(args.eval_em_samples, len(run.data.eval))))
+            self.em = exact_match_callback(rows, run.fmt, run.tokenizer, args.per_device_eval_batch_size)
+            callbacks.append(self.em)
+        trainer = SFTTrainer(model=run.model, args=run.config, train_dataset=run.train_rows,
+                             eval_dataset=run.eval_rows, processing_class=run.tokenizer, callbacks=callbacks)
+        if self.em is not None:
+            self.em.trainer = trainer
+        return trainer
+
+    def final_metrics(self, run: Run, metrics: dict) -> None:
+        if run.eval_rows is not None:
+            metrics.update(run.trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
+        elif self.em is not None:
+            final = self.em.score(run.trainer.model)
+            run.trainer.log(final)
+            metrics.update(final)
+
+    def record(self, run: Run) -> dict:
+        data = run.data
+        return {"data": {"source": data.source, "schema": data.schema, "train_rows": len(data.train),
+                         "eval_rows": len(data.eval) if data.eval is not None else 0,
+                         "chat_template": run.fmt.use_chat,
+                         **({"assistant_turns": run.args.assistant_turns} if self.own_format(run) else {})}}
+
+
 def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
-    from common.data import chat
-    from common.data import prompts
-    from common.recipe import callbacks as recipe_callbacks
-    from common.recipe import config as trainer_config
-    from common.recipe import outputs
-    from common.recipe import reporting
-    from common.recipe import training
-    from common.model.source import inherit_from_adapter, resolve_model
-
-    # Checks that need no model: output dir, model path, data
-    out = outputs.prepare_output_dir(args, default=f"outputs/{technique}")
-    source = resolve_model(args.model_id)
-    inherit_from_adapter(args, source)
-    dataset = chat.load_sft_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
-    own_format = dataset.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.data.chat
-    if own_format and args.eval_em_samples:
-        raise UsageError(f"`--eval_em_samples` scores answers to questions; {dataset.source} is {dataset.schema} "
-                         f"data. Leave it at 0 (held-out loss is reported with `--eval_strategy`).")
-    log.info("data: %d training rows from %s (schema: %s)%s", len(dataset.train), dataset.source, dataset.schema,
-             f", {len(dataset.eval)} held-out rows" if dataset.eval is not None else "")
-
-    # Model & tokenizer
-    from common.model.loading import (count_parameters, is_quantized, keep_float32_trainables, load_model, load_tokenizer)
-    from common.model.precision import select_precision
-    from common.model.adapters import attach_adapter
-
-    precision = select_precision(args)
-    tokenizer = load_tokenizer(source, args)
-    fmt = prompts.prompt_format(args, tokenizer, dataset.schema)
-    num_proc = prompts.auto_num_proc(args.dataset_num_proc, len(dataset.train))
-    if own_format:
-        to_sft = chat.sft_dataset_builder(args, tokenizer)
-        fmt.use_chat = chat.has_template(tokenizer)
-    else:
-        to_sft = lambda ds, n: prompts.to_sft_dataset(ds, fmt, n)  # noqa: E731
-    train_ds = to_sft(dataset.train, num_proc)
-    eval_ds = None
-    if dataset.eval is not None and args.eval_strategy != "no":
-        eval_ds = to_sft(dataset.eval, args.dataset_num_proc)
-    model = load_model(source, args, precision, training=True)
-    from transformers import set_seed
-
-    set_seed(args.seed)  # the new adapter's initial weights follow --seed
-    model = attach_adapter(technique, args, model, source)
-    trainable, total = count_parameters(model)
-    log.info("%s: %s trainable parameters of %s (%.4f%%)", TECHNIQUES[technique].title, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / max(total, 1))
-
-    # Training
-    from trl import SFTConfig, SFTTrainer
-
-    report_to = reporting.setup_reporting(args, out)
-    if args.overwrite_output_dir:
-        outputs.clear_previous_run(out)
-    config = SFTConfig(
-        **trainer_config.trainer_kwargs(args, out, precision.mode, report_to, has_eval=eval_ds is not None),
-        max_length=args.max_seq_length,
-        completion_only_loss=args.completion_only_loss,
-        packing=args.packing,
-        padding_free=args.padding_free,
-        dataset_num_proc=num_proc,
-        include_num_input_tokens_seen="non_padding",
-        trust_remote_code=args.trust_remote_code,
-    )
-    callbacks = [recipe_callbacks.nan_guard_callback()]
-    em = None
-    if args.eval_em_samples:
-        em_rows = dataset.eval.select(range(min(args.eval_em_samples, len(dataset.eval))))
-        em = recipe_callbacks.exact_match_callback(em_rows, fmt, tokenizer, args.per_device_eval_batch_size)
-        callbacks.append(em)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds,
-                         eval_dataset=eval_ds if args.eval_strategy != "no" else None,
-                         processing_class=tokenizer, callbacks=callbacks)
-    if em is not None:
-        em.trainer = trainer
-    from common.model import loss
-
-    loss.install(trainer)  # the LM head and cross-entropy only at labelled positions
-    keep_float32_trainables(trainer.model, precision)  # TRL stores QLoRA adapters in bf16
-    metrics, wall = training.train_guarded(trainer, args, out, technique)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())  # also scores EM/F1 when --eval_em_samples is set
-    elif em is not None:
-        final = em.score(trainer.model)
-        trainer.log(final)
-        metrics.update(final)
-    extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
-                       "quantized": is_quantized(model)},
-             "data": {"source": dataset.source, "schema": dataset.schema, "train_rows": len(dataset.train),
-                      "eval_rows": len(dataset.eval) if dataset.eval is not None else 0,
-                      "chat_template": fmt.use_chat,
-                      **({"assistant_turns": args.assistant_turns} if own_format else {})},
-             "parameters": {"trainable": trainable, "total": total}}
-    info = training.finish_run(trainer, tokenizer, args, out, technique, metrics, wall, extra, report_to)
-    return SFTResult(technique=technique, output_dir=out, summary=info, trainer=trainer)
+    run, info = recipe.train(SFTSteps(technique), args)
+    return SFTResult(technique=technique, output_dir=run.out, summary=info, trainer=run.trainer)

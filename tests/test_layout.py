@@ -96,12 +96,32 @@ def test_no_import_circle_between_modules():
     assert _cycles(_graph()) == []
 
 
+def _module_aliases(path: Path) -> dict[str, str]:
+    """Local names bound to project modules: `from rlhf import ppo`, `import common.model.loss as loss`."""
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in MODULES:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in MODULES and a.asname:
+                    aliases[a.asname] = a.name
+    return aliases
+
+
 def test_no_module_imports_another_modules_private_names():
     crossing = []
     for name, path in MODULES.items():
         for module, names, line in _imports(name, path):
             crossing += [f"{path.relative_to(ROOT)}:{line}: {module}.{n}" for n in names
                          if n.startswith("_") and module != name]
+        aliases = _module_aliases(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                crossing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     assert crossing == []
 
 

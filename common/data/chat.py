@@ -210,26 +210,14 @@ def load_sft_data(args, need_eval: bool):
                 raise UsageError(f"`--dataset_format {forced}`: {source} has the columns of "
                                  f"{qa.detect_schema(train, source)!r}, not of {forced!r}.")
         return qa.load_qa_data(args, need_eval, loaded=(splits, source))
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if len(train) == 0:
-        raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
+    train = sources.take_rows(splits, args.dataset_split, source, "dataset_split", args.max_train_samples)
     train = normalise(train, fmt, source, prompts.auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
-    spec = args.eval_split
-    if spec.lower() == "auto":
-        spec = "validation" if ("validation" in splits and need_eval) else "none"
-    if need_eval and spec.lower() != "none":
-        eval_ds = sources.select_split(splits, spec, source, "eval_split")
-        if args.max_eval_samples:
-            eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
-        if len(eval_ds) == 0:
-            raise UsageError(f"`--eval_split {spec}` of {source} is empty.")
+    spec = sources.heldout_spec(args, splits, source, required=True) if need_eval else None
+    if spec is not None:
+        eval_ds = sources.take_rows(splits, spec, source, "eval_split", args.max_eval_samples)
         eval_ds = normalise(eval_ds, resolve_format(eval_ds, fmt, source, "eval_split"), source,
                             args.dataset_num_proc)
-    elif need_eval:
-        raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
-                         f"set `--eval_split` (e.g. `train[-20:]`).")
     return qa.QAData(train=train, eval=eval_ds, schema=fmt, source=source)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from common.data.prompts import auto_num_proc
 from common.data import sources
-from common.data.sources import parse_split, select_split
+from common.data.sources import heldout_spec, parse_split, take_rows
 from common.flags.errors import UsageError
 
 SCHEMAS = {
@@ -251,29 +251,15 @@ def load_qa_data(args, need_eval: bool, loaded: Optional[tuple] = None) -> QADat
     """Loads, slices and normalises the train split and, where asked, the held-out split. `loaded`:
     (splits, source) from a `load_splits` call already made (one hub check, one load)."""
     splits, source = loaded or sources.load_splits(args.dataset_name, args.dataset_config)
-    train = select_split(splits, args.dataset_split, source, "dataset_split")
+    train = take_rows(splits, args.dataset_split, source, "dataset_split", args.max_train_samples)
     schema = detect_schema(train, source)
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if len(train) == 0:
-        raise UsageError(f"`--dataset_split {args.dataset_split}` of {source} is empty; widen the slice.")
     require_answers(train, schema, source, "dataset_split", args.dataset_split, splits)
     train = normalise(train, schema, source, auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
-    spec = args.eval_split
-    if spec.lower() == "auto":
-        spec = "validation" if ("validation" in splits and need_eval) else "none"
-    if need_eval and spec.lower() != "none":
-        eval_ds = select_split(splits, spec, source, "eval_split")
-        if args.max_eval_samples:
-            eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
-        if len(eval_ds) == 0:
-            raise UsageError(f"`--eval_split {spec}` of {source} is empty.")
+    spec = heldout_spec(args, splits, source, required=True) if need_eval else None
+    if spec is not None:
+        eval_ds = take_rows(splits, spec, source, "eval_split", args.max_eval_samples)
         eval_schema = detect_schema(eval_ds, source)
         require_answers(eval_ds, eval_schema, source, "eval_split", spec, splits)
         eval_ds = normalise(eval_ds, eval_schema, source, args.dataset_num_proc)
-    elif need_eval:
-        raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
-                         f"set `--eval_split` (e.g. `train[-200:]`).")
     return QAData(train=train, eval=eval_ds, schema=schema, source=source)
-

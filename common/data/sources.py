@@ -59,6 +59,31 @@ def select_split(splits: dict, spec: str, source: str, flag: str):
     return ds
 
 
+def take_rows(splits: dict, spec: str, source: str, flag: str, limit: Optional[int] = None):
+    """The rows of `--dataset_split` or `--eval_split`: sliced, cut to --max_*_samples, never empty."""
+    ds = select_split(splits, spec, source, flag)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise UsageError(f"`--{flag} {spec}` of {source} is empty; widen the slice.")
+    return ds
+
+
+def heldout_spec(args, splits: dict, source: str, required: bool) -> Optional[str]:
+    """The one rule for `--eval_split`, for every kind of data and every script: a split name or
+    slice; `none`; or `auto`, `validation` where the data has one and none otherwise. A run that
+    needs held-out data (`required`) and finds none stops here."""
+    spec = args.eval_split.strip()
+    if spec.lower() == "auto":
+        spec = "validation" if "validation" in splits else "none"
+    if spec.lower() != "none":
+        return spec
+    if required:
+        raise UsageError(f"`--eval_strategy` needs held-out data but {source} has no `validation` split; "
+                         f"set `--eval_split` (e.g. `train[-200:]`).")
+    return None
+
+
 
 # Loading -------------------------------------------------------------------------------------
 
