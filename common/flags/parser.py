@@ -1,19 +1,23 @@
-"""The flag parser: the dataclasses of a script as one argparse parser with YAML configs."""
+"""The flag parser is TRL's `TrlParser` (an HfArgumentParser); it lacks, and we add: one-line errors with "did you
+mean", lenient values (yes/no/1/0, none/null, any-case choices), per-script defaults, hidden flags, help with each
+default once, a checked `--config` YAML, and the record of which flags the user set."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from common.flags.errors import UsageError
 
-# Parsing -------------------------------------------------------------------------------------
+# Values --------------------------------------------------------------------------------------
 
 _TRUE = {"true", "1", "yes", "y", "t", "on"}
 
@@ -35,7 +39,7 @@ def str_to_bool(value: Any) -> bool:
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0], True
     return tp, False
@@ -53,7 +57,36 @@ def _none_or(convert):
 
 
 
-# --help: group titles, and defaults that are not field values (None means "computed at run time").
+def _choice(choices: tuple):
+    lookup = {str(c).lower(): c for c in choices}
+
+    def choice(value: str):
+        key = str(value).strip().lower()
+        if key not in lookup:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(choices)})")
+        return lookup[key]
+
+    return choice
+
+
+
+def _value_kwargs(hint: Any) -> dict[str, Any]:
+    """The library's converters are stricter than ours: bools take no on/off (and an Optional bool no bare
+    `--flag` or `none`), an Optional str takes no `none`, and choices are case-sensitive."""
+    base, optional = _unwrap_optional(hint)
+    if base is bool:
+        return {"type": _none_or(str_to_bool) if optional else str_to_bool, "nargs": "?", "const": True,
+                "metavar": "{True,False}"}
+    if typing.get_origin(base) is Literal:
+        return {"type": _choice(typing.get_args(base))}  # the library's `choices` give the metavar
+    if typing.get_origin(base) is list:
+        return {}  # the library's `nargs="+"` of the item type: `--runs a b c`
+    return {"type": _none_or(base) if optional else base, "metavar": _METAVARS.get(base)}
+
+
+
+# --help ------------------------------------------------------------------------------------------
+
 GROUP_TITLES = {
     "ModelArguments": "model & tokenizer", "QuantizationArguments": "quantization (bitsandbytes)",
     "DataArguments": "data & prompt format", "LoraArguments": "LoRA / DoRA",
@@ -62,6 +95,7 @@ GROUP_TITLES = {
     "GRPOArguments": "GRPO",
 }
 
+# Defaults that are not field values (None means "computed at run time").
 _OUTPUT_DEFAULTS = {"evaluate.py": "outputs/eval", "merge.py": None}
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -88,11 +122,33 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing usage and exiting."""
+# The library parser ------------------------------------------------------------------------------
 
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(message)
+@functools.cache
+def _library_parser():
+    # Imported when a parser is built, not by the modules that only read ParsedArgs. TrlParser, not
+    # transformers' HfArgumentParser: TRL ships a copy of it because `import transformers` takes seconds.
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        """TrlParser whose every dataclass flag goes through `add_argument` below, and whose errors raise."""
+
+        def __init__(self, flags: FlagParser, **kwargs):
+            self.flags = flags  # read by add_argument while the library adds the fields
+            super().__init__(flags.types, **kwargs)
+
+        def add_argument(self, *option_strings, **kwargs):
+            name = kwargs.get("dest") or option_strings[0][2:]
+            if name not in self.flags.fields:  # -h, --config
+                return super().add_argument(*option_strings, **kwargs)
+            if kwargs.get("action") == "store_false":
+                return None  # the library's `--no_flag` for a flag that defaults to True: `--flag False` says it
+            return self.flags.add_field(self, name, kwargs)
+
+        def error(self, message: str):  # noqa: D401 - argparse API: one line, no usage and exit
+            raise UsageError(message)
+
+    return Parser
 
 
 
@@ -129,67 +185,57 @@ class ParsedArgs:
 
 
 class FlagParser:
-    """Builds one argparse parser from several dataclasses.
-
-    Adds what plain argparse lacks for this use: `--config run.yaml` (command line wins),
-    "did you mean" on misspelled flags, flag aliases, booleans as `True/False/1/0` (or bare
-    `--flag`), and a record of which flags were given explicitly.
-    """
+    """The dataclasses of one script as one TrlParser, with our additions (see the module's first lines)."""
 
     def __init__(self, dataclass_types: list[type], prog: str, description: str = "",
                  defaults: Optional[dict[str, Any]] = None, hidden: tuple = ()):
         """`defaults` override field defaults for this script; `hidden` flags are accepted (scripts warn
         that they are ignored) but left out of `--help`, which lists the script's own flags only."""
-        self.types = dataclass_types
+        self.types = list(dataclass_types)
         self.prog = prog
         self.overrides = dict(defaults or {})
         self.hidden = set(hidden)
-        self.parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                              usage=f"python {prog} [--flag VALUE ...] [--config run.yaml]",
-                              formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32, width=100))
-        self.parser.add_argument("--config", default=None, metavar="FILE",
-                                 help="YAML file of flag: value pairs; command-line flags override it.")
+        self.fields: dict[str, tuple[type, dataclasses.Field, Any]] = {}  # name -> (dataclass, field, type hint)
         self.names: dict[str, str] = {}  # every accepted spelling -> field name
-        for dc in dataclass_types:
-            group = self.parser.add_argument_group(GROUP_TITLES.get(dc.__name__, dc.__name__))
+        self.groups: dict[type, Any] = {}  # dataclass -> its --help group
+        self.actions: dict[str, argparse.Action] = {}  # field name -> its argparse action
+        for dc in self.types:
             hints = typing.get_type_hints(dc)
             for f in dataclasses.fields(dc):
-                self._add(group, f, hints[f.name])
+                self.fields[f.name] = (dc, f, hints[f.name])
+                for spelling in (f.name, *f.metadata.get("aliases", ())):
+                    self.names[spelling.lstrip("-")] = f.name
+        self.parser = _library_parser()(
+            self, prog=prog, description=description, allow_abbrev=False,
+            usage=f"python {prog} [--flag VALUE ...] [--config run.yaml]",
+            formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32, width=100))
+        if set(self.actions) != set(self.fields):
+            raise RuntimeError("TrlParser no longer adds each dataclass field through `add_argument`; "
+                               "common/flags/parser.py must follow the installed trl.")
+        self.parser.add_argument("--config", default=None, metavar="FILE",
+                                 help="YAML file of flag: value pairs; command-line flags override it.")
 
-    def _add(self, group, f: dataclasses.Field, tp: Any) -> None:
-        base, optional = _unwrap_optional(tp)
-        default = self.overrides.get(f.name, f.default)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f.metadata.get("help", "").replace("%", "%%")}
-        if f.name == "output_dir" and default is None:  # computed by the script; shown as it will be
+    def add_field(self, parser, name: str, kwargs: dict[str, Any]) -> argparse.Action:
+        """One field as the library would add it, with our spellings, converters, default, help and group
+        (GROUP_TITLES: a dataclass's `_argument_group_name` would make the library add past `add_argument`)."""
+        owner, f, hint = self.fields[name]
+        if owner not in self.groups:
+            self.groups[owner] = parser.add_argument_group(GROUP_TITLES.get(owner.__name__, owner.__name__))
+        kwargs.pop("secret", None)  # ours (ParsedArgs.secret_fields), not an argparse keyword
+        kwargs.update(_value_kwargs(hint))
+        if f.name in self.overrides:
+            kwargs["default"] = self.overrides[f.name]
+        kwargs["help"] = kwargs.get("help", "").replace("%", "%%")
+        if f.name == "output_dir" and kwargs.get("default") is None:  # computed by the script; shown as it will be
             shown = _OUTPUT_DEFAULTS.get(self.prog, f"outputs/{os.path.splitext(os.path.basename(self.prog))[0]}")
             if shown:
                 kwargs["help"] += f" (default: {shown})"
         if f.name in self.hidden:
             kwargs["help"] = argparse.SUPPRESS
-        if base is bool:
-            kwargs.update(type=_none_or(str_to_bool) if optional else str_to_bool, nargs="?", const=True,
-                          metavar="{True,False}")
-        elif typing.get_origin(base) is Literal:
-            choices = typing.get_args(base)
-            lookup = {str(c).lower(): c for c in choices}
-
-            def convert(value: str, lookup=lookup, choices=choices):
-                key = str(value).strip().lower()
-                if key not in lookup:
-                    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(choices)})")
-                return lookup[key]
-
-            convert.__name__ = "choice"
-            kwargs.update(type=convert, metavar="{" + ",".join(choices) + "}")
-        elif typing.get_origin(base) is list:  # `--runs a b c`
-            kwargs.update(type=typing.get_args(base)[0], nargs="+")
-        else:
-            kwargs.update(type=_none_or(base) if optional else base, metavar=_METAVARS.get(base))
-        spellings = [f.name, *f.metadata.get("aliases", ())]
-        for s in spellings:
-            self.names[s] = f.name
-        group.add_argument(*[f"--{s}" for s in spellings], **kwargs)
+        # Only the declared spellings: the library would also take `--model-id` for `--model_id`.
+        spellings = [f"--{s.lstrip('-')}" for s in (f.name, *f.metadata.get("aliases", ()))]
+        self.actions[f.name] = self.groups[owner].add_argument(*spellings, dest=f.name, **kwargs)
+        return self.actions[f.name]
 
     # --
     def _suggest(self, flag: str) -> str:
@@ -198,6 +244,8 @@ class FlagParser:
         return f"; did you mean `--{match[0]}`?" if match else f"; see `{self.prog} --help`"
 
     def _load_config(self, path: str) -> dict[str, Any]:
+        """TrlParser's own `--config` takes a YAML without checking keys or values; ours names the line,
+        the unknown flag and the bad value."""
         if not os.path.isfile(path):
             raise UsageError(f"`--config`: file {path!r} not found.")
         import yaml
@@ -219,26 +267,29 @@ class FlagParser:
             out[key] = value
         return out
 
+    def _apply_config(self, path: str) -> dict[str, Any]:
+        """YAML values go through the same converters as command-line strings, then become defaults."""
+        config = self._load_config(path)
+        for key, value in config.items():
+            text = value if isinstance(value, str) else (
+                ",".join(map(str, value)) if isinstance(value, list) else str(value))
+            action = self.actions[self.names[key]]
+            try:
+                if action.nargs == "+":
+                    converted = [action.type(str(v)) for v in (value if isinstance(value, list) else [value])]
+                else:
+                    converted = action.type(text) if action.type else text
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise UsageError(f"`--config` {path}: `{key}`: {exc}") from None
+            self.parser.set_defaults_with_config(**{self.names[key]: converted})
+        return config
+
     def parse(self, argv: Optional[list[str]] = None) -> ParsedArgs:
         argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
         pre, _ = self.parser.parse_known_args(argv) if "--help" not in argv and "-h" not in argv else (None, None)
-        config: dict[str, Any] = {}
-        if pre is not None and pre.config:
-            config = self._load_config(pre.config)
-            # YAML values go through the same converters as command-line strings.
-            for key, value in config.items():
-                text = value if isinstance(value, str) else (
-                    ",".join(map(str, value)) if isinstance(value, list) else str(value))
-                action = next(a for a in self.parser._actions if f"--{key}" in a.option_strings)
-                try:
-                    if action.nargs == "+":
-                        converted = [action.type(str(v)) for v in (value if isinstance(value, list) else [value])]
-                    else:
-                        converted = action.type(text) if action.type else text
-                except (argparse.ArgumentTypeError, ValueError) as exc:
-                    raise UsageError(f"`--config` {pre.config}: `{key}`: {exc}") from None
-                self.parser.set_defaults(**{self.names[key]: converted})
-        ns, unknown = self.parser.parse_known_args(argv)
+        config = self._apply_config(pre.config) if pre is not None and pre.config else {}
+        *parsed, unknown = self.parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                                   look_for_args_file=False)
         if unknown:
             flag = next((u for u in unknown if u.startswith("-")), unknown[0])
             if flag.startswith("-"):
@@ -250,8 +301,5 @@ class FlagParser:
                 name = token[2:].split("=", 1)[0]
                 if name in self.names:
                     explicit.add(self.names[name])
-        groups = {}
-        for dc in self.types:
-            groups[dc] = dc(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(dc)})
+        groups = dict(zip(self.types, parsed))  # the library's dataclass instances, then a namespace (--config)
         return ParsedArgs(groups=groups, explicit=explicit, script=self.prog)
-
