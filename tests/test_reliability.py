@@ -3,11 +3,13 @@ resume, half-written checkpoints are skipped, a diverging loss stops the run, an
 kind ends in one line and exit code 2, never a traceback."""
 
 import json
+import logging
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.flags.errors import UsageError
+from common.recipe.lock import lock_output_dir, release_output_locks
 from common.recipe.outputs import is_complete_checkpoint, is_finished_run, last_complete_checkpoint, resolve_resume
 from tests.conftest import ROOT
 from tests.helpers import losses, run_script, write_jsonl
@@ -663,16 +666,23 @@ def test_save_total_limit_keeps_complete_checkpoints_and_drops_older_broken_ones
 
 # One run per output directory ----------------------------------------------------------------
 
-HOLD_LOCK = "import sys, time; from common.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); " \
+HOLD_LOCK = "import sys, time; from common.recipe.lock import lock_output_dir; lock_output_dir(sys.argv[1]); " \
             "print('locked', flush=True); time.sleep(120)"
+
+
+def _hold(out, host=None) -> subprocess.Popen:
+    """Another process holding `out`'s lock, named `host` when given (a run on another machine)."""
+    fake = f"import socket; socket.gethostname = lambda: {host!r}; " if host else ""
+    holder = subprocess.Popen([sys.executable, "-c", fake + HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
 
 
 def test_second_run_into_a_used_output_dir_exits_2_naming_the_holder(tiny_llama, tmp_path, capsys):
     out = tmp_path / "shared"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+    holder = _hold(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         argv = ["--model_id", tiny_llama, "--max_steps", "1", "--output_dir", out, *FAST]
         assert run_script("lora.py", argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -686,6 +696,59 @@ def test_second_run_into_a_used_output_dir_exits_2_naming_the_holder(tiny_llama,
     err = capsys.readouterr().err
     assert f"taking over the lock of process {holder.pid}" in err
     assert is_finished_run(out) and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("host", [None, "gpu-7"])
+def test_lock_held_by_another_process_refuses_naming_its_pid_and_other_host(tmp_path, host):
+    holder = _hold(tmp_path, host)
+    try:
+        with pytest.raises(UsageError, match=f"in use by another run \\(process {holder.pid}"
+                                             f"{' on ' + host if host else ''}\\)"):
+            lock_output_dir(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+        release_output_locks()
+    assert (tmp_path / ".lock").exists()  # the refused run left the holder's file alone
+
+
+@pytest.mark.parametrize("left", ["dead", "garbage", "empty"])
+def test_lock_file_no_process_holds_is_taken_over_saying_whose_it_was(tmp_path, caplog, left):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    content = {"dead": json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}), "garbage": "\x00{not",
+               "empty": ""}[left]
+    (tmp_path / ".lock").write_text(content)
+    logging.getLogger("finetune").addHandler(caplog.handler)
+    try:
+        lock_output_dir(str(tmp_path))
+        assert json.loads((tmp_path / ".lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    finally:
+        logging.getLogger("finetune").removeHandler(caplog.handler)
+        release_output_locks()
+    said = [r.getMessage() for r in caplog.records if "taking over the lock" in r.getMessage()]
+    expected = {"dead": f"of process {int(dead.stdout)}, which", "garbage": "left no readable name"}.get(left)
+    assert (len(said) == 1 and expected in said[0]) if expected else said == [], said
+    assert tmp_path.is_dir() and not (tmp_path / ".lock").exists()
+
+
+def test_lock_is_kept_across_runs_in_one_process_and_released_at_exit(tmp_path):
+    made, kept = tmp_path / "made" / "by_the_run", tmp_path / "kept"
+    kept.mkdir()
+    code = ("import sys; from common.recipe.lock import lock_output_dir\n"
+            "for out in sys.argv[1:]: lock_output_dir(out); lock_output_dir(out)\n"
+            "print(sorted(p.name for p in __import__('pathlib').Path(sys.argv[2]).iterdir()))")
+    done = subprocess.run([sys.executable, "-c", code, str(made), str(kept)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "['.lock']", done.stderr
+    # At exit: the lock files are gone, and so is the (empty) directory made for the lock, not its parent.
+    assert not made.exists() and (tmp_path / "made").is_dir()
+    assert kept.is_dir() and list(kept.iterdir()) == []
+
+
+def test_lock_is_taken_by_the_main_process_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # the other ranks of a torchrun launch write into the same directory
+    lock_output_dir(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 # Disk full -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One run per output directory: a lock file naming its holder; a stale lock is taken over."""
+"""filelock neither names a lock's holder (pid, host) nor says when a dead run's lock is taken over; we add both."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from filelock import FileLock, Timeout
+
 from common.flags.errors import UsageError
 from common.recipe.dist import is_main_process
 
@@ -20,86 +22,90 @@ log = logging.getLogger("finetune")
 
 LOCK = ".lock"
 
-_held: dict[Path, bool] = {}  # lock file -> whether this process created the directory for it
+# lock file -> (its lock, whether this process created the directory for it). Runs called one after
+# another in one Python reuse the lock they hold: a second flock of the same file would refuse them.
+_held: dict[Path, tuple[FileLock, bool]] = {}
 
 
 
 def lock_output_dir(out: str) -> None:
-    """The main process holds `out/.lock` (its pid and host) until it exits: a second run into the
-    same directory stops at once naming the holder; a lock whose process is gone is taken over."""
+    """The main process holds `out/.lock` until it exits: a second run into the same directory stops at
+    once naming the holder. The kernel frees the lock of a run that died, so its file is taken over."""
     if not is_main_process():
         return
     folder = Path(out)
+    lock = folder / LOCK
+    if lock in _held:
+        return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    # Written whole to a private file, then linked into place: the link fails if a lock exists, so two
-    # runs starting together cannot both win, and a lock is never seen half-written.
-    tmp = folder / f".lock.{me['pid']}.tmp"
-    tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
+    file_lock = FileLock(lock, blocking=False, thread_local=False, on_acquired=lambda fd: _claim(fd, out))
     try:
-        for _ in range(3):
-            try:
-                os.link(tmp, lock)
-                break
-            except FileExistsError:
-                holder = _lock_holder(lock)
-                if holder is None:
-                    continue  # removed meanwhile
-                if holder == me:  # this process again (runs called one after another in one Python)
-                    break
-                pid, host = holder.get("pid"), holder.get("host")
-                if host != me["host"]:
-                    raise UsageError(f"`--output_dir` {out} is in use by process {pid} on {host}; choose another "
-                                     f"directory, or delete {lock} if that run is gone.") from None
-                if _alive(pid):
-                    raise UsageError(f"`--output_dir` {out} is in use by another run (process {pid}); wait for it "
-                                     f"to finish or choose another directory.") from None
-                log.warning("`--output_dir` %s: taking over the lock of process %s, which is no longer running.",
-                            out, pid)
-                lock.unlink(missing_ok=True)
-        else:
-            raise UsageError(f"`--output_dir` {out}: could not take its lock {lock}; delete it if no run is using "
-                             f"the directory.")
-    finally:
-        tmp.unlink(missing_ok=True)
-    if lock not in _held:
-        _held[lock] = created
+        file_lock.acquire()
+    except Timeout:
+        raise UsageError(f"`--output_dir` {out} is in use by another run ({_name(_holder(lock))}); wait for it to "
+                         f"finish or choose another directory.") from None
+    except OSError as exc:  # a file system without flock (some network and FUSE mounts)
+        raise UsageError(f"`--output_dir` {out}: cannot lock {lock} ({exc}); choose a directory on a local "
+                         f"disk.") from None
+    _held[lock] = (file_lock, created)
     atexit.register(release_output_locks)
 
 
 
-def _lock_holder(lock: Path) -> Optional[dict]:
+def _claim(fd: int, out: str) -> None:
+    """Called by filelock with the lock held: whoever the file still names died holding it (a clean exit
+    removes the file); then this process writes its own name for the runs it refuses."""
+    before = os.pread(fd, 4096, 0)
+    if before and _parse(before) != _me():
+        log.warning("`--output_dir` %s: taking over the lock of %s, which is no longer running.", out,
+                    _name(_parse(before)))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
+
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+
+def _holder(lock: Path) -> Optional[dict]:
     try:
-        holder = json.loads(lock.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return _parse(lock.read_bytes())
+    except OSError:  # removed meanwhile
         return None
-    except (OSError, ValueError):
-        return {"pid": "unknown", "host": "unknown"}  # unreadable: never guess it is stale
-    return holder if isinstance(holder, dict) else {"pid": "unknown", "host": "unknown"}
 
 
 
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # someone else's process, or a pid we cannot judge
-    return True
+def _parse(data: bytes) -> Optional[dict]:
+    with contextlib.suppress(ValueError):
+        holder = json.loads(data)
+        if isinstance(holder, dict) and "pid" in holder:
+            return holder
+    return None
+
+
+
+def _name(holder: Optional[dict]) -> str:
+    """'process 123', with its host when that is another machine; a file that names no one was being
+    written when its holder was asked, or is not ours."""
+    if holder is None:
+        return "a process that left no readable name"
+    host = holder.get("host")
+    return f"process {holder['pid']}" + ("" if host == socket.gethostname() else f" on {host}")
 
 
 
 def release_output_locks() -> None:
     """Drop this process's locks; a directory this run created and left empty goes too."""
-    for lock, created in list(_held.items()):
-        holder = _lock_holder(lock)
-        if holder is not None and holder.get("pid") == os.getpid():
+    for lock, (file_lock, created) in list(_held.items()):
+        # Removed while still held and only if it names us: a run that opened the old file meanwhile sees
+        # it unlinked (filelock checks) and tries again on a new one.
+        if _holder(lock) == _me():
             lock.unlink(missing_ok=True)
+        file_lock.release(force=True)
         if created:
             with contextlib.suppress(OSError):
                 lock.parent.rmdir()  # only if empty
         del _held[lock]
-

@@ -1,11 +1,13 @@
 """Where the Trainer falls short for exact resume and one TensorBoard curve: every patch of a
-transformers private member lives here."""
+transformers private member lives here, with the table of every private library member the project
+relies on (PRIVATE_API), which tests/test_private_api.py checks against the installed versions."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -161,3 +163,95 @@ def whole_run_loss(trainer, metrics: dict[str, Any]) -> None:
             entry["train_loss"] = loss
             break
 
+
+
+# Private library members this project relies on ---------------------------------------------
+
+# "module" or "module:Class" -> the members the code named beside it reads, overrides or patches. Read by
+# tests only (check_private_api), never at run time. A member counts as there when it is an attribute or
+# when the source of the class (with its bases) or module names it: instance attributes such as
+# Trainer._tr_loss exist only once training starts.
+PRIVATE_API: dict[str, tuple[str, ...]] = {
+    # exact_resume, whole_run_loss (above)
+    "transformers.trainer:Trainer": ("_save_checkpoint", "_run_epoch", "_get_train_sampler", "_tr_loss",
+                                     "_total_loss_scalar", "_globalstep_last_logged"),
+    # _epoch_seeded_sampler: the shuffle is drawn from `self.generator`
+    "transformers.trainer_pt_utils:LengthGroupedSampler": ("generator", "lengths", "batch_size"),
+    # one_tensorboard_run
+    "transformers.integrations:TensorBoardCallback": ("_init_summary_writer", "_SummaryWriter", "tb_writer",
+                                                      "logging_dir"),
+    # progress.readable_progress: the bars the ProgressCallback hooks it keeps still update
+    "transformers.trainer_callback:ProgressCallback": ("training_bar", "prediction_bar", "current_step"),
+    # rlhf/grpo.py sft_prompt_tokens; summary.summary reads `_total_train_tokens` of every trainer that counts
+    "trl:GRPOTrainer": ("_tokenize_prompts", "_total_train_tokens"),
+    # rlhf/reward.py pooled_accuracy_trainer
+    "trl:RewardTrainer": ("_metrics", "_total_train_tokens"),
+    "trl:SFTTrainer": ("_total_train_tokens",),
+    "trl:DPOTrainer": ("_total_train_tokens",),
+    "trl:KTOTrainer": ("_total_train_tokens",),
+    # rlhf/pair_tokens.py aligned
+    "trl.experimental.orpo:ORPOTrainer": ("tokenize_row", "is_encoder_decoder", "max_length"),
+    "trl.experimental.cpo:CPOTrainer": ("tokenize_row", "is_encoder_decoder", "max_length"),
+    # rlhf/preference.py quiet_trl_balance_warning: the logger and the start of the warning it drops
+    "trl.trainer.kto_trainer": ("logger", "You have different amounts of desirable"),
+    # common/model/loss.py install: the forward TRL puts on the model, called with `fused_lm_head=True`
+    "trl.trainer.utils": ("add_fused_lm_head", "FusedCausalLMOutput", "fused_lm_head"),
+    # common/evaluation/generation.py plain_lora_forward
+    "peft.tuners.lora.layer:Linear": ("base_layer", "lora_A", "lora_B", "lora_variant", "scaling", "merged",
+                                      "disable_adapters", "active_adapters", "active_adapter"),
+    "torch.nn:Module": ("_forward_hooks", "_forward_pre_hooks"),
+    # common/model/dropout.py: a tensor's in-place version counter
+    "torch:Tensor": ("_version",),
+    # common/flags/parser.py, comparison/run.py: the flags a parser declares
+    "argparse:ArgumentParser": ("_actions",),
+}
+
+
+
+def check_private_api(table: Optional[dict[str, tuple[str, ...]]] = None) -> list[str]:
+    """-> 'owner.member (package version)' for each member of `table` (PRIVATE_API) that the installed
+    libraries lack; a module or class that is gone is named alone."""
+    import importlib
+
+    missing = []
+    for owner, members in (PRIVATE_API if table is None else table).items():
+        module_name, _, class_name = owner.partition(":")
+        version = _installed_version(module_name)
+        try:
+            found = importlib.import_module(module_name)
+            found = getattr(found, class_name) if class_name else found
+        except (ImportError, AttributeError):
+            missing.append(f"{owner} ({version})")
+            continue
+        source = _source(found)
+        missing += [f"{owner}.{member} ({version})" for member in members
+                    if not hasattr(found, member) and not re.search(rf"\b{re.escape(member)}\b", source)]
+    return missing
+
+
+
+def _source(found) -> str:
+    import inspect
+
+    parts = []
+    for part in (found.__mro__[:-1] if inspect.isclass(found) else (found,)):  # [:-1]: not `object`
+        try:
+            parts.append(inspect.getsource(part))
+        except (OSError, TypeError):  # built in (torch.Tensor's C base)
+            pass
+    return "\n".join(parts)
+
+
+
+def _installed_version(module_name: str) -> str:
+    import importlib.metadata
+    import platform
+    import sys
+
+    package = module_name.split(".")[0]
+    if package in sys.stdlib_module_names:
+        return f"Python {platform.python_version()}"
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package} not installed"
