@@ -15,7 +15,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -31,8 +31,8 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, training loss) as logged in trainer_state.json. PPO logs its two terms, the mean
     policy and value losses of the step's updates; the loss it minimised is their sum with the
     value term weighted by --vf_coef (a mean of sums is the sum of the means)."""
-    history = _json(run_dir / "trainer_state.json").get("log_history") or []
-    vf_coef = _number((_json(run_dir / "run_config.json").get("flags") or {}).get("vf_coef"))
+    history = read_json(run_dir / "trainer_state.json").get("log_history") or []
+    vf_coef = _number((read_json(run_dir / "run_config.json").get("flags") or {}).get("vf_coef"))
     curve = []
     for e in history:
         if "step" not in e:
@@ -97,14 +97,14 @@ def collect(run_dir: str | Path, technique: Optional[str] = None, status: str = 
             reason: Optional[str] = None) -> dict[str, Any]:
     """The row of one run. Missing files or keys give None, never a guess."""
     run = Path(run_dir)
-    config = _json(run / "run_config.json")
+    config = read_json(run / "run_config.json")
     flags = config.get("flags") or {}
     summary = config.get("summary") or {}
-    results = _json(run / "all_results.json")
-    state = _json(run / "trainer_state.json")
+    results = read_json(run / "all_results.json")
+    state = read_json(run / "trainer_state.json")
     params = config.get("parameters") or {}
-    heldout = _json(run / HELDOUT / "eval_results.json")
-    train_sample = _json(run / TRAIN_SAMPLE / "eval_results.json")
+    heldout = read_json(run / HELDOUT / "eval_results.json")
+    train_sample = read_json(run / TRAIN_SAMPLE / "eval_results.json")
     trainable, total = _number(params.get("trainable")), _number(params.get("total"))
     curve = loss_curve(run)
     eval_losses = [e["eval_loss"] for e in state.get("log_history") or [] if _number(e.get("eval_loss")) is not None]

@@ -172,7 +172,7 @@ def _plain(value: Any) -> Any:
 
 def changed_flags(args: ParsedArgs, run_dir: Path) -> list[str]:
     """Flags set (now, or when the finished run was made) whose values differ from that run's."""
-    saved = report._json(run_dir / "run_config.json")
+    saved = report.read_json(run_dir / "run_config.json")
     before = saved.get("flags") or {}
     now = args.to_dict()
     names = (set(args.explicit) | set(saved.get("explicit_flags") or [])) - _NOT_RESULTS
@@ -293,7 +293,7 @@ def compare_runs(plan: Plan, prefix: list[str]) -> list[dict]:
         row = report.collect(path, status="finished")
         seen[row["technique"]] = seen.get(row["technique"], 0) + 1
         rows.append(row)
-        flags = dict(report._json(Path(path) / "run_config.json").get("flags") or {})
+        flags = dict(report.read_json(Path(path) / "run_config.json").get("flags") or {})
         flags.update({name: getattr(given, name) for name in given.explicit})
         score(row, plan, prefix, flags, extra=sorted(given.explicit))
     for row in rows:  # two runs of one technique: named by their directories too
@@ -333,7 +333,7 @@ def score(row: dict, plan: Plan, prefix: list[str], flags: dict, extra: list[str
             if flags.get(name) not in (None, False, ""):
                 job += [f"--{name}", str(flags[name])]
         results = run_dir / folder / "eval_results.json"
-        request = report._json(run_dir / folder / REQUEST)
+        request = report.read_json(run_dir / folder / REQUEST)
         if results.is_file() and results.stat().st_mtime >= finished_at and request.get("argv") == job:
             continue
         todo.append(job)
