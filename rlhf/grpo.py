@@ -9,7 +9,8 @@ from typing import Optional
 
 from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import UsageError, format_flags
+from common.flags.errors import UsageError
+from common.flags import checks
 from common.flags.checks import check_common, check_grpo
 from common.recipe import pipeline as recipe
 from common.recipe.pipeline import Run, Steps
@@ -37,9 +38,7 @@ def parse(argv: Optional[list[str]]) -> ParsedArgs:
     for name in (args.reward_function or "").split(","):
         if name.strip():
             get_reward_function(name.strip())
-    ignored = sorted(n for n in args.explicit if n in UNUSED_FLAGS)
-    if ignored:
-        log.warning("grpo.py ignores flags that do not apply to GRPO: %s.", format_flags(ignored))
+    checks.warn_ignored(args, UNUSED_FLAGS, "GRPO")
     return args
 
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments, QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import UsageError, format_flags
+from common.flags.errors import UsageError
+from common.flags import checks
 from common.flags.checks import check_common, check_preference
 from common.recipe import pipeline as recipe
 from common.recipe.pipeline import Run, Steps
@@ -50,10 +51,7 @@ def parse(kind: str, argv: Optional[list[str]]) -> ParsedArgs:
     args = make_parser(kind).parse(argv)
     check_common(args)
     check_preference(args, kind)
-    ignored = sorted(n for n in args.explicit if n in UNUSED_FLAGS[kind])
-    if ignored:
-        log.warning("%s ignores flags that do not apply to %s: %s.", args.script, KINDS[kind][1],
-                    format_flags(ignored))
+    checks.warn_ignored(args, UNUSED_FLAGS[kind], KINDS[kind][1])
     return args
 
 

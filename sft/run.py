@@ -10,7 +10,8 @@ from typing import Optional
 
 from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PromptLearningArguments, QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import UsageError, format_flags
+from common.flags.errors import UsageError
+from common.flags import checks
 from common.flags.checks import check_common, check_sft
 from common.model.adapters import LORA_FAMILY, PEFT_TYPES, PROMPT_LEARNING
 from common.recipe import pipeline as recipe
@@ -89,11 +90,8 @@ def effective_technique(technique: str, args: ParsedArgs) -> str:
 
 
 def warn_ignored(technique: str, args: ParsedArgs) -> None:
-    applies = set(TECHNIQUES[technique].flags)
-    ignored = sorted(n for n in args.explicit if n in TECHNIQUE_FLAGS and n not in applies)
-    if ignored:
-        log.warning("%s ignores flags that do not apply to %s: %s.", args.script,
-                    TECHNIQUES[technique].title, format_flags(ignored))
+    unused = set(TECHNIQUE_FLAGS) - set(TECHNIQUES[technique].flags)
+    checks.warn_ignored(args, unused, TECHNIQUES[technique].title)
 
 
 def parse(technique: str, argv: Optional[list[str]]) -> tuple[str, ParsedArgs]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 
-from common.flags.errors import UsageError
+from common.flags.errors import UsageError, format_flags
 from common.flags.groups import DPO_LOSS_TYPES, KNOWN_REPORTERS, OPTIMIZERS, SCHEDULERS
 from common.flags.parser import ParsedArgs
+
+log = logging.getLogger("finetune")
 
 
 def _choice(flag: str, value: str, allowed) -> None:
@@ -136,3 +139,10 @@ def check_grpo(args: ParsedArgs) -> None:
     if args.num_generations < 2:
         raise UsageError("`--num_generations` must be >= 2: GRPO compares answers within a group.")
 
+
+
+def warn_ignored(args: ParsedArgs, unused, technique: str) -> None:
+    """One warning for the flags the user gave that mean nothing to this technique."""
+    ignored = sorted(n for n in args.explicit if n in unused)
+    if ignored:
+        log.warning("%s ignores flags that do not apply to %s: %s.", args.script, technique, format_flags(ignored))

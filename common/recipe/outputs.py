@@ -1,6 +1,7 @@
-"""Output directories and checkpoints: which run a directory holds, which checkpoints are
-complete, where a run resumes from, and writing final outputs so that a crash never leaves a
-directory that looks finished."""
+"""Output directories and checkpoints. The Trainer neither tells a complete checkpoint from one
+cut off mid-write nor writes final outputs atomically, so this module decides which run a
+directory holds, which checkpoints are complete, where a run resumes from, and writes final
+outputs so that a crash never leaves a directory that looks finished."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """What a run prints: the progress bar, one readable line per logging step and the summary.
 
-Library messages that tell the user nothing they can act on are dropped here, each for a stated
-reason; every other warning stays visible.
+tqdm reads TQDM_MININTERVAL once, when it is imported, and transformers' logging has no filter
+by message: a run decides from its stderr at start how often bars redraw, so the interval is
+passed to each bar here, and library messages that tell the user nothing they can act on are
+dropped here, each for a stated reason; every other warning stays visible.
 """
 
 from __future__ import annotations
