@@ -99,8 +99,8 @@ def sft_prompt_tokens():
 
 
 def run_grpo(args: ParsedArgs) -> GRPOResult:
-    from common.data.qa import prompts
-    from common.data.qa import qa
+    from common.data import prompts
+    from common.data import qa
     from common.recipe import callbacks as recipe_callbacks
     from common.recipe import config as trainer_config
     from common.recipe import outputs

@@ -113,8 +113,8 @@ def _policy_and_value(policy, hidden_size: int):
 # The run -------------------------------------------------------------------------------------
 
 def run_ppo(args: ParsedArgs) -> PPOResult:
-    from common.data.qa import prompts
-    from common.data.qa import qa
+    from common.data import prompts
+    from common.data import qa
     from common.recipe import outputs
     from common.recipe import reporting
     from common.recipe import run_config

@@ -105,7 +105,7 @@ def conversation_rendering(args, tokenizer, *sources) -> None:
     """Where any split holds message-list pairs: `--use_chat_template` applies to them as in SFT
     (`false` drops the tokenizer's template, so the pairs and the saved tokenizer get the plain
     rendering), and a run without a template says so."""
-    from common.data.qa import chat
+    from common.data import chat
 
     if any(_is_conversation_source(src) for src in sources):
         chat.apply_template_flag(args, tokenizer)
@@ -116,7 +116,7 @@ def plain_if_no_template(ds, tokenizer):
     """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
     prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
     each answer = what the whole rendering adds to it, without the EOS the trainers append."""
-    from common.data.qa import chat
+    from common.data import chat
 
     if chat.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds

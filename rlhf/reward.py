@@ -96,7 +96,7 @@ def pooled_accuracy_trainer():
 
 
 def run_reward_model(args: ParsedArgs) -> dict:
-    from common.data.qa import prompts
+    from common.data import prompts
     from common.recipe import callbacks as recipe_callbacks
     from common.recipe import config as trainer_config
     from common.recipe import outputs

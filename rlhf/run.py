@@ -75,7 +75,7 @@ def main(kind: str, argv: Optional[list[str]] = None) -> int:
 
 
 def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
-    from common.data.qa import prompts
+    from common.data import prompts
     from common.recipe import callbacks as recipe_callbacks
     from common.recipe import config as trainer_config
     from common.recipe import outputs
@@ -190,7 +190,7 @@ def run_preference(kind: str, args: ParsedArgs) -> PreferenceResult:
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[recipe_callbacks.nan_guard_callback()])
     keep_float32_trainables(trainer.model, precision)  # TRL stores a 4-bit model's adapters in bf16
-    from common.model.loading import loss
+    from common.model import loss
 
     loss.install(trainer)  # DPO, KTO: the LM head only at completion positions (ORPO, SimPO keep full logits)
     data = {"source": train_src.source, "schema": train_src.schema, "pairs": stats}

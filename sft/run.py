@@ -131,8 +131,8 @@ class SFTResult:
 
 
 def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
-    from common.data.qa import chat
-    from common.data.qa import prompts
+    from common.data import chat
+    from common.data import prompts
     from common.recipe import callbacks as recipe_callbacks
     from common.recipe import config as trainer_config
     from common.recipe import outputs
@@ -206,7 +206,7 @@ def run_sft(technique: str, args: ParsedArgs) -> SFTResult:
                          processing_class=tokenizer, callbacks=callbacks)
     if em is not None:
         em.trainer = trainer
-    from common.model.loading import loss
+    from common.model import loss
 
     loss.install(trainer)  # the LM head and cross-entropy only at labelled positions
     keep_float32_trainables(trainer.model, precision)  # TRL stores QLoRA adapters in bf16

@@ -192,7 +192,7 @@ def load_sft_data(args, need_eval: bool):
     """Like common.data.load_qa_data, for every SFT format: conversation and text data are read
     here, question-answer data by load_qa_data. -> QAData (rows are `messages` or `text` for the
     formats of this module)."""
-    from common.data.qa import prompts, qa, sources
+    from common.data import prompts, qa, sources
 
     splits, source = sources.load_splits(args.dataset_name, args.dataset_config)
     train = sources.select_split(splits, args.dataset_split, source, "dataset_split")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from common.data.prompts import auto_num_proc
-from common.data.qa import sources
+from common.data import sources
 from common.data.sources import parse_split, select_split
 from common.flags.errors import UsageError
 

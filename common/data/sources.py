@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.flags.errors import UsageError
-from common.hub.upload import network
+from common.hub import network
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

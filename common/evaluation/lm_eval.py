@@ -62,7 +62,7 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_siz
 
 
 def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
-    from common.data.qa import chat
+    from common.data import chat
 
     start = time.perf_counter()
     chat.say_plain(tokenizer, args.model_id) if data.schema != "text" else None

@@ -28,7 +28,7 @@ def run_evaluate(args) -> dict:
     import os
     from pathlib import Path
 
-    from common.data.qa import prompts
+    from common.data import prompts
     from common.flags.errors import UsageError
     from common.model.loading import load_for_inference
     from common.model.precision import select_precision

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from common.flags.errors import UsageError
-from common.hub.upload import network
+from common.hub import network
 
 log = logging.getLogger("finetune")
 

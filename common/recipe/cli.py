@@ -39,7 +39,7 @@ def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
     group is left (`leave_group=False` for a caller that runs several jobs in one process and
     leaves it after the last)."""
     from common.hub.upload import network
-    from common.hub.upload import upload as hub
+    from common.hub import upload as hub
 
     setup_logging(script)
     network.start_offline()
