@@ -122,7 +122,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     precision = select_precision(args)
     tokenizer = load_tokenizer(source, args)
     fmt = prompts.prompt_format(args, tokenizer, data.schema)
-    prompts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in data.train["question"]]
+    rows = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in data.train["question"]]
     lengths = [len(ids) for ids in prompt_ids(tokenizer, [prompts.generation_prompt(q, fmt, tokenizer)
                                                           for q in data.train["question"]], fmt.use_chat)]
     too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
@@ -132,7 +132,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
                          f"limit or filter the data.")
     from datasets import Dataset
 
-    train_ds = Dataset.from_dict({"prompt": prompts, "aliases": list(data.train["aliases"])})
+    train_ds = Dataset.from_dict({"prompt": rows, "aliases": list(data.train["aliases"])})
 
     model = load_model(source, args, precision, training=True)
     technique = "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
@@ -186,7 +186,7 @@ def run_grpo(args: ParsedArgs) -> GRPOResult:
     metrics, wall = training.train_guarded(trainer, args, out)
     extra = {"model": {"base": source.base, "start_adapter": source.adapter_dir, "precision": precision.mode,
                        "quantized": is_quantized(model)},
-             "data": {"source": data.source, "prompts": len(prompts), "chat_template": fmt.use_chat},
+             "data": {"source": data.source, "prompts": len(rows), "chat_template": fmt.use_chat},
              "reward": names + (["reward_model"] if args.reward_model else []),
              "parameters": {"trainable": trainable, "total": total}}
     info = training.finish_run(trainer, tokenizer, args, out, "grpo", metrics, wall, extra, report_to,

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from common.flags.errors import UsageError
 from common.hub import network
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 BUNDLED = {"triviaqa-sample": REPO_ROOT / "data" / "triviaqa_sample"}
 
