@@ -176,7 +176,7 @@ def test_plain_rendering_run_says_so_once(tiny_llama, tmp_path, caplog):
 def test_question_answer_data_is_loaded_once(script, tiny_llama, tmp_path, monkeypatch):
     """Format detection and the question-answer reader share one load: for a hub dataset each load
     is a hub check (common.data.sources.load_splits counted here)."""
-    from common.data.qa import sources
+    from common.data import sources
 
     calls = []
     real = sources.load_splits

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from common.data.qa import prompts
-from common.data.qa import qa
-from common.data.qa import sources
+from common.data import prompts
+from common.data import qa
+from common.data import sources
 from common.flags.errors import UsageError
 from tests.helpers import write_jsonl
 

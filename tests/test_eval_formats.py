@@ -13,7 +13,7 @@ FORMATS = "data/formats"
 
 @pytest.mark.parametrize("name", ["squad", "answers_list"])
 def test_reference_lists_score_em_f1_like_aliases(name, tiny_llama, tmp_path, monkeypatch):
-    from common.evaluation.answers import answers
+    from common.evaluation import answers
 
     rows = [json.loads(line) for line in open(f"{FORMATS}/{name}.jsonl")]
     refs = [r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"] for r in rows]

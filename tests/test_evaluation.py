@@ -48,7 +48,7 @@ def test_evaluate_formats_prompts_as_training_did(tiny_chat_llama, tmp_path):
     assert run_script("lora.py", ["--model_id", tiny_chat_llama, "--output_dir", run, "--max_steps", "1",
                                   "--use_chat_template", "false", "--prompt_template", "Q: {question}\nA:",
                                   *TRAIN]) == 0
-    from common.data.qa import prompts
+    from common.data import prompts
 
     seen = []
     real = prompts.generation_prompt

@@ -18,7 +18,7 @@ QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?"]
 # Escapes -------------------------------------------------------------------------------------
 
 def _format(argv, chat_template=None):
-    from common.data.qa import prompts
+    from common.data import prompts
     from sft.run import make_parser
 
     args = make_parser("lora").parse(["--model_id", "m", *argv])
@@ -73,7 +73,7 @@ class FormatSpy:
     with the tokenizer it renders prompts with."""
 
     def __init__(self, monkeypatch):
-        from common.data.qa import prompts
+        from common.data import prompts
 
         self.seen = []
         real = prompts.prompt_format

@@ -40,7 +40,7 @@ def trained(request, tiny_chat_llama, tmp_path_factory):
 
 
 def _load(run_dir, technique, chat: bool):
-    from common.data.qa import prompts
+    from common.data import prompts
     from common.evaluation.run import make_parser
     from common.model.source import inherit_from_adapter, resolve_model
     from common.model.loading import load_for_inference
@@ -189,7 +189,7 @@ def test_newline_ids_belong_to_their_tokenizer_even_at_a_reused_address(monkeypa
     """Reference: the ids whose decoded text holds a newline, computed here per tokenizer. Two
     tokenizers of one length, the first gone before the second is made, may share an id() in
     CPython; simulated by making id() constant. The second must not get the first's newline ids."""
-    from common.evaluation.answers import generation
+    from common.evaluation import generation
     from common.model.tiny_model import build_tokenizer
 
     monkeypatch.setattr(generation, "id", lambda obj: 12345, raising=False)

@@ -50,7 +50,7 @@ MODELS = {"gpt2": "tiny_gpt2", "llama_bos": "tiny_llama_bos", "chat": "tiny_chat
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_generation_prompt_ids_equal_sft_trainer_prompt_ids(arch, request, tmp_path, stop_before_training):
-    from common.data.qa import prompts
+    from common.data import prompts
     from common.data.sources import BUNDLED
     from common.evaluation.answers import generate_ids
     from common.evaluation.run import make_parser

@@ -73,7 +73,7 @@ def test_adapters_reading_one_tensor_share_its_mask(shared, dtype, tiny_llama):
 def test_loss_and_grads_equal_the_same_masks_applied_by_hand(shared, use_dora, dtype, tiny_llama, monkeypatch):
     """The reference: PEFT's model with each layer's dropout replaced by `x * keep / (1 - p)` in plain
     tensor ops, one multiplication per layer, with the keep masks this run drew."""
-    from common.model.loading import dropout as module
+    from common.model import dropout as module
 
     drawn = {}  # id of each dropped-out tensor -> the mask that made it
     apply = module._KeepMask.apply

@@ -6,7 +6,7 @@ technique, with and without gradient checkpointing and with the Trainer's `num_i
 import pytest
 import torch
 
-from common.model.loading import loss as sft_loss
+from common.model import loss as sft_loss
 
 ROWS = [("Question: Which planet is known as the red planet?\nAnswer:", " Mars"),
         ("Question: Who wrote Hamlet?\nAnswer:", " William Shakespeare"),

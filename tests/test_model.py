@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.flags.errors import UsageError
-from common.model.loading import precision
+from common.model import precision
 from common.model.precision import Precision, get_quantization_config, select_precision
 from common.model.loading import ensure_pad_token
 from common.model.source import resolve_model

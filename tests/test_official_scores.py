@@ -48,7 +48,7 @@ def _write(tmp_path, data, domain="Wikipedia", verified=False):
 
 def _evaluate(model, dataset, predictions, out, monkeypatch, argv=()):
     """evaluate.py on `dataset`, with each question answered by predictions[question]."""
-    from common.evaluation.answers import answers
+    from common.evaluation import answers
 
     monkeypatch.setattr(answers, "generate_answers",
                         lambda model, tok, questions, *a, **k: [predictions[q] for q in questions])
@@ -146,7 +146,7 @@ def test_official_scores_on_the_verified_web_subset(tiny_llama, tmp_path, monkey
 
 def test_hub_rows_are_scored_against_normalized_aliases_and_human_answers(tmp_path):
     """The hub schema carries the same fields in snake case: the official ground truth again."""
-    from common.data.qa import qa
+    from common.data import qa
     from common.evaluation.metrics import score
 
     rows = [{"question": "Which Lloyd Webber musical premiered in the US in 1993?",

@@ -38,7 +38,7 @@ def test_other_answers_are_reproducible_and_never_correct():
 
 
 def test_model_answers_keep_only_wrong_ones(monkeypatch):
-    from common.evaluation.answers import answers
+    from common.evaluation import answers
     from common.data.prompts import PromptFormat
     from rlhf import preference
 
@@ -77,7 +77,7 @@ def test_bad_preference_data_exits_2(rows, match, tiny_llama, tmp_path, capsys):
 
 
 def test_empty_after_filtering_exits_2(tiny_llama, tmp_path, monkeypatch, capsys):
-    from common.evaluation.answers import answers
+    from common.evaluation import answers
 
     monkeypatch.setattr(answers, "generate_answers", lambda model, tok, questions, *a, **k: [""] * len(questions))
     assert run_script("dpo.py", ["--model_id", tiny_llama, "--output_dir", tmp_path / "o", "--max_steps", "1",

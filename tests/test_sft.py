@@ -248,7 +248,7 @@ def test_seed_commands_run_as_written(name, request, tmp_path, monkeypatch, caps
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU behaviour")
 def test_bf16_on_a_bf16_cpu_trains_under_autocast_with_float32_weights(tiny_llama, tmp_path, monkeypatch):
-    from common.model.loading import precision
+    from common.model import precision
     from sft.run import train
 
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
