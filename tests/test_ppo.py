@@ -233,9 +233,9 @@ def _ppo_history(folder) -> list[dict]:
 
 def _interrupt_during_update(monkeypatch, call: int, signum=signal.SIGINT) -> None:
     """Sends this process `signum` during the given PPO update (1-based)."""
-    from rlhf import ppo
+    from rlhf import ppo_loop
 
-    original, seen = ppo._ppo_epochs, []
+    original, seen = ppo_loop.ppo_epochs, []
 
     def epochs(*args, **kwargs):
         seen.append(1)
@@ -243,7 +243,7 @@ def _interrupt_during_update(monkeypatch, call: int, signum=signal.SIGINT) -> No
             os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "_ppo_epochs", epochs)
+    monkeypatch.setattr(ppo_loop, "ppo_epochs", epochs)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -324,10 +324,10 @@ def test_ppo_resume_refuses_a_checkpoint_it_did_not_write(tiny_llama, tmp_path, 
 def test_ppo_gradient_checkpointing_recomputes_layers_without_dropout(tiny_llama, tmp_path, monkeypatch):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from rlhf import ppo
+    from rlhf import ppo, ppo_loop
 
     seen = []
-    updates = ppo._ppo_updates
+    updates = ppo_loop.ppo_updates
 
     def spy(wrapper, *args, **kwargs):
         layers = [m for m in wrapper.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -335,7 +335,7 @@ def test_ppo_gradient_checkpointing_recomputes_layers_without_dropout(tiny_llama
         seen.append((bool(layers) and all(m.training and m.gradient_checkpointing for m in layers), dropout_training))
         return updates(wrapper, *args, **kwargs)
 
-    monkeypatch.setattr(ppo, "_ppo_updates", spy)
+    monkeypatch.setattr(ppo_loop, "ppo_updates", spy)
     argv = ["--model_id", tiny_llama, "--reward_function", "triviaqa_f1", "--max_steps", "3", "--response_length", "4",
             "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--learning_rate", "3e-3", *PPO]
     on = ppo.train(argv + ["--output_dir", tmp_path / "on"])
@@ -482,7 +482,7 @@ def test_ppo_reward_model_scores_equal_the_reward_model_on_its_training_format(s
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf import ppo
+    from rlhf import ppo, ppo_loop
     from rlhf.rewards import RewardModelScorer
 
     rm = tmp_path / "rm"
@@ -490,7 +490,7 @@ def test_ppo_reward_model_scores_equal_the_reward_model_on_its_training_format(s
                                           "--output_dir", rm, "--max_steps", "3", "--per_device_train_batch_size",
                                           "16", "--save_strategy", "no", "--report_to", "none"]) == 0
     rollouts, scored = [], []
-    rollout, call = ppo._rollout, RewardModelScorer.score_ids
+    rollout, call = ppo_loop.sample_rollouts, RewardModelScorer.score_ids
 
     def spy_rollout(*args, **kwargs):
         rollouts.append(rollout(*args, **kwargs))
@@ -500,7 +500,7 @@ def test_ppo_reward_model_scores_equal_the_reward_model_on_its_training_format(s
         scored.extend(call(self, ids))
         return scored[-len(ids):]
 
-    monkeypatch.setattr(ppo, "_rollout", spy_rollout)
+    monkeypatch.setattr(ppo_loop, "sample_rollouts", spy_rollout)
     monkeypatch.setattr(RewardModelScorer, "score_ids", spy_call)
     # At temperature 0.7 the SFT model ends some of its 2-token answers with EOS, not all.
     ppo.train(["--model_id", sft_run, "--output_dir", tmp_path / "p", "--reward_model", rm, "--max_steps", "2",

@@ -55,12 +55,12 @@ def _sft_prompt_ids(argv):
 
 
 def _ppo_prompt_ids(argv, monkeypatch):
-    from rlhf import ppo
+    from rlhf import ppo, ppo_loop
 
     def first_rollout(unwrapped, accelerator, tokenizer, prompt_ids, *_, **__):
         raise _Rolled(prompt_ids)
 
-    monkeypatch.setattr(ppo, "_rollout", first_rollout)
+    monkeypatch.setattr(ppo_loop, "sample_rollouts", first_rollout)
     with pytest.raises(_Rolled) as rolled:
         ppo.train(argv + ["--reward_function", "triviaqa_em", "--per_device_train_batch_size", str(N),
                           "--num_mini_batches", "1"])

@@ -1,0 +1,258 @@
+"""What ppo.py builds before its loop, in order: output directory and resume check, model source,
+data, precision and accelerator, tokenizer and prompt format, the policy (LoRA adapter, reference,
+value head), the reward, the prompts, then optimizer and schedule. `setup_ppo(args)` returns them
+as one PPORun. The seed is set where the original order set it, so the adapter, the value head and
+each process's rollouts follow `--seed` as they always have."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from common.flags.checks import reporters
+from common.flags.errors import UsageError
+
+log = logging.getLogger("finetune")
+
+
+# The model: policy + reference + value head on one set of base weights -----------------------
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy and a linear value head on its last hidden states; the reference is the same
+    module with the adapter disabled (or switched to the frozen "ref" copy)."""
+
+    def __init__(self, policy, hidden_size: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+        forward = policy.get_base_model().forward
+        self.keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+
+    def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # The vocabulary projection only where answer tokens are predicted: with a 128k-token
+        # vocabulary, logits for the prompt too would be most of the activation memory.
+        keep = {"logits_to_keep": response_length + 1} if self.keeps_logits else {}
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, use_cache=False, **keep)
+        logits = out.logits[:, -response_length - 1:-1].float() / temperature
+        hidden = out.hidden_states[-1][:, -response_length - 1:-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits, values
+
+
+@dataclass
+class Policy:
+    wrapper: PolicyAndValue
+    quantized: bool
+    technique: str
+    trainable: int
+    total: int
+
+
+@dataclass
+class Reward:
+    name: str
+    scorer: Optional[object] = None  # a RewardModelScorer for `--reward_model`
+    function: Optional[Callable] = None  # else the verifiable `--reward_function`
+
+
+@dataclass
+class Prompts:
+    texts: list  # as the policy sees them
+    ids: list  # token ids, as SFT put them before the answer
+    scored: list  # as the reward model sees them (a conversation where the policy chats)
+    aliases: list  # gold answers, for a reward function
+
+
+@dataclass
+class PPORun:
+    """Everything the loop and the finish read; nothing here changes during the run."""
+    args: object
+    out: str
+    resume: Optional[str]
+    source: object
+    data: object
+    precision: object
+    trackers: list
+    report_to: list
+    accelerator: object
+    tokenizer: object
+    fmt: object
+    policy: Policy
+    reward: Reward
+    prompts: Prompts
+    wrapper: object  # prepared by the accelerator
+    unwrapped: PolicyAndValue
+    optimizer: object
+    scheduler: object
+    steps: int
+    rollouts_per_step: int
+    stop_ids: list
+
+
+def setup_ppo(args) -> PPORun:
+    from common.data import prompts
+    from common.evaluation.answers import stop_token_ids
+    from common.model.loading import load_tokenizer
+
+    out, resume, source, data = _inputs(args)
+    precision, trackers, report_to, accelerator = _accelerator(args, out)
+
+    # Model & tokenizer
+    tokenizer = load_tokenizer(source, args)
+    fmt = prompts.prompt_format(args, tokenizer, data.schema)
+    policy = _policy(args, source, precision)
+    set_seed(args.seed + accelerator.process_index)  # each process samples its own rollouts
+    log.info("PPO (%s): %s trainable policy parameters of %s, plus a %d-wide value head", policy.technique,
+             f"{policy.trainable:,}", f"{policy.total:,}", policy.wrapper.value_head.in_features)
+
+    reward = _reward(args, tokenizer, accelerator)
+    batch = _prompts(args, data, fmt, tokenizer)
+
+    # Optimisation
+    optimizer, scheduler, steps, rollouts_per_step = _optimisation(args, policy.wrapper, accelerator,
+                                                                   len(batch.texts))
+    # Not through accelerator.prepare: its scheduler steps once per process at every optimizer step
+    # (made for data loaders whose batches grow with the processes), so with N processes the
+    # schedule would end N times too early. It is stepped in ppo_updates after each optimizer step.
+    wrapper, optimizer = accelerator.prepare(policy.wrapper, optimizer)
+    if trackers:
+        from common.recipe import run_config
+
+        accelerator.init_trackers(args.run_name or Path(out).name, config=run_config.redact(args.to_dict(),
+                                                                                   args.secret_fields()))
+    return PPORun(args=args, out=out, resume=resume, source=source, data=data, precision=precision,
+                  trackers=trackers, report_to=report_to, accelerator=accelerator, tokenizer=tokenizer, fmt=fmt,
+                  policy=policy, reward=reward, prompts=batch, wrapper=wrapper,
+                  unwrapped=accelerator.unwrap_model(wrapper), optimizer=optimizer, scheduler=scheduler,
+                  steps=steps, rollouts_per_step=rollouts_per_step, stop_ids=stop_token_ids(tokenizer))
+
+
+def _inputs(args) -> tuple:
+    """Output directory, the checkpoint to resume (checked before any model loads), model source, data."""
+    from common.data import qa
+    from common.model.source import inherit_from_adapter, resolve_model
+    from common.recipe import outputs
+    from rlhf.ppo_checkpoint import check_checkpoint
+
+    out = outputs.prepare_output_dir(args, default="outputs/ppo")
+    resume = outputs.resolve_resume(args, out)
+    if resume:
+        check_checkpoint(Path(resume))
+    source = resolve_model(args.model_id)
+    inherit_from_adapter(args, source)
+    data = qa.load_qa_data(args, need_eval=False)
+    return out, resume, source, data
+
+
+def _accelerator(args, out: str) -> tuple:
+    """Precision, trackers and the Accelerator; the seed for what runs before the model loads."""
+    from accelerate import Accelerator
+
+    from common.model.precision import select_precision
+    from common.recipe import reporting
+    from common.recipe.config import cuda_available, mps_available
+
+    precision = select_precision(args)
+    trackers = [r for r in reporters(args.report_to) if r != "none"]
+    report_to = reporting.setup_reporting(args, out)
+    accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
+                              cpu=not cuda_available() and not mps_available(),  # several CPU processes form one gloo group
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=trackers or None, project_dir=out)
+    set_seed(args.seed + accelerator.process_index)
+    return precision, trackers, report_to, accelerator
+
+
+def _policy(args, source, precision) -> Policy:
+    """The base model with a trainable adapter (and a frozen copy of the SFT adapter as the
+    reference, when starting from one), wrapped with its value head."""
+    from common.model.adapters import attach_adapter
+    from common.model.loading import count_parameters, enable_checkpointing, is_quantized, load_model
+    from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
+
+    model = load_model(source, args, precision, training=True)
+    quantized = is_quantized(model)
+    technique = "dora" if args.use_dora else ("qlora" if quantized else "lora")
+    set_seed(args.seed)  # the new adapter's initial weights (and the value head) follow --seed
+    policy = attach_adapter(technique, args, model, source)
+    trainable, total = count_parameters(policy)
+    if source.adapter_dir:  # the SFT model is the reference: keep a frozen copy of its adapter
+        policy.load_adapter(source.adapter_dir, adapter_name="ref", is_trainable=False)
+        policy.set_adapter("default")
+    # Dropout off everywhere (also where gradient checkpointing puts layers in training mode), and
+    # rollouts sampled from the policy's distribution alone, whatever generation_config.json says.
+    disable_dropout(policy)
+    sample_from_the_policy_only(policy)
+    if args.gradient_checkpointing and not quantized:  # (4-bit bases have it from prepare_model_for_kbit_training)
+        enable_checkpointing(policy.get_base_model(), {"use_reentrant": False})
+    hidden = policy.get_base_model().config.get_text_config().hidden_size
+    wrapper = PolicyAndValue(policy, hidden)
+    wrapper.eval()  # no dropout: rollout and update log-probs must agree
+    return Policy(wrapper=wrapper, quantized=quantized, technique=technique, trainable=trainable, total=total)
+
+
+def _reward(args, tokenizer, accelerator) -> Reward:
+    from rlhf.rewards import RewardModelScorer, get_reward_function
+
+    if args.reward_model:
+        return Reward(name=f"reward model {args.reward_model}",
+                      scorer=RewardModelScorer(args.reward_model, tokenizer, args, accelerator.device))
+    return Reward(name=args.reward_function, function=get_reward_function(args.reward_function))
+
+
+def _prompts(args, data, fmt, tokenizer) -> Prompts:
+    """The ids SFT puts before the answer (and evaluation feeds the model): a BOS the tokenizer adds
+    in front stays, a [SEP] or EOS it appends does not."""
+    from common.data import prompts
+    from common.evaluation.answers import prompt_ids as sft_prompt_ids
+
+    questions = list(data.train["question"])
+    texts = [prompts.generation_prompt(q, fmt, tokenizer) for q in questions]
+    ids = sft_prompt_ids(tokenizer, texts, fmt.use_chat)
+    # The reward model renders a conversation itself, as reward_model.py did in training.
+    scored = [prompts.chat_messages(q, fmt) for q in questions] if fmt.use_chat else texts
+    too_long = [i for i, p in enumerate(ids) if len(p) > args.max_prompt_length]
+    if too_long:
+        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
+                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {len(ids[too_long[0]])}); "
+                         f"raise the limit or filter the data.")
+    return Prompts(texts=texts, ids=ids, scored=scored, aliases=list(data.train["aliases"]))
+
+
+def _optimisation(args, wrapper, accelerator, num_prompts: int) -> tuple:
+    """-> (optimizer, scheduler, steps, rollouts per step and process)."""
+    from transformers import get_scheduler
+
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = _optimizer(args, params)
+    rollouts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
+    steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * num_prompts
+                                                                 / (rollouts_per_step * accelerator.num_processes)))
+    updates = steps * args.ppo_epochs * args.num_mini_batches
+    warmup = args.warmup_steps or int(args.warmup_ratio * updates)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
+    return optimizer, scheduler, steps, rollouts_per_step
+
+
+def _optimizer(args, params):
+    name = args.optimizer
+    if "8bit" in name:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if not name.startswith("adamw"):
+        log.warning("ppo.py: `--optimizer %s` is not supported here; using AdamW.", name)
+    fused = name == "adamw_torch_fused" and torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
