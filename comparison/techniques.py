@@ -45,7 +45,7 @@ def runner(name: str) -> Runner:
     if name == "ppo":
         from rlhf import ppo
 
-        return Runner(name, "ppo.py", _cached(ppo.make_parser), ppo.parse, frozenset(ppo._UNUSED))
+        return Runner(name, "ppo.py", _cached(ppo.make_parser), ppo.parse, frozenset(ppo.UNUSED_FLAGS))
     if name == "grpo":
         from rlhf import grpo
 

@@ -29,19 +29,19 @@ from typing import Optional
 
 from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PPOArguments, QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import format_flags
+from common.flags import checks
 from common.flags.checks import check_common, check_ppo
 
 log = logging.getLogger("finetune")
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments]
 # Shared flags that have no meaning for PPO rollouts.
-_UNUSED = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "eval_steps",
+UNUSED_FLAGS = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "eval_steps",
            "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length")
 
 
 def make_parser() -> FlagParser:
-    return FlagParser(ARG_GROUPS, hidden=_UNUSED, prog="ppo.py", defaults={"learning_rate": 1e-4, "max_steps": 100,
+    return FlagParser(ARG_GROUPS, hidden=UNUSED_FLAGS, prog="ppo.py", defaults={"learning_rate": 1e-4, "max_steps": 100,
                                                            "per_device_train_batch_size": 8, "logging_steps": 1},
                       description="PPO with LoRA on TriviaQA-style prompts, rewarded by a reward model "
                                   "(reward_model.py) or by exact match / F1 against the gold answers.")
@@ -55,9 +55,7 @@ def parse(argv: Optional[list[str]]) -> ParsedArgs:
         from rlhf.rewards import get_reward_function
 
         get_reward_function(args.reward_function)  # unknown names stop here, before any model loads
-    ignored = sorted(n for n in args.explicit if n in _UNUSED)
-    if ignored:
-        log.warning("ppo.py ignores flags that do not apply to PPO: %s.", format_flags(ignored))
+    checks.warn_ignored(args, UNUSED_FLAGS, "PPO")
     return args
 
 

@@ -139,20 +139,18 @@ def setup_ppo(args) -> PPORun:
 
 
 def _inputs(args) -> tuple:
-    """Output directory, the checkpoint to resume (checked before any model loads), model source, data."""
+    """The recipe's first steps (output dir, model source), the checkpoint to resume (checked before
+    any model loads), the data."""
     from common.data import qa
-    from common.model.source import inherit_from_adapter, resolve_model
-    from common.recipe import outputs
+    from common.recipe import outputs, pipeline
     from rlhf.ppo_checkpoint import check_checkpoint
 
-    out = outputs.prepare_output_dir(args, default="outputs/ppo")
-    resume = outputs.resolve_resume(args, out)
+    run = pipeline.begin(args, "ppo")
+    resume = outputs.resolve_resume(args, run.out)
     if resume:
         check_checkpoint(Path(resume))
-    source = resolve_model(args.model_id)
-    inherit_from_adapter(args, source)
     data = qa.load_qa_data(args, need_eval=False)
-    return out, resume, source, data
+    return run.out, resume, run.source, data
 
 
 def _accelerator(args, out: str) -> tuple:
