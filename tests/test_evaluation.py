@@ -48,16 +48,16 @@ def test_evaluate_formats_prompts_as_training_did(tiny_chat_llama, tmp_path):
     assert run_script("lora.py", ["--model_id", tiny_chat_llama, "--output_dir", run, "--max_steps", "1",
                                   "--use_chat_template", "false", "--prompt_template", "Q: {question}\nA:",
                                   *TRAIN]) == 0
-    from common.data import prompts
+    from common.evaluation import answers
 
     seen = []
-    real = prompts.generation_prompt
-    prompts.generation_prompt = lambda q, fmt, tok: seen.append(real(q, fmt, tok)) or seen[-1]
+    real = answers.generation_prompt
+    answers.generation_prompt = lambda q, fmt, tok: seen.append(real(q, fmt, tok)) or seen[-1]
     try:
         assert run_script("evaluate.py", ["--model_id", run, "--dataset_name", "triviaqa-sample",
                                           "--max_samples", "2", "--output_dir", tmp_path / "e"]) == 0
     finally:
-        prompts.generation_prompt = real
+        answers.generation_prompt = real
     assert seen and all(p.startswith("Q: ") and p.endswith("\nA:") for p in seen)
 
 

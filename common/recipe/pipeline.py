@@ -104,6 +104,10 @@ class Steps:
 
 def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     """Runs the recipe; -> (the run, its summary)."""
+    run = begin(args, steps.name)
+    steps.load_data(run)
+
+    # Nothing heavy is imported before the checks above: a mistake there is reported in a second.
     from transformers import set_seed
 
     from common.model import loss
@@ -114,9 +118,6 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     from common.recipe.config import trainer_kwargs
     from common.recipe.outputs import clear_previous_run
     from common.recipe.reporting import setup_reporting
-
-    run = begin(args, steps.name)
-    steps.load_data(run)
 
     # Model & tokenizer, before any weights
     run.precision = select_precision(args)
