@@ -7,7 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments)
+from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, ModelArguments, QuantizationArguments,
+                                 TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError
 from common.flags import checks
@@ -23,8 +24,8 @@ UNUSED_FLAGS = ("completion_only_loss", "packing", "padding_free", "eval_em_samp
 
 
 def make_parser() -> FlagParser:
-    return FlagParser(ARG_GROUPS, hidden=UNUSED_FLAGS, prog="grpo.py", defaults={"learning_rate": 1e-4, "logging_steps": 1,
-                                                            "per_device_train_batch_size": 8},
+    return FlagParser(ARG_GROUPS, hidden=UNUSED_FLAGS, prog="grpo.py",
+                      defaults={"learning_rate": 1e-4, "logging_steps": 1, "per_device_train_batch_size": 8},
                       description="GRPO with LoRA on TriviaQA-style prompts, rewarded by exact match / F1 against "
                                   "the gold answers (combinable, weighted) and/or a reward model.")
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PPOArguments, QuantizationArguments, TrainingArguments)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PPOArguments, QuantizationArguments,
+                                 TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags import checks
 from common.flags.checks import check_common, check_ppo

@@ -243,7 +243,6 @@ def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed:
     return build_pairs(src.rows, fmt, rejected, src.source, how)
 
 
-
 def unpaired_dataset(src: PreferenceSource, pairs):
     """KTO's unpaired feedback: (prompt, completion, label). From pairs: chosen is desirable and
     rejected undesirable; prompt/completion/label data is used as it is."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments, QuantizationArguments, TrainingArguments)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments,
+                                 QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError
 from common.flags.checks import check_common, check_preference
@@ -151,7 +152,8 @@ class RewardSteps(Steps):
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 run.source.base, num_labels=1, trust_remote_code=args.trust_remote_code, revision=args.revision,
-                dtype=run.precision.torch_dtype, quantization_config=quant, device_map=device_map_for(quant is not None))
+                dtype=run.precision.torch_dtype, quantization_config=quant,
+                device_map=device_map_for(quant is not None))
         except Exception as exc:
             raise hub_error(args.model_id, exc) from None
         model.config.pad_token_id = run.tokenizer.pad_token_id

@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments, QuantizationArguments, TrainingArguments)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments,
+                                 QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError
 from common.flags import checks

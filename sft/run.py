@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PromptLearningArguments, QuantizationArguments, TrainingArguments)
+from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PromptLearningArguments,
+                                 QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
 from common.flags.errors import UsageError
 from common.flags import checks
@@ -146,7 +147,8 @@ class SFTSteps(Steps):
         run.data = chat.load_sft_data(args, need_eval=args.eval_strategy != "no" or args.eval_em_samples > 0)
         if self.own_format(run) and args.eval_em_samples:
             raise UsageError(f"`--eval_em_samples` scores answers to questions; {run.data.source} is "
-                             f"{run.data.schema} data. Leave it at 0 (held-out loss is reported with `--eval_strategy`).")
+                             f"{run.data.schema} data. Leave it at 0 (held-out loss is reported with "
+                             f"`--eval_strategy`).")
         log.info("data: %d training rows from %s (schema: %s)%s", len(run.data.train), run.data.source,
                  run.data.schema, f", {len(run.data.eval)} held-out rows" if run.data.eval is not None else "")
 

@@ -37,7 +37,6 @@ FORMATS = {
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-
 def detect_format(columns) -> Optional[str]:
     cols = set(columns)
     if "messages" in cols:
@@ -51,7 +50,6 @@ def detect_format(columns) -> Optional[str]:
     return None
 
 
-
 # Rows -> messages ----------------------------------------------------------------------------
 
 def _content(value: Any, what: str, where: str) -> str:
@@ -59,7 +57,6 @@ def _content(value: Any, what: str, where: str) -> str:
         kind = "missing" if value is None else f"a {type(value).__name__}, not text"
         raise UsageError(f"{where}: {what} is {kind}; fix or remove that row.")
     return value
-
 
 
 def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[dict]:
@@ -97,7 +94,6 @@ def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[
     return out
 
 
-
 def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
     if fmt == "messages":
         return check_messages(row.get("messages"), where)
@@ -133,13 +129,11 @@ def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
     raise ValueError(fmt)
 
 
-
 def row_text(row: dict, where: str) -> str:
     text = _content(row.get("text"), "`text`", where)
     if not text.strip():
         raise UsageError(f"{where}: `text` is empty; fix or remove that row.")
     return text
-
 
 
 def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
@@ -163,7 +157,6 @@ def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
                   num_proc=num_proc, desc="Reading rows")
 
 
-
 # Loading -------------------------------------------------------------------------------------
 
 def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format") -> Optional[str]:
@@ -185,7 +178,6 @@ def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format"
         raise UsageError(f"`--{flag} {requested}`: {source} has no {', '.join(f'`{c}`' for c in missing)} column "
                          f"(columns: {', '.join(sorted(ds.column_names))}).")
     return requested
-
 
 
 def load_sft_data(args, need_eval: bool):
@@ -221,14 +213,12 @@ def load_sft_data(args, need_eval: bool):
     return qa.QAData(train=train, eval=eval_ds, schema=fmt, source=source)
 
 
-
 # Rendering -----------------------------------------------------------------------------------
 
 def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a")["input_ids"]
     return bos is not None and bool(ids) and ids[0] == bos
-
 
 
 def plain_template(tokenizer) -> str:
@@ -245,10 +235,8 @@ def plain_template(tokenizer) -> str:
             "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-
 def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
-
 
 
 def say_plain(tokenizer, model_id: str = "the model") -> None:
@@ -257,12 +245,10 @@ def say_plain(tokenizer, model_id: str = "the model") -> None:
                  "`Assistant: ...` + EOS; README, \"Your own data\").", model_id)
 
 
-
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     template = None if has_template(tokenizer) else plain_template(tokenizer)
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
-
 
 
 # Masking -------------------------------------------------------------------------------------
@@ -287,7 +273,6 @@ def assistant_spans(tokenizer, messages: list[dict], turns: str = "all") -> tupl
     return full, spans
 
 
-
 def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> dict:
     """-> {input_ids, labels}: labels are -100 except on the assistant's tokens (see module doc)."""
     full, spans = assistant_spans(tokenizer, messages, turns)
@@ -301,14 +286,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -
     return {"input_ids": ids, "labels": labels}
 
 
-
 def tokenize_text(tokenizer, text: str) -> dict:
     """Language modelling: the tokenizer's own special tokens plus EOS, every token trained."""
     ids = tokenizer(text)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
-
 
 
 def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int] = None):
@@ -327,13 +310,11 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
     return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
 
 
-
 @dataclass
 class Sample:
     prompt: str
     reference: str
     add_special_tokens: bool = False  # a rendered conversation carries its own; a text prefix does not
-
 
 
 def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
@@ -352,7 +333,6 @@ def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
     return out
 
 
-
 def sft_dataset_builder(args, tokenizer):
     """-> fn(dataset, num_proc) for sft/run.py. `--use_chat_template false` renders conversations
     as plain text even where the tokenizer has a template (the saved tokenizer then has none, so
@@ -360,7 +340,6 @@ def sft_dataset_builder(args, tokenizer):
     apply_template_flag(args, tokenizer)
     say_plain(tokenizer, args.model_id)
     return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)
-
 
 
 def apply_template_flag(args, tokenizer) -> None:

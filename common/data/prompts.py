@@ -19,9 +19,7 @@ class PromptFormat:
     raw: bool = False  # prompt-completion data: the prompt is used verbatim
 
 
-
 _ESCAPES = re.compile(r"\\([\\nt])")
-
 
 
 def unescape(text: str) -> str:
@@ -31,14 +29,12 @@ def unescape(text: str) -> str:
     return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-
 def check_template_flag(args, tokenizer) -> bool:
     """-> whether the tokenizer has a chat template; `--use_chat_template true` needs one."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.use_chat_template == "true" and not has_template:
         raise UsageError("`--use_chat_template true`: the tokenizer has no chat template; use `auto` or `false`.")
     return has_template
-
 
 
 def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
@@ -50,16 +46,13 @@ def prompt_format(args, tokenizer, schema: str) -> PromptFormat:
                         system_prompt=unescape(system) if system else None, raw=schema == "prompt-completion")
 
 
-
 def chat_messages(question: str, fmt: PromptFormat) -> list[dict]:
     messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
     return messages + [{"role": "user", "content": question}]
 
 
-
 def prompt_text(question: str, fmt: PromptFormat) -> str:
     return question if fmt.raw else fmt.template.replace("{question}", question)
-
 
 
 def sft_example(question: str, answer: str, fmt: PromptFormat) -> dict:
@@ -72,13 +65,11 @@ def sft_example(question: str, answer: str, fmt: PromptFormat) -> dict:
     return {"prompt": prompt_text(question, fmt), "completion": " " + answer}
 
 
-
 def generation_prompt(question: str, fmt: PromptFormat, tokenizer) -> str:
     """The exact text a model sees at inference, matching training."""
     if fmt.use_chat:
         return tokenizer.apply_chat_template(chat_messages(question, fmt), tokenize=False, add_generation_prompt=True)
     return prompt_text(question, fmt)
-
 
 
 def to_sft_dataset(ds, fmt: PromptFormat, num_proc: Optional[int] = None):
@@ -87,7 +78,6 @@ def to_sft_dataset(ds, fmt: PromptFormat, num_proc: Optional[int] = None):
         return {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
 
     return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Formatting")
-
 
 
 def auto_num_proc(requested: Optional[int], rows: int) -> Optional[int]:

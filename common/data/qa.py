@@ -21,14 +21,12 @@ SCHEMAS = {
 }
 
 
-
 @dataclass
 class QAData:
     train: Any  # datasets.Dataset with question / answer / aliases
     eval: Any  # same, or None
     schema: str
     source: str
-
 
 
 # Schemas -------------------------------------------------------------------------------------
@@ -47,7 +45,6 @@ def detect_schema(ds, source: str) -> str:
     raise UsageError(f"{source}: columns {sorted(cols)} match no known schema. Accepted: {accepted}.")
 
 
-
 def _text(value: Any, what: str, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         kind = "missing" if value is None else f"a {type(value).__name__}, not text"
@@ -58,14 +55,12 @@ def _text(value: Any, what: str, where: str) -> str:
     return text
 
 
-
 def _aliases(value: Any, answer: str, what: str, where: str) -> list[str]:
     out = [answer]
     for item in _strings(value, what, where):
         if item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
-
 
 
 def _strings(value: Any, what: str, where: str) -> list[str]:
@@ -79,20 +74,16 @@ def _strings(value: Any, what: str, where: str) -> list[str]:
     return list(value)
 
 
-
 # What the hub's TriviaQA builder writes where a split has no public answers (the test split).
 PLACEHOLDER_ANSWERS = {"<unk>"}
-
 
 
 def _is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in PLACEHOLDER_ANSWERS
 
 
-
 def _is_answerless(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or _is_placeholder(value)
-
 
 
 def _triviaqa_answers(answer: dict, names: dict, where: str) -> tuple[str, list[str]]:
@@ -116,7 +107,6 @@ def _triviaqa_answers(answer: dict, names: dict, where: str) -> tuple[str, list[
     return value, list(dict.fromkeys(truths))
 
 
-
 _HUB_NAMES = {"prefix": "answer", "value": "value", "aliases": "aliases", "normalized_aliases": "normalized_aliases",
               "human": ("human_answers", "normalized_human_answers")}
 
@@ -124,12 +114,10 @@ _OFFICIAL_NAMES = {"prefix": "Answer", "value": "Value", "aliases": "Aliases",
                    "normalized_aliases": "NormalizedAliases", "human": ("HumanAnswers",)}
 
 
-
 def _refuse_placeholder(value: str, what: str, where: str) -> str:
     if _is_placeholder(value):
         raise UsageError(f"{where}: no answer (`{what}` is the placeholder {value!r}); fix or remove that row.")
     return value
-
 
 
 def normalise_row(row: dict, schema: str, where: str) -> dict:
@@ -169,13 +157,11 @@ def normalise_row(row: dict, schema: str, where: str) -> dict:
     return {"question": question, "answer": value, "aliases": _aliases(row.get("aliases"), value, "aliases", where)}
 
 
-
 def _answer_list(value: Any) -> list:
     """SQuAD's `answers: {text: [...], answer_start: [...]}` or a plain list -> the list of answers."""
     if isinstance(value, dict):
         value = value.get("text")
     return list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
-
 
 
 def _answers_row(row: dict, where: str) -> dict:
@@ -191,7 +177,6 @@ def _answers_row(row: dict, where: str) -> dict:
     return {"question": question, "answer": answers[0], "aliases": list(dict.fromkeys(answers))}
 
 
-
 def has_answer(row: dict, schema: str) -> bool:
     """False where a row's answer is missing, empty or a placeholder (a split without public
     answers); anything else, malformed rows included, is left to normalise_row to judge."""
@@ -203,7 +188,6 @@ def has_answer(row: dict, schema: str) -> bool:
     if isinstance(answer, dict):
         answer = answer.get(_OFFICIAL_NAMES["value"] if schema == "triviaqa-official" else _HUB_NAMES["value"])
     return not _is_answerless(answer)
-
 
 
 def require_answers(ds, schema: str, source: str, flag: str, spec: str, splits: dict) -> None:
@@ -218,7 +202,6 @@ def require_answers(ds, schema: str, source: str, flag: str, spec: str, splits: 
     why = "; TriviaQA's test answers are not public" if "trivia_qa" in source else ""
     raise UsageError(f"`--{flag} {spec}` of {source} has no answers (every answer is missing or the placeholder "
                      f"'<unk>'{why}), so there is nothing to score or train on; {fix}.")
-
 
 
 def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
@@ -244,7 +227,6 @@ def normalise(ds, schema: str, source: str, num_proc: Optional[int] = None):
                          **({"weight": Value("int64")} if weighted else {})})
     return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                   num_proc=num_proc, desc="Reading rows")
-
 
 
 def load_qa_data(args, need_eval: bool, loaded: Optional[tuple] = None) -> QAData:

@@ -21,11 +21,9 @@ HUB_ALIASES = {"triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext")}
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-
 # Split specs ---------------------------------------------------------------------------------
 
 _SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
-
 
 
 def parse_split(spec: str, flag: str = "dataset_split") -> tuple[str, Optional[str], Optional[str]]:
@@ -35,14 +33,12 @@ def parse_split(spec: str, flag: str = "dataset_split") -> tuple[str, Optional[s
     return match.group(1), match.group(2), match.group(3)
 
 
-
 def _bound(text: Optional[str], n: int) -> Optional[int]:
     if text is None:
         return None
     if text.endswith("%"):
         return round(n * int(text[:-1]) / 100)
     return int(text)
-
 
 
 def select_split(splits: dict, spec: str, source: str, flag: str):
@@ -84,13 +80,11 @@ def heldout_spec(args, splits: dict, source: str, required: bool) -> Optional[st
     return None
 
 
-
 # Loading -------------------------------------------------------------------------------------
 
 def _looks_like_path(name: str) -> bool:
     # Hub ids are `name` or `owner/name`; anything else with a slash or a data suffix is a path.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in LOCAL_SUFFIXES
-
 
 
 def resolve_source(dataset_name: str) -> tuple[str, str]:
@@ -106,11 +100,9 @@ def resolve_source(dataset_name: str) -> tuple[str, str]:
     return "hub", dataset_name
 
 
-
 # Fields read as text. A column that mixes text with numbers is one `datasets` would store as JSON
 # text and decode again ("007" -> 7, "true" -> True); such files are read row by row instead.
 _TEXT_FIELDS = ("question", "answer", "prompt", "completion", "chosen", "rejected", "Question")
-
 
 
 def _scan_jsonl(path: str) -> tuple[Optional[tuple[int, str]], set]:
@@ -135,7 +127,6 @@ def _scan_jsonl(path: str) -> tuple[Optional[tuple[int, str]], set]:
     return None, {k for k, v in kinds.items() if len(v) > 1}
 
 
-
 def _stringify(records: list[dict], fields: set) -> list[dict]:
     for rec in records:
         for field in fields:
@@ -147,7 +138,6 @@ def _stringify(records: list[dict], fields: set) -> list[dict]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     holder[key] = str(value)
     return records
-
 
 
 def _is_json_lines(path: str) -> bool:
@@ -163,12 +153,10 @@ def _is_json_lines(path: str) -> bool:
         return False
 
 
-
 def _is_whole_document(path: str, first_line: str) -> bool:
     # A one-line JSON file holding a dict with a `Data` list is the TriviaQA release format.
     obj = json.loads(first_line)
     return "Data" in obj and isinstance(obj["Data"], list)
-
 
 
 def _official_rows(records: list, domain: Any = None, verified: Any = False) -> list[dict]:
@@ -216,7 +204,6 @@ def _official_rows(records: list, domain: Any = None, verified: Any = False) -> 
     return rows
 
 
-
 def _load_json_document(path: str) -> dict:
     from datasets import Dataset
 
@@ -244,7 +231,6 @@ def _load_json_document(path: str) -> dict:
     return {"train": _from_records(records, path)}
 
 
-
 def _from_records(records: list[dict], path: str):
     from datasets import Dataset
 
@@ -253,7 +239,6 @@ def _from_records(records: list[dict], path: str):
         return Dataset.from_list([{k: r.get(k) for k in keys} for r in records])
     except Exception as exc:  # arrow cannot unify the row types
         raise UsageError(f"{path}: rows have inconsistent types ({str(exc).splitlines()[0][:200]}).") from None
-
 
 
 def _load_jsonl(path: str) -> dict:
@@ -270,7 +255,6 @@ def _load_jsonl(path: str) -> dict:
     with open(path, encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     return {"train": _from_records(_stringify(records, mixed | {f for f in _TEXT_FIELDS}), path)}
-
 
 
 def _load_local(path: str) -> dict:
@@ -310,7 +294,6 @@ def _load_local(path: str) -> dict:
         raise UsageError(f"{path}: could not be read as {suffix[1:]} ({str(exc).splitlines()[0][:200]}).") from None
 
 
-
 def _load_hub(name: str, config: Optional[str]) -> dict:
     from datasets import load_dataset
 
@@ -323,7 +306,6 @@ def _load_hub(name: str, config: Optional[str]) -> dict:
             f"`--dataset_name {name}`: could not load hub dataset {repo!r} ({first}). Without network, pass a "
             f"local file or directory, `triviaqa-sample`, or set HF_DATASETS_OFFLINE=1 to use a cached copy."
         ) from None
-
 
 
 def load_splits(dataset_name: str, dataset_config: Optional[str] = None) -> tuple[dict, str]:

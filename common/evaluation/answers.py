@@ -17,7 +17,6 @@ def generate_answers(model, tokenizer, questions: list[str], fmt: PromptFormat, 
     return [answer_from_ids(tokenizer, ids, stops) for ids in generated]
 
 
-
 def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batch_size: int = 16,
                  max_new_tokens: int = 16, progress: bool = False) -> list[list[int]]:
     """Greedy continuations of the questions' prompts, as token ids up to and including the first
@@ -42,7 +41,6 @@ def generate_ids(model, tokenizer, questions: list[str], fmt: PromptFormat, batc
             bar.close()
 
 
-
 def prompt_ids(tokenizer, prompts: list[str], use_chat: bool) -> list[list[int]]:
     """Prompt texts -> the ids SFT training puts before the answer. A chat template's rendering is
     tokenized with nothing added (it writes its own BOS). Plain text keeps the special tokens the
@@ -60,13 +58,11 @@ def prompt_ids(tokenizer, prompts: list[str], use_chat: bool) -> list[list[int]]
     return out
 
 
-
 def answer_from_ids(tokenizer, ids: list[int], stop_ids) -> str:
     """Generated ids -> answer: up to the first stop id, decoded, then `extract_answer`."""
     stops = set(stop_ids)
     cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     return extract_answer(tokenizer.decode(ids[:cut], skip_special_tokens=True))
-
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -77,7 +73,6 @@ def stop_token_ids(tokenizer) -> list[int]:
         if token in vocab:
             ids.add(vocab[token])
     return sorted(i for i in ids if i is not None)
-
 
 
 def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16, max_new_tokens: int = 16,
@@ -96,7 +91,6 @@ def evaluate_qa(model, tokenizer, rows, fmt: PromptFormat, batch_size: int = 16,
         records.append({"question": q, "gold_aliases": list(gold), "prediction": pred, **s,
                         **({"weight": weight} if weight is not None else {})})
     return summarize(records, elapsed), records
-
 
 
 def summarize(records: list[dict], elapsed: float) -> dict:
@@ -120,7 +114,6 @@ def summarize(records: list[dict], elapsed: float) -> dict:
     if denominator != n:
         summary["denominator"] = denominator  # question-document pairs, as the official script counts them
     return summary
-
 
 
 def gather_records(records: list[dict], elapsed: float, world: int) -> tuple[list[dict], float]:

@@ -28,7 +28,6 @@ from typing import Callable, Optional, Sequence
 _NEWLINE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-
 def newline_ids(tokenizer) -> frozenset:
     """Ids of the tokens whose text contains a newline: the answer ends at the first of them."""
     cached = _NEWLINE_IDS.get(tokenizer)
@@ -37,7 +36,6 @@ def newline_ids(tokenizer) -> frozenset:
         cached = (len(tokenizer), frozenset(i for i, t in enumerate(texts) if "\n" in t))
         _NEWLINE_IDS[tokenizer] = cached
     return cached[1]
-
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, stop_ids: Sequence[int],
@@ -66,7 +64,6 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, pad_id: int, sto
     finally:
         model.train(was_training)
     return [o or [] for o in out]
-
 
 
 def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> list[list[int]]:
@@ -122,7 +119,6 @@ def _greedy_batch(model, prompts, pad_id: int, finish, max_new_tokens: int) -> l
     return result
 
 
-
 @contextlib.contextmanager
 def plain_lora_forward(model):
     """Inside this block, eval-mode LoRA layers on plain `nn.Linear`s compute their output with the
@@ -143,7 +139,6 @@ def plain_lora_forward(model):
     finally:
         for module in swapped:
             del module.forward
-
 
 
 def _plain_lora(module):
@@ -181,7 +176,6 @@ def _plain_lora(module):
     return forward
 
 
-
 def _first_inputs(model, ids, mask, max_new_tokens: int):
     """(callable, first-step inputs, attention mask over everything the first step attends to)."""
     import torch
@@ -205,13 +199,11 @@ def _first_inputs(model, ids, mask, max_new_tokens: int):
                      f"prefix tuning, P-tuning and prompt tuning.")
 
 
-
 def _input_device(model):
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
-
 
 
 def _forward_parameters(model) -> set:
@@ -221,7 +213,6 @@ def _forward_parameters(model) -> set:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
-
 
 
 def _cache_of(output):

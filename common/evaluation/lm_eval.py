@@ -12,7 +12,6 @@ import time
 SAMPLES = 5  # held-out prompts answered in samples.jsonl
 
 
-
 def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int]:
     """-> (summed negative log-likelihood, number of trained tokens) over {input_ids, labels} rows."""
     import torch
@@ -44,7 +43,6 @@ def token_loss(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int
     return total, count
 
 
-
 def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations of each prompt (rendered text, tokenized as SFT tokenizes it), through the
     project's one decoder (common/evaluation/generation.py, right for every adapter type). A reply may span
@@ -58,7 +56,6 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_siz
     generated = greedy_generate(model, encoded, pad_id=pad, stop_ids=stops, end_ids=(), batch_size=batch_size,
                                 max_new_tokens=max_new_tokens)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-
 
 
 def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:

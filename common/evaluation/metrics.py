@@ -14,7 +14,6 @@ _PUNCTUATION = set(string.punctuation + "‘’´`")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-
 def normalize_answer(text: str) -> str:
     """Underscores to spaces, lowercase, punctuation to spaces, drop a/an/the, collapse spaces."""
     text = text.replace("_", " ").lower()
@@ -23,10 +22,8 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).strip()
 
 
-
 def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
-
 
 
 def f1_score(prediction: str, gold: str) -> float:
@@ -41,10 +38,8 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-
 def best_over_aliases(metric, prediction: str, aliases: Iterable[str]) -> float:
     return max((metric(prediction, gold) for gold in aliases), default=0.0)
-
 
 
 def score(prediction: str, aliases: Iterable[str]) -> dict[str, float]:
@@ -53,13 +48,11 @@ def score(prediction: str, aliases: Iterable[str]) -> dict[str, float]:
             "f1": best_over_aliases(f1_score, prediction, aliases)}
 
 
-
 # Tokens that end a model's turn. Generation stops at them and at the tokenizer's EOS; a text that
 # still shows one (decoded without skipping special tokens) ends there too.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 
 _END_TEXTS = ("\n",) + END_OF_TURN_TOKENS + ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
-
 
 
 def extract_answer(generated: str) -> str:

@@ -22,7 +22,6 @@ def make_parser():
                                   "scripts, scored like the official TriviaQA evaluation script.")
 
 
-
 def run_evaluate(args) -> dict:
     import json
     import os
@@ -96,7 +95,6 @@ def run_evaluate(args) -> dict:
           f"time={summary['time_s']:.1f}s  ({summary['samples_per_s']} samples/s)\n"
           f"written to {out.resolve()}/eval_results.json and predictions.jsonl", flush=True)
     return summary
-
 
 
 def main(argv=None) -> int:

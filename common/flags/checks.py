@@ -20,7 +20,6 @@ def _choice(flag: str, value: str, allowed) -> None:
         raise UsageError(f"`--{flag}` {value!r} is not a known name" + hint)
 
 
-
 def _positive(args: ParsedArgs, names: list[str], strict: bool = True) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -31,10 +30,8 @@ def _positive(args: ParsedArgs, names: list[str], strict: bool = True) -> None:
             raise UsageError(f"`--{name}` must be {bound} (got {value}).")
 
 
-
 def reporters(report_to: str) -> list[str]:
     return [r.strip().lower() for r in report_to.split(",") if r.strip()]
-
 
 
 def check_common(args: ParsedArgs) -> None:
@@ -80,7 +77,6 @@ def check_common(args: ParsedArgs) -> None:
                          "liger-kernel`, or leave the flag off.")
 
 
-
 def check_sft(technique: str, args: ParsedArgs) -> None:
     """SFT-only flag checks."""
     for name in ("packing", "padding_free"):
@@ -92,7 +88,6 @@ def check_sft(technique: str, args: ParsedArgs) -> None:
                              f"from attending to each other: add `--attn_implementation flash_attention_2` (CUDA, "
                              f"`pip install flash-attn`), or leave `--{name}` off (length-grouped batches already "
                              f"keep padding low).")
-
 
 
 def check_preference(args: ParsedArgs, kind: str) -> None:
@@ -107,7 +102,6 @@ def check_preference(args: ParsedArgs, kind: str) -> None:
                          f"{args.max_seq_length}`, which bounds prompt plus answer.")
 
 
-
 def check_ppo(args: ParsedArgs) -> None:
     if bool(args.reward_model) == bool(args.reward_function):
         raise UsageError("give exactly one of `--reward_model DIR` and `--reward_function triviaqa_em|triviaqa_f1`.")
@@ -118,7 +112,6 @@ def check_ppo(args: ParsedArgs) -> None:
         value = getattr(args, name)
         if not 0 <= value <= 1:
             raise UsageError(f"`--{name}` must be in [0, 1] (got {value}).")
-
 
 
 def check_grpo(args: ParsedArgs) -> None:
@@ -138,7 +131,6 @@ def check_grpo(args: ParsedArgs) -> None:
     _positive(args, ["beta"], strict=False)
     if args.num_generations < 2:
         raise UsageError("`--num_generations` must be >= 2: GRPO compares answers within a group.")
-
 
 
 def warn_ignored(args: ParsedArgs, unused, technique: str) -> None:

@@ -7,7 +7,6 @@ class UsageError(ValueError):
     """A mistake in the user's flags or files: reported as one line, exit code 2."""
 
 
-
 def format_flags(names) -> str:
     return ", ".join(f"`--{n}`" for n in sorted(names))
 

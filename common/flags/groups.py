@@ -11,7 +11,6 @@ def flag(default: Any = None, help: str = "", **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
-
 # Model & tokenizer
 @dataclass
 class ModelArguments:
@@ -41,7 +40,6 @@ class ModelArguments:
     )
 
 
-
 @dataclass
 class QuantizationArguments:
     load_in_4bit: bool = flag(False, "Load the base model in 4-bit (bitsandbytes): QLoRA. qlora.py turns this on.")
@@ -53,7 +51,6 @@ class QuantizationArguments:
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = flag(
         "auto", "dtype of the 4-bit matmuls. `auto` follows the training precision."
     )
-
 
 
 # Dataset
@@ -94,7 +91,6 @@ class DataArguments:
         "all", "Conversations: train on every assistant turn (`all`) or on the last one only (`last`).")
 
 
-
 # LoRA family
 @dataclass
 class LoraArguments:
@@ -110,13 +106,13 @@ class LoraArguments:
         "Comma-separated module names to adapt, or `all-linear`. Fused names are translated between "
         "architectures (`query_key_value` means GPT-2's `c_attn`, or Llama's q/k/v projections).",
     )
-    modules_to_save: Optional[str] = flag(None, "Comma-separated extra modules trained in full and saved (e.g. `lm_head`).")
+    modules_to_save: Optional[str] = flag(
+        None, "Comma-separated extra modules trained in full and saved (e.g. `lm_head`).")
     use_rslora: bool = flag(False, "Rank-stabilised scaling alpha/sqrt(r): helps at high ranks.")
     use_dora: bool = flag(False, "Weight-decomposed LoRA (DoRA). dora.py turns this on.")
     dora_ephemeral_gpu_offload: bool = flag(
         False, "DoRA: compute the weight norms on the GPU for CPU-offloaded layers (PEFT runtime option)."
     )
-
 
 
 # Prompt learning (prefix tuning, P-tuning, prompt tuning)
@@ -149,7 +145,6 @@ class PromptLearningArguments:
     )
 
 
-
 # Training
 @dataclass
 class TrainingArguments:
@@ -167,21 +162,24 @@ class TrainingArguments:
     # when memory allows (bench/README.md).
     gradient_checkpointing: bool = flag(True, "Recompute activations in the backward pass: less memory, ~30% "
                                             "slower. `False` when memory allows.")
-    optimizer: str = flag("adamw_torch", "Optimizer name as in transformers (`adamw_torch_fused`, `paged_adamw_8bit`, ...).",
+    optimizer: str = flag("adamw_torch",
+                          "Optimizer name as in transformers (`adamw_torch_fused`, `paged_adamw_8bit`, ...).",
                         aliases=("optim",))
     learning_rate: float = flag(2e-4, "Peak learning rate. LoRA: 1e-4-3e-4; prompt learning: 1e-3-3e-2.")
     weight_decay: float = flag(0.0, "AdamW weight decay.")
     max_grad_norm: float = flag(1.0, "Gradient clipping norm (the QLoRA paper uses 0.3).")
     warmup_ratio: float = flag(0.03, "Fraction of the steps spent warming the learning rate up.")
     warmup_steps: int = flag(0, "Warm-up steps; overrides --warmup_ratio when > 0.")
-    lr_scheduler_type: str = flag("linear", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
+    lr_scheduler_type: str = flag(
+        "linear", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
     logging_steps: int = flag(10, "Log every N steps.")
     save_strategy: Literal["no", "steps", "epoch"] = flag("steps", "When to write checkpoints.")
     save_steps: int = flag(500, "Checkpoint every N steps with --save_strategy steps.")
     save_total_limit: Optional[int] = flag(2, "Keep at most N checkpoints (oldest deleted).")
     eval_strategy: Literal["no", "steps", "epoch"] = flag("no", "When to evaluate on the held-out split.",
                                                        aliases=("evaluation_strategy",))
-    eval_steps: Optional[int] = flag(None, "Evaluate every N steps with --eval_strategy steps (default: --logging_steps).")
+    eval_steps: Optional[int] = flag(
+        None, "Evaluate every N steps with --eval_strategy steps (default: --logging_steps).")
     eval_em_samples: int = flag(
         0, "Score TriviaQA exact match / F1 by generation on N held-out questions at each evaluation and at the "
         "end (0: off). 200 takes well under a minute on a GPU."
@@ -208,7 +206,6 @@ class TrainingArguments:
     ddp_find_unused_parameters: Optional[bool] = flag(None, "DDP: look for unused parameters (slower).")
 
 
-
 KNOWN_REPORTERS = ("none", "tensorboard", "wandb")
 
 
@@ -232,7 +229,6 @@ SCHEDULERS = (
 )
 
 
-
 # Evaluation and merging
 @dataclass
 class EvalArguments:
@@ -240,7 +236,6 @@ class EvalArguments:
     max_samples: Optional[int] = flag(None, "Score only the first N questions of the split.")
     batch_size: int = flag(16, "Questions answered per batch.")
     max_new_tokens: int = flag(16, "Longest answer generated; TriviaQA answers are short.")
-
 
 
 @dataclass
@@ -255,10 +250,8 @@ class MergeArguments:
     trust_remote_code: bool = flag(False, "Run Python code shipped with the base model (only for repos you trust).")
 
 
-
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
 
 
 # Preference optimisation
@@ -277,7 +270,6 @@ class PreferenceArguments:
     simpo_gamma: float = flag(0.5, "SimPO: target reward margin (the paper's gamma; 0.5-1.5).")
     desirable_weight: float = flag(1.0, "KTO: weight of desirable examples (raise it when they are the minority).")
     undesirable_weight: float = flag(1.0, "KTO: weight of undesirable examples.")
-
 
 
 # PPO
@@ -302,7 +294,6 @@ class PPOArguments:
     ppo_epochs: int = flag(4, "Optimisation passes over each batch of rollouts.")
     num_mini_batches: int = flag(1, "Mini-batches per rollout batch; each mini-batch is one optimizer step.")
     max_prompt_length: int = flag(256, "Longest prompt in tokens; longer prompts stop the run (exit 2).")
-
 
 
 # GRPO

@@ -24,7 +24,6 @@ _TRUE = {"true", "1", "yes", "y", "t", "on"}
 _FALSE = {"false", "0", "no", "n", "f", "off"}
 
 
-
 def str_to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -36,14 +35,12 @@ def str_to_bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/1/0, got {value!r}")
 
 
-
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0], True
     return tp, False
-
 
 
 def _none_or(convert):
@@ -56,7 +53,6 @@ def _none_or(convert):
     return parse
 
 
-
 def _choice(choices: tuple):
     lookup = {str(c).lower(): c for c in choices}
 
@@ -67,7 +63,6 @@ def _choice(choices: tuple):
         return lookup[key]
 
     return choice
-
 
 
 def _value_kwargs(hint: Any) -> dict[str, Any]:
@@ -84,7 +79,6 @@ def _value_kwargs(hint: Any) -> dict[str, Any]:
     return {"type": _none_or(base) if optional else base, "metavar": _METAVARS.get(base)}
 
 
-
 # --help ------------------------------------------------------------------------------------------
 
 GROUP_TITLES = {
@@ -99,7 +93,6 @@ GROUP_TITLES = {
 _OUTPUT_DEFAULTS = {"evaluate.py": "outputs/eval", "merge.py": None}
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
-
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -119,7 +112,6 @@ class _HelpFormatter(argparse.HelpFormatter):
             return text
         shown = str(action.default).replace("\n", "\\n").replace("%", "%%")
         return f"{text} (default: {shown})"
-
 
 
 # The library parser ------------------------------------------------------------------------------
@@ -151,7 +143,6 @@ def _library_parser():
     return Parser
 
 
-
 @dataclass
 class ParsedArgs:
     """All dataclass instances of one script, plus which flags the user actually set."""
@@ -181,7 +172,6 @@ class ParsedArgs:
 
     def secret_fields(self) -> set[str]:
         return {f.name for obj in self.groups.values() for f in dataclasses.fields(obj) if f.metadata.get("secret")}
-
 
 
 class FlagParser:

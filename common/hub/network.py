@@ -35,10 +35,8 @@ CONNECT_TIMEOUT_S = 3.0
 _state: dict = {"user": None, "online": None, "reachable": None}
 
 
-
 def _is_true(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in _TRUE
-
 
 
 def user_wants_offline() -> bool:
@@ -46,7 +44,6 @@ def user_wants_offline() -> bool:
     user = _state["user"] if _state["user"] is not None else {k: os.environ.get(k) for k in
                                                                (*_VARS, "TRANSFORMERS_OFFLINE")}
     return _is_true(user.get("HF_HUB_OFFLINE")) or _is_true(user.get("TRANSFORMERS_OFFLINE"))
-
 
 
 def _apply(offline: bool) -> None:
@@ -73,13 +70,11 @@ def _apply(offline: bool) -> None:
     _state["online"] = not offline
 
 
-
 def start_offline() -> None:
     """At the start of every run: no network until a hub id asks for it (see `need_hub`)."""
     _state["user"] = {k: os.environ.get(k) for k in (*_VARS, "TRANSFORMERS_OFFLINE")}
     _state["reachable"] = None
     _apply(offline=True)
-
 
 
 def go_online() -> None:
@@ -88,11 +83,9 @@ def go_online() -> None:
         _apply(offline=False)
 
 
-
 def endpoint() -> tuple[str, int]:
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-
 
 
 def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
@@ -115,11 +108,9 @@ def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
     return _state["reachable"]
 
 
-
 def _hf_home() -> Path:
     return Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
                 / "huggingface").expanduser()
-
 
 
 def is_cached(repo: str, kind: str) -> bool:
@@ -135,15 +126,12 @@ def is_cached(repo: str, kind: str) -> bool:
     return False
 
 
-
 def in_run() -> bool:
     return _state["user"] is not None
 
 
-
 def end_run() -> None:
     _state["user"] = None
-
 
 
 def need_hub(subject: str, repo: str, kind: str) -> None:

@@ -21,10 +21,8 @@ UPLOAD_FAILED = 3  # exit code: the run finished and is saved locally; only the 
 IGNORE = ["checkpoint-*/**", "wandb/**", "runs/**", "*.lock", ".*"]
 
 
-
 class UploadFailed(Exception):
     """The finished run is saved locally; its upload did not go through. str() is the one line to print."""
-
 
 
 def token(args=None) -> Optional[str]:
@@ -43,7 +41,6 @@ def token(args=None) -> Optional[str]:
         return None
 
 
-
 def check_push(args) -> None:
     """Before any model loads: --push_to_hub needs credentials and must not contradict HF_HUB_OFFLINE."""
     if not getattr(args, "push_to_hub", False):
@@ -56,10 +53,8 @@ def check_push(args) -> None:
                          "`--push_to_hub` off and upload later with `hf upload`.")
 
 
-
 def upload_command(repo: str, out: str) -> str:
     return f"hf upload {shlex.quote(repo)} {shlex.quote(str(out))} . --exclude 'checkpoint-*/**'"
-
 
 
 def push_result(args, out: str) -> str:

@@ -25,7 +25,6 @@ _QKV_FUSED = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "qkv")
 _QKV_SPLIT = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
 
 
-
 def linear_module_names(model) -> list[str]:
     """Leaf names of the layers LoRA can adapt (Linear, GPT-2's Conv1D, bitsandbytes layers)."""
     import torch
@@ -38,7 +37,6 @@ def linear_module_names(model) -> list[str]:
             if leaf not in ("lm_head", "score") and "lora_" not in full:
                 names.add(leaf)
     return sorted(names)
-
 
 
 def resolve_target_modules(model, requested: str, warn=log.warning) -> Any:
@@ -72,7 +70,6 @@ def resolve_target_modules(model, requested: str, warn=log.warning) -> Any:
     return out
 
 
-
 def model_dims(model) -> dict[str, int]:
     """token_dim / num_layers / num_attention_heads / num_transformer_submodules of a causal LM."""
     cfg = model.config
@@ -93,7 +90,6 @@ def model_dims(model) -> dict[str, int]:
     }
 
 
-
 def _dims(args, model) -> dict[str, int]:
     dims = model_dims(model)
     for key, inferred in dims.items():
@@ -102,7 +98,6 @@ def _dims(args, model) -> dict[str, int]:
             raise UsageError(f"`--{key} {given}` contradicts the model, which has {key}={inferred}; drop the flag "
                              f"(it is inferred) or pass {inferred}.")
     return dims
-
 
 
 def build_peft_config(technique: str, args, model, tokenizer_path: str | None = None):
@@ -153,12 +148,10 @@ def build_peft_config(technique: str, args, model, tokenizer_path: str | None = 
     raise ValueError(f"unknown technique {technique!r}")
 
 
-
 # LoRA flags and their keys in adapter_config.json.
 _SAVED_LORA_SETTINGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_bias": "bias",
                         "use_rslora": "use_rslora", "use_dora": "use_dora", "target_modules": "target_modules",
                         "modules_to_save": "modules_to_save"}
-
 
 
 def _comparable(value):
@@ -170,7 +163,6 @@ def _comparable(value):
     if isinstance(value, (int, float)):
         return float(value)
     return [value] if isinstance(value, str) else value
-
 
 
 def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
@@ -187,7 +179,6 @@ def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
             shown = ",".join(sorted(kept)) if isinstance(kept, (list, tuple, set)) else kept
             out.append(f"`--{flag} {given}` (saved: {shown})")
     return out
-
 
 
 def attach_adapter(technique: str, args, model, source):
@@ -221,7 +212,6 @@ def attach_adapter(technique: str, args, model, source):
     tokenizer_path = source.adapter_dir or source.base
     model = shardable(get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path)))
     return share_dropout(model, args) if technique in LORA_FAMILY else model
-
 
 
 def share_dropout(model, args):

@@ -36,7 +36,6 @@ class _KeepMask(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
-
 def _generator(device: torch.device):
     """The default random generator of `device`, whose state can be saved and replayed; None where
     there is none to replay (the layer then falls back to `F.dropout`, unshared)."""
@@ -47,17 +46,14 @@ def _generator(device: torch.device):
     return None
 
 
-
 def _steps(p: float) -> int:
     """p in 1/65,536ths, the resolution of the masks."""
     return round(p * 65536)
 
 
-
 def effective_p(p: float) -> float:
     """The dropout probability the masks apply: `p` to the nearest 1/65,536 (0.05 -> 0.0500031)."""
     return _steps(p) / 65536
-
 
 
 def _keep(shape, device, p: float, generator) -> torch.Tensor:
@@ -68,16 +64,13 @@ def _keep(shape, device, p: float, generator) -> torch.Tensor:
     return words.view(torch.int16)[:n].view(shape) >= _steps(p) - 32768
 
 
-
 def _scale(p: float) -> float:
     return 1.0 / (1.0 - effective_p(p))
-
 
 
 def drop(x: torch.Tensor, p: float, generator=None) -> torch.Tensor:
     """x with a mask drawn from `generator` (default: the device's default generator) applied."""
     return _KeepMask.apply(x, _keep(x.shape, x.device, p, generator), _scale(p))
-
 
 
 class LoraInputDropout(torch.nn.Dropout):
@@ -141,7 +134,6 @@ class LoraInputDropout(torch.nn.Dropout):
         out = drop(x, self.p, generator)
         self._last = (weakref.ref(key), key._version, state, weakref.ref(out), grad)
         return out
-
 
 
 def share_lora_dropout(model, shared: bool = True) -> int:

@@ -14,7 +14,6 @@ from common.model.source import ModelSource, resolve_model
 log = logging.getLogger("finetune")
 
 
-
 def device_map_for(quantized: bool):
     """Each process of a multi-process launch loads onto its own device."""
     if not quantized or fsdp_enabled():
@@ -26,7 +25,6 @@ def device_map_for(quantized: bool):
 
         return {"": PartialState().local_process_index}
     return {"": "cpu"}
-
 
 
 def hub_error(model_id: str, exc: Exception) -> UsageError:
@@ -43,7 +41,6 @@ def hub_error(model_id: str, exc: Exception) -> UsageError:
                           f"({first}); pass a local model directory, or download it on a machine with network.")
     return UsageError(f"`--model_id` {model_id}: could not load ({first}). Without network, use a local model "
                       f"directory or set HF_HUB_OFFLINE=1 to use the local cache.")
-
 
 
 # Tokenizer -----------------------------------------------------------------------------------
@@ -64,7 +61,6 @@ def load_tokenizer(source: ModelSource, args):
     return tokenizer
 
 
-
 def ensure_eos_token(tokenizer, model_id: str) -> None:
     """Every answer is trained to end with EOS and generation stops there. BERT-style tokenizers
     have none: their SEP token, which closes every sequence they encode, takes its place."""
@@ -77,7 +73,6 @@ def ensure_eos_token(tokenizer, model_id: str) -> None:
         return
     raise UsageError(f"`--model_id` {model_id}: the tokenizer has neither an EOS nor a SEP token to end answers "
                      f"with; set `eos_token` to a token of its vocabulary in the model's tokenizer_config.json.")
-
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -98,7 +93,6 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = candidates[0]
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
 
 
 # Model ---------------------------------------------------------------------------------------
@@ -144,7 +138,6 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
     return model
 
 
-
 def prepare_kbit_training(model, gradient_checkpointing: bool):
     """PEFT's preparation of a quantized model for training, except under FSDP: there it would cast
     embeddings and norms to float32 next to 4-bit weights stored in the training dtype, and FSDP
@@ -162,7 +155,6 @@ def prepare_kbit_training(model, gradient_checkpointing: bool):
     return model
 
 
-
 def enable_checkpointing(model, kwargs: dict) -> None:
     """Gradient checkpointing on a transformers model, under the name transformers 5.24 uses (its old
     name, `gradient_checkpointing_enable`, prints a deprecation warning)."""
@@ -170,7 +162,6 @@ def enable_checkpointing(model, kwargs: dict) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
 
 
 def keep_float32_trainables(model, precision: Precision) -> None:
@@ -186,7 +177,6 @@ def keep_float32_trainables(model, precision: Precision) -> None:
             param.data = param.data.float()
 
 
-
 def shardable(model):
     """Under FSDP, a 4-bit model with its adapter attached: every parameter in the 4-bit storage dtype
     (PEFT creates adapters in float32 or the compute dtype). FSDP keeps float32 copies of the trainable
@@ -198,7 +188,6 @@ def shardable(model):
         if param.__class__.__name__ != "Params4bit" and param.is_floating_point() and param.dtype != storage:
             param.data = param.data.to(storage)
     return model
-
 
 
 def _encoder_only(source: ModelSource, args) -> bool:
@@ -213,10 +202,8 @@ def _encoder_only(source: ModelSource, args) -> bool:
     return getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
 
 
-
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -231,7 +218,6 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
 
 
 def load_for_inference(args, precision: Precision):

@@ -43,7 +43,6 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
-
 def _chunk_stats(hidden, weight, bias, targets):
     """Log-probability of each target, and without gradient the entropy, whether the target is the
     argmax and the mean logit (what TRL's trainers log), for one chunk of positions."""
@@ -57,7 +56,6 @@ def _chunk_stats(hidden, weight, bias, targets):
         is_top1 = logits.argmax(-1) == targets
         mean_logits = logits.mean(-1)
     return log_probs, entropy, is_top1, mean_logits
-
 
 
 def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
@@ -76,7 +74,6 @@ def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-
 def supports(model) -> bool:
     """Whether `lm_head(last_hidden_state)` is the model's logits (no scaling or soft-capping)."""
     config = model.config
@@ -84,7 +81,6 @@ def supports(model) -> bool:
         return False
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS) \
         and model.get_output_embeddings() is not None
-
 
 
 def install(trainer) -> bool:
@@ -98,7 +94,6 @@ def install(trainer) -> bool:
     if installed and getattr(trainer, "ref_model", None) is not None:
         _patch(trainer.ref_model)
     return installed
-
 
 
 def _patch(base) -> bool:

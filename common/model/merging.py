@@ -15,12 +15,10 @@ from common.flags.parser import FlagParser
 log = logging.getLogger("finetune")
 
 
-
 def make_parser() -> FlagParser:
     return FlagParser([MergeArguments], prog="merge.py",
                       description="Merge a LoRA, DoRA or QLoRA adapter into its base model; saves safetensors "
                                   "and the tokenizer.")
-
 
 
 def run_merge(args) -> Path:
@@ -85,7 +83,6 @@ def run_merge(args) -> Path:
     return out
 
 
-
 def merge_dtype(args, source, trained: dict, quantized: bool):
     """`--merge_dtype auto`: the base model's own 16/32-bit dtype; for a quantized run, the compute
     dtype its adapter was trained in on a GPU (fp32 on the CPU, where bitsandbytes computes in fp32)."""
@@ -107,7 +104,6 @@ def merge_dtype(args, source, trained: dict, quantized: bool):
     config = AutoConfig.from_pretrained(source.base, trust_remote_code=args.trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
 
 
 def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
@@ -136,7 +132,6 @@ def dequantized_base(source, flags: dict, dtype, trust_remote_code: bool):
     return model
 
 
-
 def merged_run_config(args, source, trained: dict, quantized: bool, dtype) -> dict:
     """run_config.json of a merged model: the prompt format of the run that trained the adapter,
     which evaluate.py and runs chained on the merged model take over (its quantization flags are
@@ -152,7 +147,6 @@ def merged_run_config(args, source, trained: dict, quantized: bool, dtype) -> di
                       "merged_into_dequantized_base": quantized},
             "data": trained.get("data", {}),
             "adapter_run": trained}
-
 
 
 def main(argv=None) -> int:

@@ -29,14 +29,12 @@ class Precision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.mode]
 
 
-
 # CPU bf16 autocast pays only where the matrix products outweigh the casts around them. Issue #17
 # measured, on a CPU with bf16 instructions, a 3M-parameter Llama 1.3x slower under autocast and an
 # 80M one 2.3x faster; below this size `--use_bfloat16` stays in float32 on the CPU. On our AMD EPYC
 # (AVX512-BF16), bench/bench_bf16.py saw autocast win from ~1M parameters, on a loaded machine:
 # README "Performance". 10M is above the slow case on both.
 CPU_BF16_MIN_PARAMETERS = 10_000_000
-
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -50,7 +48,6 @@ def cpu_bf16_flags() -> list[str]:
     except OSError:  # not Linux: no bf16 detection, so float32
         return []
     return sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
-
 
 
 def estimate_parameters(model_id: str) -> Optional[int]:
@@ -73,7 +70,6 @@ def estimate_parameters(model_id: str) -> Optional[int]:
         return int(embeddings + layers * (4 * width * width + 3 * width * inner))
     except Exception:  # an adapter dir, an unusual config: size unknown
         return None
-
 
 
 def select_precision(args, warn=log.warning) -> Precision:
@@ -100,7 +96,6 @@ def select_precision(args, warn=log.warning) -> Precision:
     return precision
 
 
-
 def _precision_from_flags(args, warn) -> Precision:
     import torch
 
@@ -116,7 +111,6 @@ def _precision_from_flags(args, warn) -> Precision:
             return Precision("fp16")
         warn("`--fp16`: no CUDA GPU; training in float32 on the CPU.")
     return Precision("fp32")
-
 
 
 def _cpu_bf16(args, warn) -> Precision:
@@ -142,7 +136,6 @@ def _cpu_bf16(args, warn) -> Precision:
     return Precision("bf16", cpu_autocast=True)
 
 
-
 # Quantization --------------------------------------------------------------------------------
 
 def get_quantization_config(args, precision: Precision):
@@ -165,7 +158,6 @@ def get_quantization_config(args, precision: Precision):
         # the training dtype (an explicit compute dtype may differ from it).
         bnb_4bit_quant_storage=precision.torch_dtype if fsdp_enabled() else compute_dtype,
     )
-
 
 
 def fsdp_enabled() -> bool:

@@ -27,7 +27,6 @@ class ModelSource:
         return (self.adapter_config or {}).get("peft_type")
 
 
-
 def resolve_model(model_id: str) -> ModelSource:
     """--model_id -> where the base model and the adapter (if any) are. No heavy imports."""
     path = os.path.expanduser(model_id)
@@ -62,7 +61,6 @@ def resolve_model(model_id: str) -> ModelSource:
     return ModelSource(base=model_id)
 
 
-
 def saved_run_config(source: ModelSource) -> dict:
     """run_config.json of the run that wrote an adapter dir, one of its checkpoint-N folders (older
     checkpoints without their own copy take their run's), or a model merged by merge.py; {} for
@@ -82,7 +80,6 @@ def saved_run_config(source: ModelSource) -> dict:
     return {}
 
 
-
 # Settings an adapter dir's own run fixes: the base must be loaded the same way (4-bit stays
 # 4-bit) and prompts must be formatted as in training. Taken over unless given explicitly.
 # A merged model records only the prompt flags (its weights are no longer quantized).
@@ -90,7 +87,6 @@ PROMPT_FLAGS = ("prompt_template", "use_chat_template", "system_prompt")
 
 INHERITED_FLAGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                    *PROMPT_FLAGS)
-
 
 
 def inherit_from_adapter(args, source: ModelSource, names=INHERITED_FLAGS) -> None:

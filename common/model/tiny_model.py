@@ -22,7 +22,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def _corpus() -> list[str]:
     lines = []
     for path in sorted(BUNDLED["triviaqa-sample"].glob("*.jsonl")):
@@ -32,7 +31,6 @@ def _corpus() -> list[str]:
                 lines.append(f"Question: {row['question']}\nAnswer: {row['answer']['value']}")
                 lines.extend(row["answer"]["aliases"])
     return lines
-
 
 
 def build_tokenizer(vocab_size: int = 1024, chat: bool = False):
@@ -51,7 +49,6 @@ def build_tokenizer(vocab_size: int = 1024, chat: bool = False):
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
-
 
 
 def build_model_config(arch: str, vocab_size: int, **overrides):
@@ -91,7 +88,6 @@ def build_model_config(arch: str, vocab_size: int, **overrides):
     raise ValueError(f"unknown arch {arch!r}")
 
 
-
 def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, seed: int = 0,
                      **overrides) -> str:
     import torch
@@ -108,7 +104,6 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
-
 
 
 def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
@@ -138,7 +133,6 @@ def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
     return str(out)
 
 
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
@@ -152,7 +146,6 @@ def main(argv=None) -> int:
     path = build_tiny_model(args.output_dir, args.arch, chat=args.chat_template, **width)
     print(f"tiny {args.arch} model written to {path}")
     return 0
-
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ def nan_guard_callback():
     return NanGuard()
 
 
-
 def run_config_callback(args: ParsedArgs, technique: str):
     """Writes run_config.json into every checkpoint-N the trainer saves: a checkpoint evaluated,
     merged or chained from is then prompted exactly as the run trained (template, system prompt,
@@ -49,10 +48,8 @@ def run_config_callback(args: ParsedArgs, technique: str):
     return RunConfigInCheckpoints()
 
 
-
 class NonFiniteLoss(RuntimeError):
     pass
-
 
 
 def exact_match_callback(rows, fmt, tokenizer, batch_size: int):

@@ -32,7 +32,6 @@ def setup_logging(script: str) -> None:
     quiet_libraries()
 
 
-
 def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
     """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
     No network unless a hub id is given (common/network.py). After a finished run the process

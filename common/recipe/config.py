@@ -9,49 +9,36 @@ from common.flags.parser import ParsedArgs
 from common.recipe.dist import is_main_process
 from common.recipe.progress import checkpointing_kwargs
 
-# Trainer config ------------------------------------------------------------------------------
+# Flags whose value the TRL configs take under the same name.
+SAME_NAMES = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+              "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
+              "lr_scheduler_type", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
+              "seed", "hub_model_id", "use_liger_kernel", "neftune_noise_alpha",
+              "dataloader_num_workers", "ddp_find_unused_parameters", "train_sampling_strategy")
+
 
 def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: list[str],
                    has_eval: bool) -> dict[str, Any]:
     """Our flags -> keyword arguments shared by TRL's configs (SFTConfig, DPOConfig, ...)."""
     warmup = args.warmup_steps if args.warmup_steps > 0 else args.warmup_ratio
-    kwargs: dict[str, Any] = dict(
+    kwargs: dict[str, Any] = {name: getattr(args, name) for name in SAME_NAMES}
+    kwargs.update(
         output_dir=out,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         **checkpointing_kwargs(args.gradient_checkpointing),
         optim=args.optimizer,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
         warmup_steps=warmup,
-        lr_scheduler_type=args.lr_scheduler_type,
-        logging_steps=args.logging_steps,
         # The default logs a NaN/inf loss as the mean of earlier ones (0.0 after a log): the NaN guard
         # would never see it and a diverged run would end with exit 0 and NaN weights.
         logging_nan_inf_filter=False,
-        save_strategy=args.save_strategy,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
         eval_strategy=args.eval_strategy if has_eval else "no",
         eval_steps=args.eval_steps or args.logging_steps,
-        seed=args.seed,
         data_seed=args.seed,
         bf16=precision_mode == "bf16",
         fp16=precision_mode == "fp16",
         report_to=report_to,
         run_name=args.run_name or Path(out).name,
-        push_to_hub=False,  # uploaded by finish_run once the result is saved locally (common/hub.py)
-        hub_model_id=args.hub_model_id,
+        push_to_hub=False,  # uploaded by finish_run once the result is saved locally (common/hub/upload.py)
         hub_token=None,  # taken from HF_TOKEN: the trainer pickles its arguments into every checkpoint
-        use_liger_kernel=args.use_liger_kernel,
-        neftune_noise_alpha=args.neftune_noise_alpha,
-        dataloader_num_workers=args.dataloader_num_workers,
-        ddp_find_unused_parameters=args.ddp_find_unused_parameters,
-        train_sampling_strategy=args.train_sampling_strategy,
         save_only_model=False,
         disable_tqdm=not is_main_process(),
         dataloader_pin_memory=cuda_available(),
@@ -62,12 +49,10 @@ def trainer_kwargs(args: ParsedArgs, out: str, precision_mode: str, report_to: l
     return kwargs
 
 
-
 def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
 
 
 def mps_available() -> bool:

@@ -10,11 +10,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
-
 def world_size() -> int:
     """Processes in this launch (torchrun and `accelerate launch` set WORLD_SIZE); 1 otherwise."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
 
 
 def barrier() -> None:
@@ -22,7 +20,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
 
 
 def leave_process_group() -> None:

@@ -27,7 +27,6 @@ LOCK = ".lock"
 _held: dict[Path, tuple[FileLock, bool]] = {}
 
 
-
 def lock_output_dir(out: str) -> None:
     """The main process holds `out/.lock` until it exits: a second run into the same directory stops at
     once naming the holder. The kernel frees the lock of a run that died, so its file is taken over."""
@@ -52,7 +51,6 @@ def lock_output_dir(out: str) -> None:
     atexit.register(release_output_locks)
 
 
-
 def _claim(fd: int, out: str) -> None:
     """Called by filelock with the lock held: whoever the file still names died holding it (a clean exit
     removes the file); then this process writes its own name for the runs it refuses."""
@@ -64,10 +62,8 @@ def _claim(fd: int, out: str) -> None:
     os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
 
 
-
 def _me() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname()}
-
 
 
 def _holder(lock: Path) -> Optional[dict]:
@@ -75,7 +71,6 @@ def _holder(lock: Path) -> Optional[dict]:
         return _parse(lock.read_bytes())
     except OSError:  # removed meanwhile
         return None
-
 
 
 def _parse(data: bytes) -> Optional[dict]:
@@ -86,7 +81,6 @@ def _parse(data: bytes) -> Optional[dict]:
     return None
 
 
-
 def _name(holder: Optional[dict]) -> str:
     """'process 123', with its host when that is another machine; a file that names no one was being
     written when its holder was asked, or is not ours."""
@@ -94,7 +88,6 @@ def _name(holder: Optional[dict]) -> str:
         return "a process that left no readable name"
     host = holder.get("host")
     return f"process {holder['pid']}" + ("" if host == socket.gethostname() else f" on {host}")
-
 
 
 def release_output_locks() -> None:

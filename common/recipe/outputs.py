@@ -34,7 +34,6 @@ def is_finished_run(path: str) -> bool:
     return (p / RUN_CONFIG).is_file() and ((p / "adapter_config.json").is_file() or (p / "config.json").is_file())
 
 
-
 def prepare_output_dir(args: ParsedArgs, default: str) -> str:
     out = args.output_dir or default
     if os.path.exists(out) and not os.path.isdir(out):
@@ -44,7 +43,6 @@ def prepare_output_dir(args: ParsedArgs, default: str) -> str:
                          f"to replace it or choose another directory.")
     lock_output_dir(out)
     return out
-
 
 
 def clear_previous_run(out: str) -> None:
@@ -59,7 +57,6 @@ def clear_previous_run(out: str) -> None:
                                   "eval_results", "README.md", "runs", "plots", RUN_CONFIG, ".final",
                                   ".checkpoint-")):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-
 
 
 def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
@@ -84,12 +81,10 @@ def resolve_resume(args: ParsedArgs, out: str) -> Optional[str]:
     return value
 
 
-
 # A checkpoint holds the weights under one of these names (PEFT adapter or full model, one file
 # or shards with an index); the trainer writes them first and trainer_state.json last.
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
 
 
 def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
@@ -105,7 +100,6 @@ def checkpoint_dirs(out: str) -> list[tuple[int, Path]]:
     return sorted(steps)
 
 
-
 def last_complete_checkpoint(out: str) -> Optional[str]:
     """Newest checkpoint-N written to the end; newer ones cut off mid-write are skipped with a warning."""
     for _, child in reversed(checkpoint_dirs(out)):
@@ -113,7 +107,6 @@ def last_complete_checkpoint(out: str) -> Optional[str]:
             return str(child)
         log.warning("skipping %s: incomplete (cut off while being written).", child)
     return None
-
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -133,9 +126,7 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return all(zipfile.is_zipfile(f) for f in folder.iterdir() if f.suffix in (".pt", ".pth", ".bin"))
 
 
-
 _RNG_FILE = re.compile(r"rng_state_(\d+)\.(pth|safetensors)$")
-
 
 
 def missing_rng_states(folder: Path) -> list[str]:
@@ -150,7 +141,6 @@ def missing_rng_states(folder: Path) -> list[str]:
     return [f"rng_state_{r}.{suffix}" for r in range(expected) if r not in ranks]
 
 
-
 def recorded_world_size(folder: Path) -> Optional[int]:
     """The process count a checkpoint was written with, where the writer recorded it."""
     try:
@@ -162,11 +152,9 @@ def recorded_world_size(folder: Path) -> Optional[int]:
         return None
 
 
-
 # The name under which the trainer callback of common.recipe.training records, in trainer_state.json, what
 # the trainer itself does not keep (process count, the loss summed so far).
 RESUME_STATE = "ResumeState"
-
 
 
 def rotate_checkpoints(out: str, keep: Optional[int]) -> list[Path]:
@@ -188,13 +176,11 @@ def rotate_checkpoints(out: str, keep: Optional[int]) -> list[Path]:
     return sorted(doomed)
 
 
-
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
 
 
 def _weights_whole(path: Path) -> bool:
@@ -207,7 +193,6 @@ def _weights_whole(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return _safetensors_whole(path)
     return zipfile.is_zipfile(path)
-
 
 
 def _safetensors_whole(path: Path) -> bool:
@@ -225,14 +210,12 @@ def _safetensors_whole(path: Path) -> bool:
     return size == 8 + length + end
 
 
-
 # Saving --------------------------------------------------------------------------------------
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
 
 
 def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapters: tuple = ()) -> None:
@@ -257,7 +240,6 @@ def save_final(trainer, tokenizer, out: str, config: dict[str, Any], drop_adapte
     trainer.accelerator.wait_for_everyone()
 
 
-
 def move_into_place(staging: Path, final: Path) -> None:
     """Moves a staged run's files into `final` with adapter_config.json and run_config.json last, the
     two that make a directory look finished; then removes the staging folder."""
@@ -269,7 +251,6 @@ def move_into_place(staging: Path, final: Path) -> None:
             shutil.rmtree(target)
         os.replace(staging / name, target)
     shutil.rmtree(staging, ignore_errors=True)
-
 
 
 def absolute_base_path(folder: Path) -> None:
@@ -284,10 +265,8 @@ def absolute_base_path(folder: Path) -> None:
         write_json(cfg_path, cfg)
 
 
-
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
 
 
 def disk_full_error(out: str, resume: str) -> UsageError:

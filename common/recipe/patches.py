@@ -21,7 +21,6 @@ log = logging.getLogger("finetune")
 TENSORBOARD_DIR = ("runs", "train")  # under the output dir
 
 
-
 def one_tensorboard_run(trainer) -> None:
     """`--report_to tensorboard`: one event folder per output dir (runs/train), not one per start,
     and a resumed run first purges what the stopped run logged after its checkpoint (steps it
@@ -51,7 +50,6 @@ def one_tensorboard_run(trainer) -> None:
 
     callbacks = trainer.callback_handler.callbacks
     callbacks[callbacks.index(found[0])] = ResumableTensorBoard(tb_writer=found[0].tb_writer)  # same place
-
 
 
 def exact_resume(trainer, resume: Optional[str]) -> None:
@@ -115,7 +113,6 @@ def exact_resume(trainer, resume: Optional[str]) -> None:
             trainer._get_train_sampler = lambda dataset=None: _epoch_seeded_sampler(trainer, dataset)
 
 
-
 def _resume_attributes(resume: Optional[str]) -> dict:
     if not resume:
         return {}
@@ -124,7 +121,6 @@ def _resume_attributes(resume: Optional[str]) -> dict:
         return dict(state.get("stateful_callbacks", {}).get(RESUME_STATE, {}).get("attributes", {}))
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
-
 
 
 def _epoch_seeded_sampler(trainer, dataset=None):
@@ -149,7 +145,6 @@ def _epoch_seeded_sampler(trainer, dataset=None):
     return sampler
 
 
-
 def whole_run_loss(trainer, metrics: dict[str, Any]) -> None:
     """`train_loss` over every step of the run, also when it was resumed (the Trainer's covers only the
     steps since the resume); the closing entry of the log history is set to the same value."""
@@ -162,7 +157,6 @@ def whole_run_loss(trainer, metrics: dict[str, Any]) -> None:
         if "train_loss" in entry:
             entry["train_loss"] = loss
             break
-
 
 
 # Private library members this project relies on ---------------------------------------------
@@ -207,7 +201,6 @@ PRIVATE_API: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def check_private_api(table: Optional[dict[str, tuple[str, ...]]] = None) -> list[str]:
     """-> 'owner.member (package version)' for each member of `table` (PRIVATE_API) that the installed
     libraries lack; a module or class that is gone is named alone."""
@@ -229,7 +222,6 @@ def check_private_api(table: Optional[dict[str, tuple[str, ...]]] = None) -> lis
     return missing
 
 
-
 def _source(found) -> str:
     import inspect
 
@@ -240,7 +232,6 @@ def _source(found) -> str:
         except (OSError, TypeError):  # built in (torch.Tensor's C base)
             pass
     return "\n".join(parts)
-
 
 
 def _installed_version(module_name: str) -> str:

@@ -23,13 +23,11 @@ PANELS = {
 }
 
 
-
 def history(run_dir: str | Path) -> list[dict]:
     state = Path(run_dir) / "trainer_state.json"
     if not state.is_file():
         raise FileNotFoundError(f"{state} not found: is {run_dir} a finished training run?")
     return json.loads(state.read_text())["log_history"]
-
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -63,7 +61,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
@@ -77,7 +74,6 @@ def main(argv=None) -> int:
     for p in paths:
         print(p)
     return 0
-
 
 
 if __name__ == "__main__":

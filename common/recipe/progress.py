@@ -17,7 +17,6 @@ import warnings
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-
 # Progress bars where stderr is a log file, not a terminal -----------------------------------------
 # A bar redraws itself in place with carriage returns; in a file each redraw is appended to one
 # ever-longer line, and a bar drawn below another moves the cursor with escape codes a file shows
@@ -28,7 +27,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_BAR_INTERVAL = 30.0
 
 TERMINAL_VAR = "FINETUNE_TERMINAL"  # set by compare.py for the runs it starts, whose output it relays
-
 
 
 def interactive(stream=None) -> bool:
@@ -42,7 +40,6 @@ def interactive(stream=None) -> bool:
         return False
 
 
-
 def progress_bar(**kwargs):
     """A tqdm bar as in a terminal; in a log, redrawn every LOG_BAR_INTERVAL seconds at most (and
     at least: tqdm's monitor thread otherwise forces a redraw after 10 s)."""
@@ -52,7 +49,6 @@ def progress_bar(**kwargs):
         kwargs.setdefault("mininterval", LOG_BAR_INTERVAL)
         kwargs.setdefault("maxinterval", LOG_BAR_INTERVAL)
     return tqdm(**kwargs)
-
 
 
 def quiet_libraries() -> None:
@@ -69,7 +65,6 @@ def quiet_libraries() -> None:
     logging.getLogger("transformers.modeling_utils").addFilter(_load_report)
 
 
-
 def _load_report(record: logging.LogRecord) -> bool:
     """transformers' LOAD REPORT table: dropped when it only says what a reward model's load must do
     (a new `score` head, the unused `lm_head`); otherwise kept, without raw colour codes."""
@@ -84,7 +79,6 @@ def _load_report(record: logging.LogRecord) -> bool:
     return True
 
 
-
 def checkpointing_kwargs(enabled: bool) -> dict:
     """Gradient checkpointing for a TrainingArguments, under the name this transformers uses
     (`activation_checkpointing` since 5.24; `gradient_checkpointing` before)."""
@@ -95,17 +89,14 @@ def checkpointing_kwargs(enabled: bool) -> dict:
             f"{name}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-
 # The console's log line: these keys, in this order, where logged (everything logged still goes to
 # trainer_state.json, the reporters and the plots).
 LINE_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/accuracies", "rewards/margins", "eval_loss",
              "eval_em", "eval_f1", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
-
 # ppo.py's line: what tells a user whether PPO is working.
 PPO_LINE_KEYS = ("score", "kl", "policy_loss", "value_loss", "learning_rate")
-
 
 
 def log_line(logs: dict, step: int, max_steps: int, keys=LINE_KEYS) -> str | None:
@@ -124,7 +115,6 @@ def log_line(logs: dict, step: int, max_steps: int, keys=LINE_KEYS) -> str | Non
     epoch = logs.get("epoch")
     where = f"step {step}/{max_steps}" + (f" (epoch {epoch:.2f})" if isinstance(epoch, (int, float)) else "")
     return where + ": " + ", ".join(parts)
-
 
 
 def readable_progress(trainer) -> None:
@@ -156,7 +146,6 @@ def readable_progress(trainer) -> None:
     if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ReadableProgress)
-
 
 
 def say(line: str) -> None:

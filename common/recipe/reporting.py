@@ -26,14 +26,12 @@ def _wandb_credentials() -> bool:
         return False
 
 
-
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
-
 
 
 def setup_reporting(args: ParsedArgs, out: str) -> list[str]:
@@ -60,7 +58,6 @@ def setup_reporting(args: ParsedArgs, out: str) -> list[str]:
         elif mode in ("offline", "dryrun"):
             log.info("wandb: offline mode; runs are written to %s/wandb.", out)
     return chosen or ["none"]
-
 
 
 def finish_reporting(report_to: list[str]) -> None:

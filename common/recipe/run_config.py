@@ -15,7 +15,6 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 _SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password)$", re.IGNORECASE)
 
 
-
 # Saving --------------------------------------------------------------------------------------
 
 def redact(value: Any, secret_keys: set[str]) -> Any:
@@ -37,7 +36,6 @@ def redact(value: Any, secret_keys: set[str]) -> Any:
     return scrub(value)
 
 
-
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -48,7 +46,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
-
 
 
 def run_config(args: ParsedArgs, technique: str, extra: dict[str, Any]) -> dict[str, Any]:

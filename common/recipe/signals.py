@@ -25,7 +25,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-
 class StopRequest:
     """Set by the first SIGINT or SIGTERM: the run stops after its current step, with a checkpoint."""
 
@@ -36,12 +35,10 @@ class StopRequest:
         return self.signum is not None
 
 
-
 def _signal_name(signum: int) -> str:
     import signal
 
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-
 
 
 @contextlib.contextmanager
@@ -74,14 +71,12 @@ def stop_requests():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-
 def announce_stop(args: ParsedArgs, step: int, checkpoint: Path, request: StopRequest) -> None:
     """After the stop checkpoint is written: say where and how to resume, then raise Interrupted."""
     if is_main_process():
         say(f"{args.script}: stopped at step {step}; checkpoint saved in {checkpoint}. Resume with: "
             f"{resume_command(args)}")
     raise Interrupted(request.signum or 2)
-
 
 
 @contextlib.contextmanager
@@ -114,7 +109,6 @@ def save_on_interrupt(trainer, args: ParsedArgs):
                       request)
 
 
-
 def on_any_process(flag: bool, device) -> bool:
     import torch
     import torch.distributed as dist
@@ -124,7 +118,6 @@ def on_any_process(flag: bool, device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
 
 
 def resume_command(args: ParsedArgs) -> str:
@@ -146,7 +139,6 @@ def resume_command(args: ParsedArgs) -> str:
         flags = args.to_dict()
         script, argv = args.script, [x for n in sorted(args.explicit - drop) for x in (f"--{n}", str(flags[n]))]
     return shlex.join([*_launcher(), script, *argv, "--resume_from_checkpoint", "auto"])
-
 
 
 def _launcher() -> list[str]:

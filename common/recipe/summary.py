@@ -29,7 +29,6 @@ def write_plots(out: str) -> None:
         log.warning("could not draw the training curves (%s); `python -m common.recipe.plotting %s` retries.", exc, out)
 
 
-
 # Summary -------------------------------------------------------------------------------------
 
 def peak_memory_gib() -> tuple[float, str]:
@@ -43,11 +42,9 @@ def peak_memory_gib() -> tuple[float, str]:
     return rss_bytes / 2**30, "process RSS"
 
 
-
 def peak_memory() -> str:
     gib, kind = peak_memory_gib()
     return f"{gib:.2f} GiB {kind}"
-
 
 
 def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str, Any]:
@@ -66,7 +63,6 @@ def summary(trainer, metrics: dict[str, Any], out: str, wall: float) -> dict[str
     return info
 
 
-
 def print_summary(info: dict[str, Any]) -> None:
     if not is_main_process():
         return
@@ -83,7 +79,6 @@ def print_summary(info: dict[str, Any]) -> None:
         f"  written to   {info['output_dir']}  (adapter, tokenizer, {RUN_CONFIG}, metrics)",
     ]
     print("\n".join(lines), flush=True)
-
 
 
 class Timer:

@@ -27,7 +27,6 @@ from common.recipe.summary import Timer, print_summary, summary, write_plots
 log = logging.getLogger("finetune")
 
 
-
 def train_guarded(trainer, args: ParsedArgs, out: str,
                   technique: Optional[str] = None) -> tuple[dict[str, Any], float]:
     """trainer.train(), resuming as `--resume_from_checkpoint` asks, with a checkpoint on Ctrl-C or
@@ -52,7 +51,6 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
     return metrics, timer.elapsed
 
 
-
 def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, metrics: dict[str, Any],
                wall: float, extra: dict[str, Any], report_to: list[str], drop_adapters: tuple = (),
                more_summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -73,7 +71,6 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
     print_summary(info)
     push_when_asked(args, out)
     return info
-
 
 
 def push_when_asked(args: ParsedArgs, out: str) -> None:
