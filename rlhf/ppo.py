@@ -81,13 +81,29 @@ def main(argv: Optional[list[str]] = None) -> int:
 # The run ---------------------------------------------------------------------------------------
 
 def run_ppo(args: ParsedArgs) -> PPOResult:
+    inputs = check_inputs(args)  # before torch is imported: a mistake here is reported in a second
     from rlhf.ppo_loop import PPOLoop, train_loop
     from rlhf.ppo_setup import setup_ppo
 
-    run = setup_ppo(args)
+    run = setup_ppo(args, *inputs)
     loop = PPOLoop(run)
     train_loop(loop)
     return finish(run, loop)
+
+
+def check_inputs(args: ParsedArgs) -> tuple:
+    """The recipe's first steps (output dir, model source), the checkpoint to resume (checked before
+    any model loads), the data. -> (output dir, checkpoint or None, model source, data)."""
+    from common.data import qa
+    from common.recipe import outputs, pipeline
+    from rlhf.ppo_checkpoint import check_checkpoint
+
+    run = pipeline.begin(args, "ppo")
+    resume = outputs.resolve_resume(args, run.out)
+    if resume:
+        check_checkpoint(Path(resume))
+    data = qa.load_qa_data(args, need_eval=False)
+    return run.out, resume, run.source, data
 
 
 def finish(run, loop) -> PPOResult:

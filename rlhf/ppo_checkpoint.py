@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from common.flags.errors import UsageError
 from common.recipe import outputs
 
@@ -60,6 +58,8 @@ def save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: li
                     config: Optional[dict] = None) -> None:
     """Everything the loop needs to go on: written into a hidden folder (every process adds its
     random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one."""
+    import torch
+
     from safetensors.torch import save_file
 
     staging = folder.parent / f".{folder.name}.tmp"
@@ -100,6 +100,8 @@ def check_checkpoint(folder: Path) -> None:
 
 def _load_weights(folder: Path, unwrapped, optimizer) -> None:
     """Adapter, value head and optimizer state; a checkpoint of another shape stops the run with exit 2."""
+    import torch
+
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -119,6 +121,8 @@ def _load_weights(folder: Path, unwrapped, optimizer) -> None:
 
 def _load_random_state(folder: Path, loop: dict, generator, accelerator, num_prompts: int) -> list:
     """This process's random states (global, CUDA, the prompt-order generator); returns the prompt order."""
+    import torch
+
     from safetensors.torch import load_file
 
     rank_file = _rng_file(folder, accelerator.process_index)
@@ -143,6 +147,8 @@ def resume(folder: Path, unwrapped, optimizer, scheduler, kl_ctl, generator, acc
            num_prompts: int) -> tuple[list, list, dict]:
     """Loads a checkpoint-N of ours; returns (history, prompt order, loop state). Only tensors are
     read: safetensors, and torch files with `weights_only=True`, which unpickles nothing else."""
+    import torch
+
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     loop = state["ppo"]
     _load_weights(folder, unwrapped, optimizer)

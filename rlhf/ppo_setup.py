@@ -1,8 +1,8 @@
-"""What ppo.py builds before its loop, in order: output directory and resume check, model source,
-data, precision and accelerator, tokenizer and prompt format, the policy (LoRA adapter, reference,
-value head), the reward, the prompts, then optimizer and schedule. `setup_ppo(args)` returns them
-as one PPORun. The seed is set where the original order set it, so the adapter, the value head and
-each process's rollouts follow `--seed` as they always have."""
+"""What ppo.py builds before its loop, once its inputs are checked (rlhf/ppo.py check_inputs), in
+order: precision and accelerator, tokenizer and prompt format, the policy (LoRA adapter, reference,
+value head), the reward, the prompts, then optimizer and schedule. `setup_ppo` returns them as one
+PPORun. The seed is set where the original order set it, so the adapter, the value head and each
+process's rollouts follow `--seed` as they always have."""
 
 from __future__ import annotations
 
@@ -100,12 +100,12 @@ class PPORun:
     stop_ids: list
 
 
-def setup_ppo(args) -> PPORun:
+def setup_ppo(args, out: str, resume: Optional[str], source, data) -> PPORun:
+    """After `check_inputs` (rlhf/ppo.py): everything else the loop needs, in order."""
     from common.data import prompts
     from common.evaluation.answers import stop_token_ids
     from common.model.loading import load_tokenizer
 
-    out, resume, source, data = _inputs(args)
     precision, trackers, report_to, accelerator = _accelerator(args, out)
 
     # Model & tokenizer
@@ -136,21 +136,6 @@ def setup_ppo(args) -> PPORun:
                   policy=policy, reward=reward, prompts=batch, wrapper=wrapper,
                   unwrapped=accelerator.unwrap_model(wrapper), optimizer=optimizer, scheduler=scheduler,
                   steps=steps, rollouts_per_step=rollouts_per_step, stop_ids=stop_token_ids(tokenizer))
-
-
-def _inputs(args) -> tuple:
-    """The recipe's first steps (output dir, model source), the checkpoint to resume (checked before
-    any model loads), the data."""
-    from common.data import qa
-    from common.recipe import outputs, pipeline
-    from rlhf.ppo_checkpoint import check_checkpoint
-
-    run = pipeline.begin(args, "ppo")
-    resume = outputs.resolve_resume(args, run.out)
-    if resume:
-        check_checkpoint(Path(resume))
-    data = qa.load_qa_data(args, need_eval=False)
-    return run.out, resume, run.source, data
 
 
 def _accelerator(args, out: str) -> tuple:

@@ -63,3 +63,29 @@ def test_reward_model_runs_with_one_seed_are_bit_identical(tiny_llama, tmp_path)
     assert saved[0].keys() == saved[1].keys() and any("score" in k for k in saved[0])
     for key in saved[0]:
         assert saved[0][key].equal(saved[1][key]), key
+
+
+SCRIPTS = ["lora.py", "dora.py", "qlora.py", "prefix_tuning.py", "p_tuning.py", "prompt_tuning.py", "dpo.py",
+           "orpo.py", "kto.py", "simpo.py", "reward_model.py", "grpo.py", "ppo.py"]
+EXTRA = {"grpo.py": ["--reward_function", "triviaqa_em"], "ppo.py": ["--reward_function", "triviaqa_em"],
+         "prefix_tuning.py": ["--gradient_checkpointing", "False"]}  # (else a warning that it is turned off)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_missing_data_file_stops_every_script_before_torch_is_imported(script, tiny_llama, tmp_path):
+    """The output dir, the model source and the data are checked before anything heavy is imported,
+    so a mistake there is one line within about a second."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = ["--model_id", tiny_llama, "--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir",
+            str(tmp_path / "out"), *EXTRA.get(script, [])]
+    code = (f"import sys, {script[:-3]} as script\ncode = script.main({argv!r})\n"
+            f"print('torch imported' if 'torch' in sys.modules else 'torch not imported')\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.strip() == "torch not imported"
+    assert done.stderr.count("\n") == 1 and "missing.jsonl" in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "run_config.json").exists()
