@@ -104,12 +104,14 @@ class RewardSteps(Steps):
     name, title = "reward_model", "reward model (LoRA + scalar head)"
     labelled_positions_only = False
 
-    def load_data(self, run: Run) -> None:
-        from rlhf import preference as pref
-
+    def check_source(self, run: Run) -> None:
         if run.source.adapter_dir:
             raise UsageError(f"`--model_id` {run.args.model_id} is an adapter; a reward model starts from a base "
                              f"model (merge the adapter with merge.py first if you want its weights).")
+
+    def load_data(self, run: Run) -> None:
+        from rlhf import preference as pref
+
         run.data = pref.load_preference_data(run.args, need_eval=True, required=False)
 
     def schema(self, run: Run) -> str:

@@ -55,3 +55,20 @@ def test_kto_explicit_weights_are_kept_with_one_warning(tiny_llama, tmp_path, ca
     said = [line for line in err.splitlines() if "KTO paper" in line]
     assert len(said) == 1 and "WARNING" in said[0] and "--desirable_weight 3" in said[0], err
     assert "You have different amounts" not in err
+
+
+def test_rebalanced_weights_reach_the_trainer_that_trains(tiny_llama, tmp_path):
+    """The trainer configuration is built before the data is paired; the weights that rebalance the
+    examples must still be the ones KTOTrainer uses (reference: run_config.json's flags)."""
+    from rlhf.run import train
+
+    out = tmp_path / "k"
+    result = train("kto", ["--model_id", tiny_llama, "--dataset_name", _feedback(tmp_path, 6, 18),
+                           "--output_dir", str(out), *RUN])
+    flags = json.loads((out / "run_config.json").read_text())["flags"]
+    assert (flags["desirable_weight"], flags["undesirable_weight"]) != (1.0, 1.0)
+    trainer = result.trainer
+    assert (trainer.args.desirable_weight, trainer.args.undesirable_weight) == (flags["desirable_weight"],
+                                                                                flags["undesirable_weight"])
+    assert (trainer.desirable_weight, trainer.undesirable_weight) == (flags["desirable_weight"],
+                                                                      flags["undesirable_weight"])

@@ -89,3 +89,19 @@ def test_a_missing_data_file_stops_every_script_before_torch_is_imported(script,
     assert done.stdout.strip() == "torch not imported"
     assert done.stderr.count("\n") == 1 and "missing.jsonl" in done.stderr, done.stderr
     assert not (tmp_path / "out" / "run_config.json").exists()
+
+
+def test_reward_model_refuses_an_adapter_before_taking_over_its_settings(tiny_llama, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    adapter = tmp_path / "sft"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--output_dir",
+                                  adapter, "--max_steps", "1", "--max_train_samples", "8",
+                                  "--prompt_template", "Q: {question}\nA:"]) == 0
+    done = subprocess.run([sys.executable, "reward_model.py", "--model_id", str(adapter), "--dataset_name",
+                           "triviaqa-sample", "--output_dir", str(tmp_path / "rm")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "is an adapter" in done.stderr, done.stderr

@@ -52,6 +52,9 @@ class Steps:
     labelled_positions_only = True  # common.model.loss replaces TRL's fused LM head (SFT, DPO, KTO)
 
     # Before any model
+    def check_source(self, run: Run) -> None:
+        """The model source, before the settings of a starting adapter are taken over."""
+
     def load_data(self, run: Run) -> None:
         raise NotImplementedError
 
@@ -104,7 +107,7 @@ class Steps:
 
 def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     """Runs the recipe; -> (the run, its summary)."""
-    run = begin(args, steps.name)
+    run = begin(args, steps.name, steps.check_source)
     steps.load_data(run)
 
     # Nothing heavy is imported before the checks above: a mistake there is reported in a second.
@@ -158,15 +161,17 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     return run, info
 
 
-def begin(args: ParsedArgs, name: str) -> Run:
-    """The first steps of every run, PPO's too: the output dir (locked), the model source and the
-    prompt settings a starting adapter carries."""
+def begin(args: ParsedArgs, name: str, check_source=None) -> Run:
+    """The first steps of every run, PPO's too: the output dir (locked), the model source (checked
+    by `check_source`, where given) and the prompt settings a starting adapter carries."""
     from common.model.source import inherit_from_adapter, resolve_model
     from common.recipe.outputs import prepare_output_dir
 
     run = Run(args=args, name=name)
     run.out = prepare_output_dir(args, default=f"outputs/{name}")
     run.source = resolve_model(args.model_id)
+    if check_source is not None:
+        check_source(run)
     inherit_from_adapter(args, run.source)
     return run
 
