@@ -58,10 +58,10 @@ class PPOBenchArguments:
     ppo_flags: str = flag("", "More ppo.py flags, as one string (e.g. \"--load_in_4bit True\").")
     gradient_checkpointing: bool = flag(True, "Gradient checkpointing in the PPO updates (ppo.py's default), both sides.")
     compare_trl112: bool = flag(False, "Also run TRL 1.12's PPOTrainer side by side, in its own virtual environment "
-                                     "(built on first use from PyPI; needs network once).")
+                                       "(built on first use from PyPI; needs network once).")
     trl112_venv: str = flag("~/.cache/finetune-bench/trl-1.12", "Where that virtual environment is built and kept.")
     work_dir: Optional[str] = flag(None, "Where the data, the model and the run go (default: a temporary "
-                                       "directory, removed at the end).")
+                                         "directory, removed at the end).")
     output: str = flag("outputs/bench_ppo.json", "JSON file for the measured numbers.")
 
 

@@ -53,15 +53,15 @@ class BenchArguments:
     technique: Literal["lora", "qlora"] = flag(
         "lora", "`qlora`: both variants load the base in 4-bit NF4 (bitsandbytes), ours through qlora.py's path.")
     ours_flags: str = flag("", "More lora.py/qlora.py flags for our run, as one string (e.g. \"--use_liger_kernel "
-                             "True\"); the baseline keeps TRL's defaults.")
+                               "True\"); the baseline keeps TRL's defaults.")
     num_examples: int = flag(1000, "Synthetic TriviaQA-shaped training questions (one epoch is trained).")
     vocab_size: int = flag(0, "Model vocabulary (0: the 1,024 tokens of the local tokenizer; 128256: Llama 3's). Rows "
-                            "beyond the tokenizer's are never seen as inputs but enter every softmax.")
+                              "beyond the tokenizer's are never seen as inputs but enter every softmax.")
     baseline_sampling: Literal["random", "group_by_length"] = flag(
         "random", "The baseline's `train_sampling_strategy` (TRL's default is random; `group_by_length` is TRL "
                   "at its best).")
     plain_baseline: bool = flag(False, "Also run TRL at its defaults (random order) as a third variant, "
-                                     "`baseline_plain`, for the memory comparison.")
+                                       "`baseline_plain`, for the memory comparison.")
     optimizer: str = flag("", "One optimizer for both variants (e.g. `adamw_torch`); empty: each side's default.")
     hidden_size: int = flag(512, "Model width (a multiple of 64); heads = width / 64, MLP width = 8/3 of it.")
     num_layers: int = flag(8, "Transformer layers.")
@@ -85,7 +85,7 @@ class BenchArguments:
               "removed at the end).")
     output: str = flag("outputs/bench_sft.json", "JSON file for the measured numbers.")
     profile: bool = flag(False, "Run our variant under cProfile and print where the time goes (implies "
-                              "`--variant ours`); the profile is saved in --work_dir.")
+                                "`--variant ours`); the profile is saved in --work_dir.")
 
 
 def make_parser() -> FlagParser:

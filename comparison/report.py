@@ -67,7 +67,7 @@ def _peak_memory(summary: dict) -> tuple[Optional[float], Optional[str]]:
 
 def scores(results: dict, prefix: str = "") -> dict[str, Any]:
     """EM/F1 of one eval_results.json, each scale from its own key: `exact_match` and `f1` are
-    fractions (0-1), `exact_match_percent` and `f1_percent` percentages (common.evaluation.summarize
+    fractions (0-1), `exact_match_percent` and `f1_percent` percentages (common.evaluation.answers.summarize
     writes both). A file from before the percent keys holds the fractions only: their percentages
     are 100 x the fraction, as summarize computes them."""
     out = {}

@@ -34,14 +34,14 @@ class CompareArguments:
               "prompt_tuning (SFT); dpo, orpo, simpo, kto (preference, from an SFT start: `--model_id outputs/sft`); "
               "ppo, grpo (with `--reward_function triviaqa_f1`).")
     runs: Optional[list[str]] = flag(None, "Finished run directories to compare without training (instead of "
-                                         "`--techniques`).")
+                                           "`--techniques`).")
     output_dir: str = flag("outputs/compare", "Where comparison.md, comparison.json and plots/ go; with "
-                                            "`--techniques`, each run gets its own directory in it.")
+                                              "`--techniques`, each run gets its own directory in it.")
     eval_samples: int = flag(1000, "Held-out questions each run is scored on (the first N of `--eval_split`; 0: all "
-                                 "of it). 1000 takes about a minute per run for a 1B model on one GPU.")
+                                   "of it). 1000 takes about a minute per run for a 1B model on one GPU.")
     train_eval_samples: int = flag(200, "Training questions each run is also scored on (the first N of "
-                                      "`--dataset_split`): far above the held-out EM means memorised, not learnt "
-                                      "(0: off).")
+                                        "`--dataset_split`): far above the held-out EM means memorised, not learnt "
+                                        "(0: off).")
     eval_batch_size: int = flag(16, "Questions answered per batch when scoring.")
 
 

@@ -28,10 +28,9 @@ def jobs(argv: list[str]) -> list[list[str]]:
 
 def main(argv=None) -> int:
     from common.evaluation.run import make_parser, run_evaluate
-    from common.recipe.dist import is_main_process
-    from common.recipe.outputs import write_json
-    from common.recipe.dist import leave_process_group
     from common.recipe.cli import run_cli
+    from common.recipe.dist import is_main_process, leave_process_group
+    from common.recipe.outputs import write_json
 
     worst = 0
     for job in jobs(sys.argv[1:] if argv is None else argv):

@@ -20,7 +20,7 @@ log = logging.getLogger("finetune")
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, GRPOArguments, TrainingArguments]
 UNUSED_FLAGS = ("completion_only_loss", "packing", "padding_free", "eval_em_samples", "max_seq_length",
-           "neftune_noise_alpha")
+                "neftune_noise_alpha")
 
 
 def make_parser() -> FlagParser:

@@ -39,7 +39,7 @@ class PreferenceSource:
 
 
 # `--dataset_format` values for preference data, besides `auto` and the question-answer schemas
-# (common.data.SCHEMAS) that pairs are built from.
+# (common.data.qa.SCHEMAS) that pairs are built from.
 PREFERENCE_FORMATS = {
     "preference": "`prompt` + `chosen` + `rejected` (text or messages)",
     "implicit-prompt": "`chosen` + `rejected` only, the prompt being their shared beginning (Anthropic HH, "

@@ -37,7 +37,7 @@ _SPECIFIC = ("loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight
 _USES = {"dpo": ("loss_type",), "orpo": (), "kto": ("desirable_weight", "undesirable_weight"),
          "simpo": ("simpo_gamma",)}
 UNUSED_FLAGS = {kind: ("completion_only_loss", "packing", "padding_free", *(f for f in _SPECIFIC if f not in uses))
-           for kind, uses in _USES.items()}
+                       for kind, uses in _USES.items()}
 
 
 def make_parser(kind: str) -> FlagParser:
@@ -98,6 +98,10 @@ class PreferenceSteps(Steps):
     def prepare(self, run: Run) -> None:
         from rlhf.pref_formats import conversation_rendering
 
+        for src in run.data:
+            if src is not None and src.kind == "unpaired" and self.name != "kto":
+                raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
+                                 f"kto.py takes; {KINDS[self.name][0]} needs prompt/chosen/rejected pairs.")
         conversation_rendering(run.args, run.tokenizer, *run.data)
 
     def has_eval(self, run: Run) -> bool:
@@ -155,10 +159,7 @@ class PreferenceSteps(Steps):
         from rlhf.pref_formats import plain_if_no_template
 
         args, kind, tokenizer = run.args, self.name, run.tokenizer
-        if src.kind == "unpaired":
-            if kind != "kto":
-                raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
-                                 f"kto.py takes; {KINDS[kind][0]} needs prompt/chosen/rejected pairs.")
+        if src.kind == "unpaired":  # (kto.py only: prepare() has refused it for the others)
             ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer)
             return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
         ds, stats = pref.preference_dataset(src, run.fmt, args.rejected_source, args.seed, model=run.model,

@@ -48,7 +48,7 @@ TECHNIQUES = {
 }
 
 TECHNIQUE_FLAGS = _LORA_FLAGS + tuple(f.name for f in dataclasses.fields(PromptLearningArguments)
-                                        if f.name not in ("peft_type", "task_type"))
+                                      if f.name not in ("peft_type", "task_type"))
 
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PromptLearningArguments,
               TrainingArguments]

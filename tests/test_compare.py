@@ -371,7 +371,7 @@ def _fake_run(path, summary=None, state=None, flags=None, heldout=None):
 
 def test_scores_take_their_scale_from_the_keys_of_eval_results(tmp_path):
     """evaluate.py writes `exact_match`/`f1` as fractions and `*_percent` as percentages
-    (common.evaluation.summarize); nothing is inferred from the size of a value."""
+    (common.evaluation.answers.summarize); nothing is inferred from the size of a value."""
     from comparison.report import collect, markdown
 
     now = _fake_run(tmp_path / "now", heldout={"n": 4, "exact_match": 0.25, "f1": 0.5, "exact_match_percent": 25.0,

@@ -181,7 +181,7 @@ def resolve_format(ds, requested: str, source: str, flag: str = "dataset_format"
 
 
 def load_sft_data(args, need_eval: bool):
-    """Like common.data.load_qa_data, for every SFT format: conversation and text data are read
+    """Like common.data.qa.load_qa_data, for every SFT format: conversation and text data are read
     here, question-answer data by load_qa_data. -> QAData (rows are `messages` or `text` for the
     formats of this module)."""
     from common.data import prompts, qa, sources
@@ -351,4 +351,3 @@ def apply_template_flag(args, tokenizer) -> None:
 
     if check_template_flag(args, tokenizer) and args.use_chat_template == "false":
         tokenizer.chat_template = None
-

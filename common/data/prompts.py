@@ -11,6 +11,7 @@ from common.flags.errors import UsageError
 
 # Formatting ----------------------------------------------------------------------------------
 
+
 @dataclass
 class PromptFormat:
     template: str = "Question: {question}\nAnswer:"
@@ -85,4 +86,3 @@ def auto_num_proc(requested: Optional[int], rows: int) -> Optional[int]:
     if requested:
         return requested
     return min(os.cpu_count() or 1, 8) if rows >= 20_000 else None
-

@@ -315,4 +315,3 @@ def load_splits(dataset_name: str, dataset_config: Optional[str] = None) -> tupl
     network.need_hub(f"`--dataset_name {dataset_name}`: not a local file or directory",
                      HUB_ALIASES.get(location, (location,))[0], "dataset")
     return _load_hub(location, dataset_config), f"hub dataset {HUB_ALIASES.get(location, (location,))[0]}"
-

@@ -126,4 +126,3 @@ def gather_records(records: list[dict], elapsed: float, world: int) -> tuple[lis
         for j, record in enumerate(part):
             merged[rank + j * world] = record
     return [r for r in merged if r is not None], max(t for _, t in parts)
-

@@ -218,4 +218,3 @@ def _forward_parameters(model) -> set:
 def _cache_of(output):
     cache = output.get("cache") if hasattr(output, "get") else None
     return cache if cache is not None else output.past_key_values
-

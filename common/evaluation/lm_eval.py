@@ -87,4 +87,3 @@ def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
           f"written to {out.resolve()}/eval_results.json and samples.jsonl ({len(samples)} sample generations)",
           flush=True)
     return summary
-

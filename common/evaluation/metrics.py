@@ -66,4 +66,3 @@ def extract_answer(generated: str) -> str:
         if at != -1:
             end = min(end, at)
     return generated[:end].strip()
-

@@ -7,6 +7,7 @@ from common.evaluation.answers import gather_records, evaluate_qa, summarize
 
 # evaluate.py -----------------------------------------------------------------------------------
 
+
 def make_parser():
     from common.flags.groups import (
         DataArguments,
@@ -101,4 +102,3 @@ def main(argv=None) -> int:
     from common.recipe.cli import run_cli
 
     return run_cli("evaluate.py", lambda: run_evaluate(make_parser().parse(argv)))
-

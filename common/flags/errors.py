@@ -9,4 +9,3 @@ class UsageError(ValueError):
 
 def format_flags(names) -> str:
     return ", ".join(f"`--{n}`" for n in sorted(names))
-

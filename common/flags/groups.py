@@ -79,10 +79,10 @@ class DataArguments:
         "System message used with a chat template (`none` to send none).",
     )
     max_seq_length: int = flag(512, "Longest tokenized example; longer ones are truncated. TriviaQA needs < 128.",
-                             aliases=("max_length",))
+                               aliases=("max_length",))
     completion_only_loss: bool = flag(True, "Compute the loss on the answer only, not on the prompt.")
     dataset_num_proc: Optional[int] = flag(None, "Processes for dataset preparation (default: 1; every core, up "
-                                               "to 8, for 20,000 rows or more).")
+                                                 "to 8, for 20,000 rows or more).")
     dataset_format: str = flag(
         "auto", "Data format, detected from the columns by default (`auto`): `messages`, `sharegpt`, `alpaca`, "
                 "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...); preference scripts: "
@@ -161,7 +161,7 @@ class TrainingArguments:
     # On by default, as in TRL: a run that fits at step 1 fits throughout. `False` trains ~1.4x faster
     # when memory allows (bench/README.md).
     gradient_checkpointing: bool = flag(True, "Recompute activations in the backward pass: less memory, ~30% "
-                                            "slower. `False` when memory allows.")
+                                              "slower. `False` when memory allows.")
     optimizer: str = flag("adamw_torch",
                           "Optimizer name as in transformers (`adamw_torch_fused`, `paged_adamw_8bit`, ...).",
                         aliases=("optim",))
@@ -191,9 +191,9 @@ class TrainingArguments:
     # Both need flash attention to keep examples apart; without it, length grouping already cuts
     # padding to ~10% on TriviaQA (bench/README.md).
     packing: bool = flag(False, "Pack several examples into each sequence (best-fit); needs "
-                              "`--attn_implementation flash_attention_2` (or 3).")
+                                "`--attn_implementation flash_attention_2` (or 3).")
     padding_free: bool = flag(False, "Flatten each batch into one sequence without padding; needs "
-                                   "`--attn_implementation flash_attention_2` (or 3).")
+                                     "`--attn_implementation flash_attention_2` (or 3).")
     use_liger_kernel: bool = flag(False, "Use Liger Triton kernels (CUDA GPUs; needs `pip install liger-kernel`).")
     neftune_noise_alpha: Optional[float] = flag(None, "NEFTune embedding noise (e.g. 5); off by default.")
     dataloader_num_workers: int = flag(0, "Background data-loading workers.")
@@ -202,7 +202,7 @@ class TrainingArguments:
     push_to_hub: bool = flag(False, "Upload the adapter to the Hub at the end (needs HF_TOKEN or `hf auth login`).")
     hub_model_id: Optional[str] = flag(None, "Hub repo for --push_to_hub (default: the output dir name).")
     hub_token: Optional[str] = flag(None, "Hub token; prefer the HF_TOKEN environment variable. Never logged.",
-                                  secret=True)
+                                    secret=True)
     ddp_find_unused_parameters: Optional[bool] = flag(None, "DDP: look for unused parameters (slower).")
 
 
@@ -241,7 +241,7 @@ class EvalArguments:
 @dataclass
 class MergeArguments:
     adapter: Optional[str] = flag(None, "Adapter dir (LoRA, DoRA or QLoRA) written by one of the training scripts "
-                                      "(required).")
+                                        "(required).")
     output_dir: Optional[str] = flag(None, "Where the merged model (safetensors) and tokenizer are written (required).")
     overwrite_output_dir: bool = flag(False, "Replace an existing model in --output_dir.")
     merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = flag(
@@ -258,9 +258,9 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 @dataclass
 class PreferenceArguments:
     beta: float = flag(0.1, "DPO: strength of the pull towards the reference (higher = closer). ORPO: weight of the "
-                          "odds-ratio term (the paper's lambda).")
+                            "odds-ratio term (the paper's lambda).")
     loss_type: str = flag("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo, hinge, robust, ... (comma-separated to "
-                                   "combine).")
+                                     "combine).")
     max_prompt_length: Optional[int] = flag(
         256, "Longest prompt in tokens; longer text prompts keep their end (where the question is).")
     rejected_source: Literal["other", "model"] = flag(
@@ -308,4 +308,3 @@ class GRPOArguments:
     temperature: float = flag(1.0, "Sampling temperature.")
     beta: float = flag(0.04, "Weight of the KL penalty to the reference (0: no reference model needed).")
     max_prompt_length: int = flag(256, "Longest prompt in tokens; longer prompts stop the run (exit 2).")
-

@@ -157,4 +157,3 @@ def need_hub(subject: str, repo: str, kind: str) -> None:
         return
     raise UsageError(f"{subject}, and the hub ({host}) could not be reached to look up {kind} {repo!r}; check the "
                      f"name, or the network.")
-

@@ -78,4 +78,3 @@ def push_result(args, out: str) -> str:
         raise UploadFailed(f"the run is saved in {out}, but the upload to {repo!r} failed ({reason}); upload it "
                            f"later with: {later}") from None
     return repo_id
-

@@ -221,4 +221,3 @@ def share_dropout(model, args):
 
     share_lora_dropout(model, shared=getattr(args, "share_lora_dropout", True))
     return model
-

@@ -165,4 +165,3 @@ def share_lora_dropout(model, shared: bool = True) -> int:
             dropouts[adapter] = new
             replaced += 1
     return replaced
-

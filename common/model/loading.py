@@ -236,4 +236,3 @@ def load_for_inference(args, precision: Precision):
             model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}")
     model.eval()
     return model, tokenizer, source
-

@@ -125,4 +125,3 @@ def _patch(base) -> bool:
 
     base.forward = types.MethodType(forward, base)
     return True
-

@@ -153,4 +153,3 @@ def main(argv=None) -> int:
     from common.recipe.cli import run_cli
 
     return run_cli("merge.py", lambda: run_merge(make_parser().parse(argv)))
-

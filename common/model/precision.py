@@ -15,6 +15,7 @@ log = logging.getLogger("finetune")
 
 # Precision -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Precision:
     mode: str  # "bf16" | "fp16" | "fp32"
@@ -163,4 +164,3 @@ def get_quantization_config(args, precision: Precision):
 def fsdp_enabled() -> bool:
     """`accelerate launch` with an FSDP config (ours: configs/accelerate/fsdp.yaml) sets this."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
-

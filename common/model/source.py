@@ -103,4 +103,3 @@ def inherit_from_adapter(args, source: ModelSource, names=INHERITED_FLAGS) -> No
                 taken.append(f"--{name} {trained[name]!r}")
     if taken:
         log.info("from the run that wrote %s: %s", source.adapter_dir or source.base, ", ".join(taken))
-

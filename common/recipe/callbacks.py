@@ -12,6 +12,7 @@ from common.recipe.run_config import run_config
 
 # Callbacks -----------------------------------------------------------------------------------
 
+
 def nan_guard_callback():
     """Stops the run when the loss turns NaN/inf instead of training on garbage."""
     from transformers import TrainerCallback
@@ -74,4 +75,3 @@ def exact_match_callback(rows, fmt, tokenizer, batch_size: int):
                 self.trainer.log(result)
 
     return ExactMatch()
-

@@ -14,6 +14,7 @@ from common.recipe.signals import Interrupted
 
 log = logging.getLogger("finetune")
 
+
 def setup_logging(script: str) -> None:
     level = logging.INFO if is_main_process() else logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
@@ -34,7 +35,7 @@ def setup_logging(script: str) -> None:
 
 def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
     """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
-    No network unless a hub id is given (common/network.py). After a finished run the process
+    No network unless a hub id is given (common/hub/network.py). After a finished run the process
     group is left (`leave_group=False` for a caller that runs several jobs in one process and
     leaves it after the last)."""
     from common.hub import network
@@ -62,4 +63,3 @@ def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
     if code == 0 and leave_group:
         leave_process_group()
     return code
-

@@ -59,4 +59,3 @@ def mps_available() -> bool:
     import torch
 
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-

@@ -277,4 +277,3 @@ def disk_full_error(out: str, resume: str) -> UsageError:
             "no checkpoint was written (`--save_strategy no`), so the run starts again")
     return UsageError(f"no space left on the device of {os.path.abspath(out)}; {kept}. Free space, then finish "
                       f"the run with: {resume}")
-

@@ -1,6 +1,7 @@
-"""Where the Trainer falls short for exact resume and one TensorBoard curve: every patch of a
-transformers private member lives here, with the table of every private library member the project
-relies on (PRIVATE_API), which tests/test_private_api.py checks against the installed versions."""
+"""Where the Trainer falls short for exact resume and one TensorBoard curve: the patches of
+transformers' Trainer internals live here, and so does PRIVATE_API, the table of every private
+library member the project reads or patches anywhere (each entry names the module that does),
+which tests/test_private_api.py checks against the installed versions."""
 
 from __future__ import annotations
 

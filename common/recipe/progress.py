@@ -156,4 +156,3 @@ def say(line: str) -> None:
         tqdm.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
-

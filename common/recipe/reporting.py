@@ -68,4 +68,3 @@ def finish_reporting(report_to: list[str]) -> None:
         if wandb.run is not None:
             wandb.finish()
         wandb.teardown()  # settings (WANDB_DIR, mode) are read again by the next run
-

@@ -59,4 +59,3 @@ def run_config(args: ParsedArgs, technique: str, extra: dict[str, Any]) -> dict[
         "versions": library_versions(),
         **extra,
     }, args.secret_fields())
-

@@ -16,6 +16,7 @@ from common.recipe.progress import say
 
 log = logging.getLogger("finetune")
 
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; the script exits with
     128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
@@ -151,4 +152,3 @@ def _launcher() -> list[str]:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
     nodes = [f"--nnodes={world // local}"] if world > local else []
     return ["torchrun", *nodes, f"--nproc_per_node={local}"]
-

@@ -80,4 +80,3 @@ def push_when_asked(args: ParsedArgs, out: str) -> None:
 
         repo = push_result(args, out)  # UploadFailed: run_cli says so and exits with hub.UPLOAD_FAILED
         log.info("uploaded to the hub: %s", repo)
-
