@@ -57,6 +57,14 @@ def load_preference_data(args, need_eval: bool, required: bool):
     return train, (read_preference_rows(args, splits, source, spec, "eval_split") if spec else None)
 
 
+def require_pairs(sources, script: str) -> None:
+    """Only kto.py trains on unpaired feedback; the others stop here, before any model loads."""
+    for src in sources:
+        if src is not None and src.kind == "unpaired":
+            raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only kto.py "
+                             f"takes; {script} needs prompt/chosen/rejected pairs.")
+
+
 def read_preference_rows(args, splits: dict, source: str, split_spec: str, flag: str) -> PreferenceSource:
     limit = args.max_train_samples if flag == "dataset_split" else args.max_eval_samples
     ds = take_rows(splits, split_spec, source, flag, limit)

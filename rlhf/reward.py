@@ -113,6 +113,7 @@ class RewardSteps(Steps):
         from rlhf import preference as pref
 
         run.data = pref.load_preference_data(run.args, need_eval=True, required=False)
+        pref.require_pairs(run.data, "reward_model.py")
 
     def schema(self, run: Run) -> str:
         return run.data[0].schema

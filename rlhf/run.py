@@ -14,7 +14,6 @@ from typing import Optional
 from common.flags.groups import (DataArguments, LoraArguments, ModelArguments, PreferenceArguments,
                                  QuantizationArguments, TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import UsageError
 from common.flags import checks
 from common.flags.checks import check_common, check_preference
 from common.recipe import pipeline as recipe
@@ -91,6 +90,8 @@ class PreferenceSteps(Steps):
         from rlhf import preference as pref
 
         run.data = pref.load_preference_data(run.args, need_eval=run.args.eval_strategy != "no", required=True)
+        if self.name != "kto":
+            pref.require_pairs(run.data, KINDS[self.name][0])
 
     def schema(self, run: Run) -> str:
         return run.data[0].schema
@@ -98,10 +99,6 @@ class PreferenceSteps(Steps):
     def prepare(self, run: Run) -> None:
         from rlhf.pref_formats import conversation_rendering
 
-        for src in run.data:
-            if src is not None and src.kind == "unpaired" and self.name != "kto":
-                raise UsageError(f"{src.source}: prompt/completion/label rows are unpaired feedback, which only "
-                                 f"kto.py takes; {KINDS[self.name][0]} needs prompt/chosen/rejected pairs.")
         conversation_rendering(run.args, run.tokenizer, *run.data)
 
     def has_eval(self, run: Run) -> bool:
@@ -159,7 +156,7 @@ class PreferenceSteps(Steps):
         from rlhf.pref_formats import plain_if_no_template
 
         args, kind, tokenizer = run.args, self.name, run.tokenizer
-        if src.kind == "unpaired":  # (kto.py only: prepare() has refused it for the others)
+        if src.kind == "unpaired":  # (kto.py only: load_data() has refused it for the others)
             ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer)
             return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
         ds, stats = pref.preference_dataset(src, run.fmt, args.rejected_source, args.seed, model=run.model,

@@ -105,3 +105,26 @@ def test_reward_model_refuses_an_adapter_before_taking_over_its_settings(tiny_ll
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "is an adapter" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("script", ["dpo.py", "orpo.py", "simpo.py", "reward_model.py"])
+def test_unpaired_feedback_is_refused_before_torch_is_imported(script, tiny_llama, tmp_path):
+    """KTO's prompt/completion/label rows have no pairs; the other preference scripts say so before
+    any model loads (dpo/orpo/simpo said it after loading the model; reward_model.py ended in a
+    traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import write_jsonl
+
+    data = write_jsonl(tmp_path / "feedback.jsonl", [{"prompt": f"Question: item {i}?\nAnswer:", "completion": " a",
+                                                      "label": i % 2 == 0} for i in range(8)])
+    argv = ["--model_id", tiny_llama, "--dataset_name", data, "--output_dir", str(tmp_path / "out")]
+    code = (f"import sys, {script[:-3]} as script\ncode = script.main({argv!r})\n"
+            f"print('torch imported' if 'torch' in sys.modules else 'torch not imported')\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "unpaired feedback" in done.stderr, done.stderr
+    assert done.stdout.strip() == "torch not imported"
