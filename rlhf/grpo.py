@@ -10,7 +10,6 @@ from typing import Optional
 from common.flags.groups import (DataArguments, GRPOArguments, LoraArguments, ModelArguments, QuantizationArguments,
                                  TrainingArguments)
 from common.flags.parser import FlagParser, ParsedArgs
-from common.flags.errors import UsageError
 from common.flags import checks
 from common.flags.checks import check_common, check_grpo
 from common.recipe import pipeline as recipe
@@ -116,18 +115,13 @@ class GRPOSteps(Steps):
         from datasets import Dataset
 
         from common.data import prompts
-        from common.evaluation.answers import prompt_ids
+        from rlhf.policy_model import rl_prompts
 
-        args, data, fmt, tokenizer = run.args, run.data, run.fmt, run.tokenizer
-        questions = data.train["question"]
-        texts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt) for q in questions]
-        lengths = [len(ids) for ids in prompt_ids(tokenizer, [prompts.generation_prompt(q, fmt, tokenizer)
-                                                              for q in questions], fmt.use_chat)]
-        too_long = [i for i, n in enumerate(lengths) if n > args.max_prompt_length]
-        if too_long:
-            raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
-                             f"{args.max_prompt_length}` tokens (row {too_long[0]}: {lengths[too_long[0]]}); raise "
-                             f"the limit or filter the data.")
+        data, fmt = run.data, run.fmt
+        rl_prompts(run.args, data, fmt, run.tokenizer)  # stops on a prompt over --max_prompt_length
+        # TRL renders and tokenises them itself (sft_prompt_tokens: the same ids)
+        texts = [prompts.chat_messages(q, fmt) if fmt.use_chat else prompts.prompt_text(q, fmt)
+                 for q in data.train["question"]]
         run.train_rows = Dataset.from_dict({"prompt": texts, "aliases": list(data.train["aliases"])})
 
     def config(self, run: Run, kwargs: dict):

@@ -1,7 +1,8 @@
 """What every RL trainer with a reference needs from its policy model: no dropout anywhere (so the
 policy and its reference, or the rollout and the update, compute the same log-probs), and sampling
 that follows the policy's own distribution, not the decoding preferences in a model's
-generation_config.json."""
+generation_config.json. And the prompts it answers: the ids SFT puts before the answer, within
+`--max_prompt_length`."""
 
 from __future__ import annotations
 
@@ -75,3 +76,21 @@ def sample_from_the_policy_only(model) -> None:
         target.generation_config = GenerationConfig(
             bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id, pad_token_id=old.pad_token_id,
             decoder_start_token_id=getattr(old, "decoder_start_token_id", None))
+
+
+def rl_prompts(args, data, fmt, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """PPO's and GRPO's prompts for `data.train`: (generation prompts, their ids as SFT puts them
+    before the answer: a BOS the tokenizer adds in front stays, a [SEP] or EOS it appends does not).
+    A prompt longer than `--max_prompt_length` stops the run before any model loads."""
+    from common.data import prompts
+    from common.evaluation.answers import prompt_ids
+    from common.flags.errors import UsageError
+
+    texts = [prompts.generation_prompt(q, fmt, tokenizer) for q in data.train["question"]]
+    ids = prompt_ids(tokenizer, texts, fmt.use_chat)
+    too_long = [i for i, p in enumerate(ids) if len(p) > args.max_prompt_length]
+    if too_long:
+        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
+                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {len(ids[too_long[0]])}); raise "
+                         f"the limit or filter the data.")
+    return texts, ids

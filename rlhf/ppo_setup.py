@@ -17,7 +17,6 @@ import torch
 from accelerate.utils import set_seed
 
 from common.flags.checks import reporters
-from common.flags.errors import UsageError
 
 log = logging.getLogger("finetune")
 
@@ -160,13 +159,13 @@ def _accelerator(args, out: str) -> tuple:
 def _policy(args, source, precision) -> Policy:
     """The base model with a trainable adapter (and a frozen copy of the SFT adapter as the
     reference, when starting from one), wrapped with its value head."""
-    from common.model.adapters import attach_adapter
+    from common.model.adapters import adapter_kind, attach_adapter
     from common.model.loading import count_parameters, enable_checkpointing, is_quantized, load_model
     from rlhf.policy_model import disable_dropout, sample_from_the_policy_only
 
     model = load_model(source, args, precision, training=True)
     quantized = is_quantized(model)
-    technique = "dora" if args.use_dora else ("qlora" if quantized else "lora")
+    technique = adapter_kind(args, model)
     set_seed(args.seed)  # the new adapter's initial weights (and the value head) follow --seed
     policy = attach_adapter(technique, args, model, source)
     trainable, total = count_parameters(policy)
@@ -198,18 +197,11 @@ def _prompts(args, data, fmt, tokenizer) -> Prompts:
     """The ids SFT puts before the answer (and evaluation feeds the model): a BOS the tokenizer adds
     in front stays, a [SEP] or EOS it appends does not."""
     from common.data import prompts
-    from common.evaluation.answers import prompt_ids as sft_prompt_ids
+    from rlhf.policy_model import rl_prompts
 
-    questions = list(data.train["question"])
-    texts = [prompts.generation_prompt(q, fmt, tokenizer) for q in questions]
-    ids = sft_prompt_ids(tokenizer, texts, fmt.use_chat)
+    texts, ids = rl_prompts(args, data, fmt, tokenizer)
     # The reward model renders a conversation itself, as reward_model.py did in training.
-    scored = [prompts.chat_messages(q, fmt) for q in questions] if fmt.use_chat else texts
-    too_long = [i for i, p in enumerate(ids) if len(p) > args.max_prompt_length]
-    if too_long:
-        raise UsageError(f"{len(too_long)} prompts of {data.source} are longer than `--max_prompt_length "
-                         f"{args.max_prompt_length}` tokens (row {too_long[0]}: {len(ids[too_long[0]])}); "
-                         f"raise the limit or filter the data.")
+    scored = [prompts.chat_messages(q, fmt) for q in data.train["question"]] if fmt.use_chat else texts
     return Prompts(texts=texts, ids=ids, scored=scored, aliases=list(data.train["aliases"]))
 
 

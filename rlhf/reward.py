@@ -186,13 +186,11 @@ class RewardSteps(Steps):
         return {"data": {"source": run.data[0].source, "pairs": self.stats, "heldout_pairs": len(run.eval_rows)}}
 
     def more_summary(self, run: Run, metrics: dict) -> dict:
-        self.metrics = metrics
         return {"heldout_accuracy": metrics.get("eval_accuracy")}
 
 
 def run_reward_model(args: ParsedArgs) -> dict:
-    steps = RewardSteps()
-    run, info = recipe.train(steps, args)
+    run, info = recipe.train(RewardSteps(), args)
     log.info("held-out pairwise accuracy: %.4f on %d pairs", info["heldout_accuracy"] or 0.0,
-             steps.metrics.get("eval_pairs", len(run.eval_rows)))
+             run.metrics.get("eval_pairs", len(run.eval_rows)))
     return info

@@ -187,7 +187,7 @@ def load_sft_data(args, need_eval: bool):
     from common.data import prompts, qa, sources
 
     splits, source = sources.load_splits(args.dataset_name, args.dataset_config)
-    train = sources.select_split(splits, args.dataset_split, source, "dataset_split")
+    train = sources.take_rows(splits, args.dataset_split, source, "dataset_split", args.max_train_samples)
     fmt = resolve_format(train, getattr(args, "dataset_format", "auto"), source)
     if fmt is None:
         try:
@@ -202,7 +202,6 @@ def load_sft_data(args, need_eval: bool):
                 raise UsageError(f"`--dataset_format {forced}`: {source} has the columns of "
                                  f"{qa.detect_schema(train, source)!r}, not of {forced!r}.")
         return qa.load_qa_data(args, need_eval, loaded=(splits, source))
-    train = sources.take_rows(splits, args.dataset_split, source, "dataset_split", args.max_train_samples)
     train = normalise(train, fmt, source, prompts.auto_num_proc(args.dataset_num_proc, len(train)))
     eval_ds = None
     spec = sources.heldout_spec(args, splits, source, required=True) if need_eval else None

@@ -181,6 +181,13 @@ def overridden_by_saved_adapter(args, saved: dict) -> list[str]:
     return out
 
 
+def adapter_kind(args, model) -> str:
+    """The LoRA-family adapter a preference or RL run attaches: DoRA when asked, QLoRA on a k-bit base."""
+    from common.model.loading import is_quantized
+
+    return "dora" if args.use_dora else ("qlora" if is_quantized(model) else "lora")
+
+
 def attach_adapter(technique: str, args, model, source):
     """A new adapter, or the adapter of --model_id continued (runs chain)."""
     from peft import PeftModel, get_peft_model

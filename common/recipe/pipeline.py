@@ -41,6 +41,7 @@ class Run:
     train_rows: Any = None
     eval_rows: Any = None
     trainer: Any = None
+    metrics: dict = field(default_factory=dict)  # training's, then the final evaluation's
 
 
 class Steps:
@@ -77,9 +78,9 @@ class Steps:
         return load_model(run.source, run.args, run.precision, training=True)
 
     def adapter_kind(self, run: Run) -> str:
-        from common.model.loading import is_quantized
+        from common.model.adapters import adapter_kind
 
-        return "dora" if run.args.use_dora else ("qlora" if is_quantized(run.model) else "lora")
+        return adapter_kind(run.args, run.model)
 
     def attach(self, run: Run):
         from common.model.adapters import attach_adapter
@@ -113,6 +114,7 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     # Nothing heavy is imported before the checks above: a mistake there is reported in a second.
     from transformers import set_seed
 
+    from common.data import prompts
     from common.model import loss
     from common.model.loading import count_parameters, is_quantized, keep_float32_trainables, load_tokenizer
     from common.model.precision import select_precision
@@ -125,7 +127,7 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     # Model & tokenizer, before any weights
     run.precision = select_precision(args)
     run.tokenizer = load_tokenizer(run.source, args)
-    run.fmt = prompt_format(args, run.tokenizer, steps.schema(run))
+    run.fmt = prompts.prompt_format(args, run.tokenizer, steps.schema(run))
     steps.prepare(run)
     run.report_to = setup_reporting(args, run.out)
     run.config = steps.config(run, trainer_kwargs(args, run.out, run.precision.mode, run.report_to,
@@ -149,15 +151,15 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     if steps.labelled_positions_only:
         loss.install(run.trainer)  # the LM head only where a label is (ORPO, SimPO keep full logits)
     keep_float32_trainables(run.trainer.model, run.precision)  # TRL stores k-bit models' adapters in bf16
-    metrics, wall = training.train_guarded(run.trainer, args, run.out, run.name)
-    steps.final_metrics(run, metrics)
+    run.metrics, wall = training.train_guarded(run.trainer, args, run.out, run.name)
+    steps.final_metrics(run, run.metrics)
     extra = {"model": {"base": run.source.base, "start_adapter": run.source.adapter_dir,
                        "precision": run.precision.mode, "quantized": is_quantized(run.model)},
              **steps.record(run),
              "parameters": {"trainable": run.trainable, "total": run.total}}
-    info = training.finish_run(run.trainer, run.tokenizer, args, run.out, run.name, metrics, wall, extra,
+    info = training.finish_run(run.trainer, run.tokenizer, args, run.out, run.name, run.metrics, wall, extra,
                                run.report_to, drop_adapters=steps.drop_adapters,
-                               more_summary=steps.more_summary(run, metrics))
+                               more_summary=steps.more_summary(run, run.metrics))
     return run, info
 
 
@@ -175,8 +177,3 @@ def begin(args: ParsedArgs, name: str, check_source=None) -> Run:
     inherit_from_adapter(args, run.source)
     return run
 
-
-def prompt_format(args: ParsedArgs, tokenizer, schema: str):
-    from common.data import prompts
-
-    return prompts.prompt_format(args, tokenizer, schema)
