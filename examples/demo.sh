@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Offline demo on a CPU (time measured: README, Quick start): a tiny randomly initialised Llama-style model
+# Offline demo on a CPU (time measured: README.md, Quick start): a tiny randomly initialised Llama-style model
 # learns the bundled TriviaQA-style sample with LoRA, then is scored like TriviaQA.
 # A model this small memorises: expect exact match near 1.0 on the 300 training questions and
 # near 0 on the 60 held-out ones. It shows the pipeline working, not answer quality; for real
-# runs use a real model (see README). Gradient checkpointing is off: this model needs little memory,
+# runs use a real model (see docs/sft.md). Gradient checkpointing is off: this model needs little memory,
 # and it trains faster without (the same results: dropout is 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."

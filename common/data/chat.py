@@ -241,7 +241,7 @@ def has_template(tokenizer) -> bool:
 def say_plain(tokenizer, model_id: str = "the model") -> None:
     if not has_template(tokenizer):
         log.info("%s has no chat template: conversations are rendered as plain text (`User: ...`, "
-                 "`Assistant: ...` + EOS; README, \"Your own data\").", model_id)
+                 "`Assistant: ...` + EOS; docs/your-own-data.md).", model_id)
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

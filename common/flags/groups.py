@@ -86,7 +86,7 @@ class DataArguments:
     dataset_format: str = flag(
         "auto", "Data format, detected from the columns by default (`auto`): `messages`, `sharegpt`, `alpaca`, "
                 "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...); preference scripts: "
-                "`preference`, `implicit-prompt`, `unpaired` or a question-answer schema. README: \"Your own data\".")
+                "`preference`, `implicit-prompt`, `unpaired` or a question-answer schema. docs/your-own-data.md.")
     assistant_turns: Literal["all", "last"] = flag(
         "all", "Conversations: train on every assistant turn (`all`) or on the last one only (`last`).")
 

@@ -34,7 +34,7 @@ class Precision:
 # measured, on a CPU with bf16 instructions, a 3M-parameter Llama 1.3x slower under autocast and an
 # 80M one 2.3x faster; below this size `--use_bfloat16` stays in float32 on the CPU. On our AMD EPYC
 # (AVX512-BF16), bench/bench_bf16.py saw autocast win from ~1M parameters, on a loaded machine:
-# README "Performance". 10M is above the slow case on both.
+# docs/performance.md. 10M is above the slow case on both.
 CPU_BF16_MIN_PARAMETERS = 10_000_000
 
 
