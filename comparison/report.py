@@ -272,11 +272,9 @@ def to_json(rows: list[dict], machine_line: str) -> dict:
 # Plots -----------------------------------------------------------------------------------------
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
+    from common.recipe.plotting import agg_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title_of(rows)
     written = []

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,11 +31,22 @@ def history(run_dir: str | Path) -> list[dict]:
     return json.loads(state.read_text())["log_history"]
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def agg_pyplot():
+    """matplotlib.pyplot drawing into files, whatever MPLBACKEND the parent process set: a Jupyter
+    kernel exports `module://matplotlib_inline.backend_inline` to its `!python` children, a module
+    that the project's venv need not have."""
+    if "matplotlib" not in sys.modules:
+        os.environ["MPLBACKEND"] = "agg"  # read when matplotlib is imported
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    plt = agg_pyplot()
 
     logs = history(run_dir)
     out_dir = Path(run_dir) / "plots"
