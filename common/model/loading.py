@@ -51,6 +51,7 @@ def load_tokenizer(source: ModelSource, args):
     # An adapter dir written by our scripts also holds the tokenizer it was trained with.
     where = source.adapter_dir if source.adapter_dir and os.path.isfile(
         os.path.join(source.adapter_dir, "tokenizer_config.json")) else source.base
+    require_tokenizer_files(where, args.model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, revision=None if where != source.base else args.revision,
                                                   trust_remote_code=args.trust_remote_code)
@@ -59,6 +60,20 @@ def load_tokenizer(source: ModelSource, args):
     ensure_eos_token(tokenizer, args.model_id)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+# What transformers' tokenizers are loaded from; a directory with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def require_tokenizer_files(where: str, model_id: str) -> None:
+    """A local model directory saved without its tokenizer (only `model.save_pretrained`) is named as
+    such, not as a model missing from the hub's cache."""
+    if os.path.isdir(where) and not any(os.path.isfile(os.path.join(where, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"`--model_id` {model_id}: {where} has no tokenizer files (none of "
+                         f"{', '.join(TOKENIZER_FILES[:4])}, ...); save the tokenizer of the model it came from "
+                         f"into it (`tokenizer.save_pretrained(\"{where}\")`).")
 
 
 def ensure_eos_token(tokenizer, model_id: str) -> None:
