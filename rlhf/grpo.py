@@ -56,7 +56,7 @@ def train(argv: Optional[list[str]] = None) -> GRPOResult:
 def main(argv: Optional[list[str]] = None) -> int:
     from common.recipe.cli import run_cli
 
-    return run_cli("grpo.py", lambda: train(argv))
+    return run_cli("grpo.py", lambda: train(argv), detach=True)
 
 
 def _text(completion) -> str:

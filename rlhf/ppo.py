@@ -75,7 +75,7 @@ def train(argv: Optional[list[str]] = None) -> PPOResult:
 def main(argv: Optional[list[str]] = None) -> int:
     from common.recipe.cli import run_cli
 
-    return run_cli("ppo.py", lambda: train(argv))
+    return run_cli("ppo.py", lambda: train(argv), detach=True)
 
 
 # The run ---------------------------------------------------------------------------------------

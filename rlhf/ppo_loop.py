@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from common.flags.errors import UsageError
+from common.recipe.callbacks import SaveClock
 from rlhf import ppo_core as core
 from rlhf.ppo_checkpoint import resume, save_checkpoint
 from rlhf.ppo_setup import PPORun
@@ -49,6 +50,7 @@ class PPOLoop:
                                                      self.kl_ctl, self.generator, accelerator, len(run.prompts.ids))
         self.cursor, self.seconds = state["cursor"], state["seconds"]
         self.start = time.perf_counter() - state["runtime_s"]
+        self.save_clock = SaveClock(args.save_minutes)
 
     @property
     def first_step(self) -> int:
@@ -138,7 +140,8 @@ class PPOLoop:
 
     def checkpoint_due(self, step: int) -> bool:
         args = self.run.args
-        return args.save_strategy == "steps" and step % args.save_steps == 0 and step < self.run.steps
+        by_steps = args.save_strategy == "steps" and step % args.save_steps == 0
+        return step < self.run.steps and (by_steps or self.save_clock.due(self.run.accelerator.device))
 
     def checkpoint(self, step: int) -> Path:
         from common.recipe import run_config
@@ -152,6 +155,7 @@ class PPOLoop:
                                                          "checkpoint": {"step": step}})
         save_checkpoint(run.unwrapped, run.tokenizer, folder, run.accelerator, self.history, run.optimizer,
                         run.scheduler, state, self.generator, self.order, run.args.save_total_limit, config=config)
+        self.save_clock.saved()
         return folder
 
 

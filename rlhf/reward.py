@@ -36,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_preference(args, "reward")
         return run_reward_model(args)
 
-    return run_cli("reward_model.py", train)
+    return run_cli("reward_model.py", train, detach=True)
 
 
 def _tokenize(ds, tokenizer):

@@ -71,7 +71,7 @@ def train(kind: str, argv: Optional[list[str]] = None) -> PreferenceResult:
 def main(kind: str, argv: Optional[list[str]] = None) -> int:
     from common.recipe.cli import run_cli
 
-    return run_cli(KINDS[kind][0], lambda: train(kind, argv))
+    return run_cli(KINDS[kind][0], lambda: train(kind, argv), detach=True)
 
 
 class PreferenceSteps(Steps):

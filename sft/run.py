@@ -120,7 +120,7 @@ def train(technique: str, argv: Optional[list[str]] = None) -> "SFTResult":
 def main(technique: str, argv: Optional[list[str]] = None) -> int:
     from common.recipe.cli import run_cli
 
-    return run_cli(TECHNIQUES[technique].script, lambda: train(technique, argv))
+    return run_cli(TECHNIQUES[technique].script, lambda: train(technique, argv), detach=True)
 
 
 @dataclass

@@ -92,7 +92,8 @@ def sample():
 def plain_runs(tiny_llama, tmp_path_factory):
     """Scripts run once each as a user runs them: in a subprocess, with local inputs, without the
     HF_*_OFFLINE variables set above, and with tests/network_spy recording (and refusing) every
-    network attempt. -> (folder holding network.log, {script: CompletedProcess})."""
+    network attempt; every script once.
+    -> (folder holding network.log, {script: CompletedProcess})."""
     import subprocess
 
     tmp = tmp_path_factory.mktemp("plain-runs")
@@ -115,6 +116,18 @@ def plain_runs(tiny_llama, tmp_path_factory):
         "ppo.py": ["--model_id", tiny_llama, "--dataset_name", "triviaqa-sample", "--reward_function", "triviaqa_f1",
                    "--per_device_train_batch_size", "4", "--max_steps", "2", "--response_length", "4",
                    "--save_strategy", "no", "--lora_r", "4", "--logging_steps", "1", "--output_dir", tmp / "ppo"],
+        "dora.py": [*small, "--output_dir", tmp / "dora"],
+        "qlora.py": [*small, "--output_dir", tmp / "qlora"],
+        "p_tuning.py": [*small, "--output_dir", tmp / "p-tuning"],
+        "prompt_tuning.py": [*small, "--output_dir", tmp / "prompt-tuning"],
+        "dpo.py": [*small, "--model_id", tmp / "lora", "--rejected_source", "other", "--output_dir", tmp / "dpo"],
+        "kto.py": [*small, "--model_id", tmp / "lora", "--rejected_source", "other", "--output_dir", tmp / "kto"],
+        "simpo.py": [*small, "--rejected_source", "other", "--output_dir", tmp / "simpo"],
+        "grpo.py": [*small, "--reward_function", "triviaqa_f1", "--num_generations", "4", "--max_completion_length", "4",
+                    "--output_dir", tmp / "grpo"],
+        "merge.py": ["--adapter", tmp / "lora", "--output_dir", tmp / "merged"],
+        "compare.py": ["--runs", tmp / "lora", tmp / "dora", "--eval_samples", "4", "--train_eval_samples", "4",
+                       "--output_dir", tmp / "compare"],
     }
     runs = {}
     for script, argv in commands.items():

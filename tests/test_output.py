@@ -1,7 +1,8 @@
 """What a plain run prints: the progress bar, one readable line per logging step and the run
 summary; no library noise the user cannot act on, and no wrong figures. The runs are the
-subprocess runs of the `plain_runs` fixture (conftest.py): lora.py, evaluate.py, prefix_tuning.py,
-orpo.py, reward_model.py and ppo.py on a tiny local model."""
+subprocess runs of the `plain_runs` fixture (conftest.py): every script, on a tiny local model.
+The venv has the optional `kernels` package (bitsandbytes fetches a CPU kernel with it) and not
+DeepSpeed, whose notice is checked on its logger below."""
 
 import re
 
@@ -22,8 +23,13 @@ NOISE = {
     # as `^[[A` in a file), no library bar for each dataset pass or for loading weights.
     "cursor-up code of a nested bar": re.compile(r"\x1b\[A"),
     "library progress bar in a log": re.compile(r"Loading weights|Generating \w+ split|examples/s\]"),
+    # `kernels` (bitsandbytes' optional CPU kernel) under the offline mode the scripts set themselves
+    "kernels' publisher trust notice": re.compile(r"Skipping publisher trust check"),
+    "DeepSpeed's accelerator notice": re.compile(r"Setting accelerator to CPU"),
+    "kernels fetch failure": re.compile(r"Failed to load CPU gemm_4bit_forward"),
 }
-SCRIPTS = ["lora.py", "evaluate.py", "prefix_tuning.py", "orpo.py", "reward_model.py", "ppo.py"]
+SCRIPTS = ["lora.py", "evaluate.py", "prefix_tuning.py", "orpo.py", "reward_model.py", "ppo.py", "dora.py", "qlora.py",
+           "p_tuning.py", "prompt_tuning.py", "dpo.py", "kto.py", "simpo.py", "grpo.py", "merge.py", "compare.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -108,3 +114,28 @@ def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
     text = b"".join(chunks).decode("utf-8", "replace")
     assert "Loading weights" in text and "examples/s]" in text
     assert "\x1b[A" in text  # the evaluation bar, drawn under the training bar
+
+
+def test_deepspeed_and_kernels_notices_are_dropped_and_their_other_messages_kept():
+    """DeepSpeed is not installed in the test venv: its logger ("DeepSpeed", own handler, no
+    propagation) is fed the record its real_accelerator.py logs on a machine without a GPU."""
+    import io
+    import logging
+
+    from common.recipe.progress import quiet_libraries
+
+    quiet_libraries()
+    for name, noise, kept in [("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we "
+                               "were unable to detect it.", "ZeRO stage 3 needs more memory"),
+                              ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"
+                               "quantization-bitsandbytes' because Hugging Face Hub is in offline mode.",
+                               "Kernel repository could not be found")]:
+        logger, stream = logging.getLogger(name), io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logger.addHandler(handler)
+        try:
+            logger.warning(noise)
+            logger.warning(kept)
+        finally:
+            logger.removeHandler(handler)
+        assert stream.getvalue() == kept + "\n", name

@@ -47,7 +47,7 @@ def check_common(args: ParsedArgs) -> None:
                      "logging_steps", "save_steps", "eval_steps", "num_virtual_tokens", "max_train_samples",
                      "max_eval_samples", "encoder_num_layers", "save_total_limit", "dataset_num_proc",
                      "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
-                     "encoder_hidden_size"])
+                     "encoder_hidden_size", "save_minutes"])
     _positive(args, ["max_grad_norm", "weight_decay", "warmup_steps", "dataloader_num_workers", "eval_em_samples"],
               strict=False)
     if args.max_steps <= 0 and args.num_train_epochs <= 0:

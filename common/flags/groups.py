@@ -26,8 +26,9 @@ class ModelArguments:
     )
     use_bfloat16: bool = flag(
         False,
-        "Train in bfloat16 where the GPU supports it; falls back to float16 on GPUs without bf16 (T4) "
-        "and to float32 on the CPU.",
+        "Train in bfloat16 where the GPU supports it; falls back to float16 on GPUs without bf16 (T4). "
+        "On the CPU: bf16 autocast (weights stay float32) where the CPU has bf16 instructions and the model "
+        "has at least 10M parameters, float32 elsewhere; one line says which.",
         aliases=("bf16",),
     )
     fp16: bool = flag(False, "Train in float16 mixed precision (CUDA only).")
@@ -176,6 +177,10 @@ class TrainingArguments:
     save_strategy: Literal["no", "steps", "epoch"] = flag("steps", "When to write checkpoints.")
     save_steps: int = flag(500, "Checkpoint every N steps with --save_strategy steps.")
     save_total_limit: Optional[int] = flag(2, "Keep at most N checkpoints (oldest deleted).")
+    # A notebook session or a pre-emptible machine can be killed outright: this bounds what is lost.
+    save_minutes: Optional[float] = flag(
+        None, "Also write a checkpoint whenever N minutes have passed since the last one, so that a hard kill "
+        "loses at most N minutes of training (any --save_strategy, `no` included).")
     eval_strategy: Literal["no", "steps", "epoch"] = flag("no", "When to evaluate on the held-out split.",
                                                        aliases=("evaluation_strategy",))
     eval_steps: Optional[int] = flag(

@@ -49,6 +49,49 @@ def run_config_callback(args: ParsedArgs, technique: str):
     return RunConfigInCheckpoints()
 
 
+class SaveClock:
+    """`--save_minutes`: whether a checkpoint is due because N minutes have passed since the last
+    one (or the start). Every process must save together, so one process's clock decides for all."""
+
+    def __init__(self, minutes):
+        import time
+
+        self.seconds = None if minutes is None else float(minutes) * 60
+        self.last = time.monotonic()
+
+    def due(self, device) -> bool:
+        import time
+
+        from common.recipe.signals import on_any_process
+
+        return self.seconds is not None and on_any_process(time.monotonic() - self.last >= self.seconds, device)
+
+    def saved(self) -> None:
+        import time
+
+        self.last = time.monotonic()
+
+
+def timed_save_callback(minutes):
+    """The Trainer's side of `--save_minutes` (ppo.py asks its SaveClock itself)."""
+    from transformers import TrainerCallback
+
+    class TimedSave(TrainerCallback):
+        clock = SaveClock(minutes)
+
+        def on_train_begin(self, targs, state, control, **kwargs):
+            self.clock.saved()  # counted from the start of training, not from loading the model
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if self.clock.due(targs.device):
+                control.should_save = True
+
+        def on_save(self, targs, state, control, **kwargs):
+            self.clock.saved()
+
+    return TimedSave()
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 

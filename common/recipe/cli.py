@@ -33,14 +33,18 @@ def setup_logging(script: str) -> None:
     quiet_libraries()
 
 
-def run_cli(script: str, train_fn, leave_group: bool = True) -> int:
+def run_cli(script: str, train_fn, leave_group: bool = True, detach: bool = False) -> int:
     """A training script's main(): user mistakes are one line and exit 2; Ctrl-C exits 130.
     No network unless a hub id is given (common/hub/network.py). After a finished run the process
     group is left (`leave_group=False` for a caller that runs several jobs in one process and
-    leaves it after the last)."""
+    leaves it after the last). `detach`: a training script, whose stop button in a notebook must
+    leave a checkpoint (common/recipe/notebook.py)."""
     from common.hub import network
     from common.hub import upload as hub
+    from common.recipe import notebook
 
+    if detach and notebook.should_detach(script):  # a training script in a notebook cell
+        return notebook.run_detached(script)
     setup_logging(script)
     network.start_offline()
     try:

@@ -23,10 +23,24 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # as `^[[A`. So, in a log: the training, PPO and answering bars are redrawn at most every
 # LOG_BAR_INTERVAL seconds; the evaluation bar drawn under the training bar is left out (its result
 # is the log line that follows); so are the libraries' bars for each dataset pass and for loading
-# weights. A notebook's `!python ...` runs under a pseudo-terminal and keeps every bar.
+# weights. A notebook's `!python ...` runs under a pseudo-terminal, but a cell's output area
+# understands carriage returns and nothing else: there, the training bar is the only bar (no bar
+# drawn under it, no library bars) and is redrawn at most every NOTEBOOK_BAR_INTERVAL seconds.
 LOG_BAR_INTERVAL = 30.0
+NOTEBOOK_BAR_INTERVAL = 1.0
 
 TERMINAL_VAR = "FINETUNE_TERMINAL"  # set by compare.py for the runs it starts, whose output it relays
+NOTEBOOK_VAR = "FINETUNE_NOTEBOOK"  # 1 or 0 overrides the detection below
+
+
+def in_notebook() -> bool:
+    """Whether this process runs in a notebook cell (`!python ...`): Jupyter starts its kernels with
+    JPY_PARENT_PID set, and ipykernel exports its inline MPLBACKEND; both reach the cell's commands."""
+    forced = os.environ.get(NOTEBOOK_VAR)
+    if forced in ("0", "1"):
+        return forced == "1"
+    backend = os.environ.get("MPLBACKEND", "")
+    return "JPY_PARENT_PID" in os.environ or "matplotlib_inline" in backend or "ipykernel" in backend
 
 
 def interactive(stream=None) -> bool:
@@ -48,12 +62,19 @@ def progress_bar(**kwargs):
     if not interactive():
         kwargs.setdefault("mininterval", LOG_BAR_INTERVAL)
         kwargs.setdefault("maxinterval", LOG_BAR_INTERVAL)
+    elif in_notebook():
+        kwargs.setdefault("mininterval", NOTEBOOK_BAR_INTERVAL)
     return tqdm(**kwargs)
+
+
+def nested_bars() -> bool:
+    """Whether bars may be drawn under another bar, and the libraries may draw theirs (see above)."""
+    return interactive() and not in_notebook()
 
 
 def quiet_libraries() -> None:
     """Called once per run, before the libraries are imported."""
-    if not interactive():  # the libraries' bars for dataset passes and weight loading (see above)
+    if not nested_bars():  # the libraries' bars for dataset passes and weight loading (see above)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # trl.experimental (ORPO, CPO/SimPO) announces on import that its API may change: a note to us, the
@@ -63,6 +84,20 @@ def quiet_libraries() -> None:
     # deprecates on every forward pass; nothing for a user to change.
     warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     logging.getLogger("transformers.modeling_utils").addFilter(_load_report)
+    # TRL's DPO trainer still calls `gradient_checkpointing_disable/enable` around its reference
+    # pass, which transformers 5.24 deprecates; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_(enable|disable)` is deprecated",
+                            category=FutureWarning)
+    # bitsandbytes fetches an optional CPU kernel through the `kernels` package, which says on every run
+    # that it skips a trust check because of the offline mode these scripts set themselves.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_dropping("Skipping publisher trust check"))
+    # DeepSpeed, where installed, announces on import that a machine without a GPU is one without a GPU.
+    logging.getLogger("DeepSpeed").addFilter(_dropping("Setting accelerator to CPU"))
+
+
+def _dropping(start: str):
+    """A logging filter that drops the records whose message starts with `start`."""
+    return lambda record: not record.getMessage().startswith(start)
 
 
 def _load_report(record: logging.LogRecord) -> bool:
@@ -123,13 +158,16 @@ def readable_progress(trainer) -> None:
     from transformers.trainer_utils import has_length
 
     class ReadableProgress(ProgressCallback):
+        pending: dict = {}  # what was logged at the current step, printed as one line when the step is over
+
         def on_train_begin(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 self.training_bar = progress_bar(total=state.max_steps, dynamic_ncols=True)
             self.current_step = 0
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            if self.training_bar is not None and not interactive():  # in a log, no bar under the training bar
+            # No bar under the training bar where it cannot be drawn there; in a notebook no bar at all.
+            if in_notebook() or (self.training_bar is not None and not interactive()):
                 return
             if state.is_world_process_zero and has_length(eval_dataloader):
                 if self.prediction_bar is None:
@@ -138,10 +176,25 @@ def readable_progress(trainer) -> None:
                 self.prediction_bar.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                line = log_line(logs, state.global_step, state.max_steps)
-                if line:
-                    self.training_bar.write(line)
+            # The step's training loss, its evaluation and its exact match arrive as separate records:
+            # one line for all of them, written when the step is over.
+            if state.is_world_process_zero and self.training_bar is not None and logs and "train_loss" not in logs:
+                if self.pending and self.pending["step"] != state.global_step:
+                    self.flush(state)
+                self.pending = {**self.pending, **logs, "step": state.global_step}
+
+        def flush(self, state):
+            pending, self.pending = self.pending, {}
+            line = pending and log_line(pending, pending["step"], state.max_steps)
+            if line and self.training_bar is not None:
+                self.training_bar.write(line)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.flush(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush(state)
+            super().on_train_end(args, state, control, **kwargs)
 
     if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)

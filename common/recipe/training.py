@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from common.flags.errors import UsageError
 from common.flags.parser import ParsedArgs
-from common.recipe.callbacks import NonFiniteLoss, run_config_callback
+from common.recipe.callbacks import NonFiniteLoss, run_config_callback, timed_save_callback
 from common.recipe.dist import is_main_process
 from common.recipe.outputs import (
     disk_full_error,
@@ -33,6 +33,8 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
     SIGTERM and a non-finite loss turned into a one-line error; every checkpoint carries
     run_config.json; -> (metrics, wall seconds)."""
     trainer.add_callback(run_config_callback(args, technique or Path(args.script).stem))
+    if args.save_minutes:
+        trainer.add_callback(timed_save_callback(args.save_minutes))
     resume = resolve_resume(args, out)
     exact_resume(trainer, resume)
     one_tensorboard_run(trainer)
