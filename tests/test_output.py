@@ -93,7 +93,7 @@ def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_DISABLE", "HF_HUB_DISABLE_PROGRESS",
-                                                                     "FINETUNE_TERMINAL"))}
+                                                                     "FINETUNE_", "JPY_", "MPLBACKEND"))}
     proc = subprocess.Popen([sys.executable, "lora.py", "--model_id", tiny_llama, "--dataset_name", "triviaqa-sample",
                              "--max_train_samples", "16", "--max_steps", "2", "--eval_strategy", "steps",
                              "--eval_steps", "1", "--max_eval_samples", "4", "--save_strategy", "no", "--report_to",

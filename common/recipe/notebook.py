@@ -31,9 +31,11 @@ def should_detach(script: str) -> bool:
 
 
 def run_detached(script: str) -> int:
-    """Run this command again in a new session and wait for it; the first SIGINT or SIGTERM is passed
-    on to it, later ones and SIGHUP are not (IPython sends all three while killing the cell's
-    command). -> the child's exit code."""
+    """Run this command again in a new session and wait for it. The first SIGINT or SIGTERM is passed
+    on to it, later ones are not (IPython sends SIGHUP, SIGINT and SIGKILL while killing the cell's
+    command after the stop button's Ctrl-C). A SIGHUP that comes first (the kernel shut down or
+    restarted, closing the terminal) is passed on as SIGTERM: the run saves and exits rather than
+    train on unseen. -> the child's exit code."""
     fd, stop_log = tempfile.mkstemp(prefix=f"{Path(script).stem}-stop-", suffix=".log")
     os.close(fd)
     env = {**os.environ, DETACHED_VAR: "1", STOP_LOG_VAR: stop_log}
@@ -42,13 +44,14 @@ def run_detached(script: str) -> int:
     relayed = []
 
     def relay(signum, frame):
-        if signum == signal.SIGHUP or relayed:
+        if relayed:
             return
         relayed.append(signum)
-        os.kill(child.pid, signum)
-        say(f"{script}: stopping: the run finishes its current step and saves a checkpoint, in process "
-            f"{child.pid}, which goes on if this cell is killed; its last lines go to {stop_log}. Then resume "
-            f"with the same command and `--resume_from_checkpoint auto`.")
+        os.kill(child.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+        with_suppressed_oserror(  # the terminal may be gone already
+            say, f"{script}: stopping: the run finishes its current step and saves a checkpoint, in process "
+                 f"{child.pid}, which goes on if this cell is killed; its last lines go to {stop_log}. Then resume "
+                 f"with the same command and `--resume_from_checkpoint auto`.")
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, relay)
@@ -56,8 +59,8 @@ def run_detached(script: str) -> int:
     # Still here: the child's last lines were not seen; show them.
     text = Path(stop_log).read_text(errors="replace") if os.path.exists(stop_log) else ""
     if text:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+        with_suppressed_oserror(sys.stderr.write, text)
+        with_suppressed_oserror(sys.stderr.flush)
     with_suppressed_oserror(os.remove, stop_log)
     return 128 - code if code < 0 else code
 
