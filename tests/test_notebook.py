@@ -208,7 +208,7 @@ def test_the_example_notebook_runs_headless_with_bounded_output_per_cell(tiny_ll
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert len(code) == 6  # parameters, install, SFT, DPO, evaluate, compare
     code[0].source += (f"\nMODEL, DATA, TRAIN_SPLIT, EVAL_SPLIT, EVAL_N = {str(tiny_llama)!r}, 'triviaqa-sample', "
-                       f"'train', 'validation', 8\nSFT_STEPS, DPO_STEPS, PRECISION = 20, 4, ''\n"
+                       f"'train', 'validation', 8\nSFT_STEPS, DPO_STEPS, PRECISION = 10, 4, ''\n"
                        f"OUT, REPO, INSTALL = {str(tmp_path / 'outputs')!r}, '', False")
     _client(nb).execute(env=_kernel_env())
     # Lines a notebook shows per cell: the training cells' summaries and log lines, evaluate.py's
