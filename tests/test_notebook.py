@@ -220,3 +220,24 @@ def test_the_example_notebook_runs_headless_with_bounded_output_per_cell(tiny_ll
         assert len(text.splitlines()) <= most and len(text) <= 6000, (len(text.splitlines()), len(text), text)
     assert (tmp_path / "outputs" / "dpo" / "adapter_config.json").is_file()
     assert "| dpo |" in "".join(o.get("text", "") for o in code[-1].outputs)
+
+
+def test_a_run_into_the_directory_of_a_stopping_run_waits_for_its_checkpoint(tmp_path):
+    """The stop button, then the same cell again with `--resume_from_checkpoint auto` at once: the
+    stopped run still holds the output directory while it saves, and the new run waits for it."""
+    from common.recipe import lock
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)  # what the stopped run is writing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom common.recipe import lock\nlock.lock_output_dir(sys.argv[1])\n"
+         "lock.mark_stopping()\nprint('held', flush=True)\ntime.sleep(3)\n", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    try:
+        lock.lock_output_dir(str(out))  # a UsageError ("in use by another run") unless it waits
+        assert time.monotonic() - start > 1
+    finally:
+        lock.release_output_locks()
+        holder.wait(timeout=60)

@@ -21,6 +21,9 @@ log = logging.getLogger("finetune")
 # One run per output directory ----------------------------------------------------------------
 
 LOCK = ".lock"
+# A run asked to stop (a notebook's stop button) saves its checkpoint, then exits; the same cell run
+# again with `--resume_from_checkpoint auto` waits this long for it rather than stop.
+STOPPING_WAIT_S = 600
 
 # lock file -> (its lock, whether this process created the directory for it). Runs called one after
 # another in one Python reuse the lock they hold: a second flock of the same file would refuse them.
@@ -40,7 +43,14 @@ def lock_output_dir(out: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     file_lock = FileLock(lock, blocking=False, thread_local=False, on_acquired=lambda fd: _claim(fd, out))
     try:
-        file_lock.acquire()
+        try:
+            file_lock.acquire()
+        except Timeout:
+            holder = _holder(lock)
+            if not (holder and holder.get("stopping")):
+                raise
+            log.info("`--output_dir` %s: waiting for %s to save its last checkpoint and exit.", out, _name(holder))
+            file_lock.acquire(timeout=STOPPING_WAIT_S, blocking=True)
     except Timeout:
         raise UsageError(f"`--output_dir` {out} is in use by another run ({_name(_holder(lock))}); wait for it to "
                          f"finish or choose another directory.") from None
@@ -55,7 +65,7 @@ def _claim(fd: int, out: str) -> None:
     """Called by filelock with the lock held: whoever the file still names died holding it (a clean exit
     removes the file); then this process writes its own name for the runs it refuses."""
     before = os.pread(fd, 4096, 0)
-    if before and _parse(before) != _me():
+    if before and not _is_me(_parse(before)):
         log.warning("`--output_dir` %s: taking over the lock of %s, which is no longer running.", out,
                     _name(_parse(before)))
     os.ftruncate(fd, 0)
@@ -64,6 +74,18 @@ def _claim(fd: int, out: str) -> None:
 
 def _me() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _is_me(holder: Optional[dict]) -> bool:
+    return holder is not None and {k: holder.get(k) for k in ("pid", "host")} == _me()
+
+
+def mark_stopping() -> None:
+    """This run was asked to stop and is saving its last checkpoint: say so in its lock files, so that
+    a run started into the same directory meanwhile waits for it instead of stopping."""
+    for lock in _held:
+        with contextlib.suppress(OSError):
+            lock.write_text(json.dumps({**_me(), "stopping": True}) + "\n")
 
 
 def _holder(lock: Path) -> Optional[dict]:
@@ -95,7 +117,7 @@ def release_output_locks() -> None:
     for lock, (file_lock, created) in list(_held.items()):
         # Removed while still held and only if it names us: a run that opened the old file meanwhile sees
         # it unlinked (filelock checks) and tries again on a new one.
-        if _holder(lock) == _me():
+        if _is_me(_holder(lock)):
             lock.unlink(missing_ok=True)
         file_lock.release(force=True)
         if created:

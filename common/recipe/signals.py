@@ -12,6 +12,7 @@ from typing import Optional
 
 from common.flags.parser import ParsedArgs
 from common.recipe.dist import is_main_process, world_size
+from common.recipe.lock import mark_stopping
 from common.recipe.notebook import leave_terminal
 from common.recipe.progress import say
 
@@ -59,6 +60,7 @@ def stop_requests():
         if request.signum is None:
             request.signum = signum
             leave_terminal()  # in a notebook, the cell that showed this run may be gone (common/recipe/notebook.py)
+            mark_stopping()  # a run started into the same directory now waits for this one
             log.warning("%s: saving a checkpoint after this step; %s again to stop at once without one.",
                         _signal_name(signum), "press Ctrl-C" if signum == signal.SIGINT else "send it")
 
