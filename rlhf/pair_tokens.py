@@ -80,7 +80,7 @@ def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
     if isinstance(prompt, str):
         end = tokenizer.eos_token if finished and not answer.endswith(tokenizer.eos_token) else ""
         return tokenizer(prompt + answer + end)["input_ids"]
-    from common.data.chat import render
+    from common.data.templates import render
 
     reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
     if not finished:

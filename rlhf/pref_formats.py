@@ -105,31 +105,31 @@ def conversation_rendering(args, tokenizer, *sources) -> None:
     """Where any split holds message-list pairs: `--use_chat_template` applies to them as in SFT
     (`false` drops the tokenizer's template, so the pairs and the saved tokenizer get the plain
     rendering), and a run without a template says so."""
-    from common.data import chat
+    from common.data import chat, templates
 
     if any(_is_conversation_source(src) for src in sources):
         chat.apply_template_flag(args, tokenizer)
-        chat.say_plain(tokenizer, args.model_id)
+        templates.say_plain(tokenizer, args.model_id)
 
 
 def plain_if_no_template(ds, tokenizer):
     """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
     prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
     each answer = what the whole rendering adds to it, without the EOS the trainers append."""
-    from common.data import chat
+    from common.data import templates
 
-    if chat.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
+    if templates.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds
     answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
-    bos = tokenizer.bos_token if chat.adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token if templates.adds_bos(tokenizer) else None
     eos = tokenizer.eos_token
 
     def convert(batch):
         out = {k: list(v) for k, v in batch.items()}
         for i, prompt in enumerate(batch["prompt"]):
-            head = chat.render(tokenizer, prompt, add_generation_prompt=True)
+            head = templates.render(tokenizer, prompt, add_generation_prompt=True)
             for col in answers:
-                full = chat.render(tokenizer, prompt + batch[col][i]).rstrip()
+                full = templates.render(tokenizer, prompt + batch[col][i]).rstrip()
                 answer = full[len(head):]
                 out[col][i] = answer[:-len(eos)] if eos and answer.endswith(eos) else answer
             out["prompt"][i] = head[len(bos):] if bos and head.startswith(bos) else head

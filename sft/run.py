@@ -159,13 +159,16 @@ class SFTSteps(Steps):
         return run.data.schema in chat.FORMATS  # conversations or text: tokenised and masked by common.data.chat
 
     def prepare(self, run: Run) -> None:
-        from common.data import chat, prompts
+        from common.data import chat, prompts, templates
 
         args, data = run.args, run.data
         self.num_proc = prompts.auto_num_proc(args.dataset_num_proc, len(data.train))
         if self.own_format(run):
             to_sft = chat.sft_dataset_builder(args, run.tokenizer)
-            run.fmt.use_chat = chat.has_template(run.tokenizer)
+            run.fmt.use_chat = templates.has_template(run.tokenizer)
+        elif run.fmt.use_chat:
+            def to_sft(ds, n):
+                return prompts.chat_sft_rows(ds, run.fmt, run.tokenizer, args.completion_only_loss, n)
         else:
             to_sft = lambda ds, n: prompts.to_sft_dataset(ds, run.fmt, n)  # noqa: E731
         run.train_rows = to_sft(data.train, self.num_proc)

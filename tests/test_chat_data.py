@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from common.data.chat import load_sft_data, render, tokenize_conversation
-from tests.chat_oracle import TEMPLATES, oracle_labels, tokenizer_with, trained_text
+from common.data.chat import load_sft_data, tokenize_conversation
+from common.data.templates import render
+from tests.chat_oracle import oracle_rows, trained_text
 from tests.helpers import run_script, write_jsonl
 
 FORMATS = "data/formats"
@@ -33,41 +34,14 @@ def _conversations():
         return [CONVERSATION] + [json.loads(line)["messages"] for line in fh]
 
 
-@pytest.mark.parametrize("family", list(TEMPLATES))
-@pytest.mark.parametrize("turns", ["all", "last"])
-def test_assistant_mask_equals_turn_by_turn_token_oracle(family, turns, base_tokenizer):
-    tok = tokenizer_with(TEMPLATES[family], base_tokenizer)
-    for messages in _conversations():
-        got = tokenize_conversation(tok, messages, turns)
-        ids, labels = oracle_labels(tok, messages, turns)
-        assert got["input_ids"] == ids
-        assert got["labels"] == labels, (family, messages)
-
-
-@pytest.mark.parametrize("family,expected", [
-    ("llama3", "Paris.<|eot_id|>Rome, since 1871.<|eot_id|>"),
-    ("chatml", "Paris.<|im_end|>Rome, since 1871.<|im_end|>"),
-    ("inst", " Paris.</s> Rome, since 1871.</s>"),
-])
-def test_trained_tokens_are_the_replies_and_end_of_turn_by_hand(family, expected, base_tokenizer):
-    tok = tokenizer_with(TEMPLATES[family], base_tokenizer)
-    got = tokenize_conversation(tok, CONVERSATION)
-    assert trained_text(tok, got["labels"]) == expected
-    if family != "chatml":  # these templates write BOS themselves, once
-        assert got["input_ids"][0] == tok.bos_token_id and got["input_ids"].count(tok.bos_token_id) == 1
-    last = tokenize_conversation(tok, CONVERSATION, "last")
-    assert trained_text(tok, last["labels"]) == expected[expected.index("Rome") - (family == "inst"):]
-
-
 def test_plain_rendering_without_chat_template(base_tokenizer):
     assert not base_tokenizer.chat_template
     text = render(base_tokenizer, CONVERSATION)
     assert text == ("You are a quiz assistant.\n\nUser: What is the capital of France?\n\nAssistant: Paris.</s>\n\n"
                     "User: And of Italy?\n\nAssistant: Rome, since 1871.</s>\n\n")
-    got = tokenize_conversation(base_tokenizer, CONVERSATION)
-    ids, labels = oracle_labels(base_tokenizer, CONVERSATION,
-                                render=lambda m, gen: render(base_tokenizer, m, gen))
-    assert (got["input_ids"], got["labels"]) == (ids, labels)
+    [got] = tokenize_conversation(base_tokenizer, CONVERSATION)
+    expected = oracle_rows(base_tokenizer, CONVERSATION, base_tokenizer.eos_token_id, render=render)
+    assert [(got["input_ids"], got["labels"])] == expected
     assert trained_text(base_tokenizer, got["labels"]) == " Paris.</s> Rome, since 1871.</s>"
 
 
@@ -90,7 +64,7 @@ def test_format_detected_and_run_trains_on_oracle_labels(name, schema, tiny_chat
             ids = tok(row["text"])["input_ids"] + [tok.eos_token_id]
             assert example["input_ids"] == ids and example["labels"] == ids
         else:
-            assert (example["input_ids"], example["labels"]) == oracle_labels(tok, row["messages"])
+            assert [(example["input_ids"], example["labels"])] == oracle_rows(tok, row["messages"], tok.eos_token_id)
 
 
 class _Args:
@@ -168,8 +142,8 @@ def test_plain_rendering_run_says_so_once(tiny_llama, tmp_path, caplog):
     assert len(said) == 1
     tok = result.trainer.processing_class
     row = load_sft_data(_Args(f"{FORMATS}/messages.jsonl"), False).train[0]["messages"]
-    expected = oracle_labels(tok, row, render=lambda m, gen: render(tok, m, gen))
-    assert (result.trainer.train_dataset[0]["input_ids"], result.trainer.train_dataset[0]["labels"]) == expected
+    expected = oracle_rows(tok, row, tok.eos_token_id, render=render)
+    assert [(result.trainer.train_dataset[0]["input_ids"], result.trainer.train_dataset[0]["labels"])] == expected
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "lora.py"])

@@ -174,9 +174,8 @@ def test_chat_format_uses_messages(tiny_chat_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
     fmt = prompts.PromptFormat(use_chat=True, system_prompt="Be brief.")
-    ex = prompts.sft_example("Who wrote Hamlet?", "Shakespeare", fmt)
-    assert ex["prompt"][-1] == {"role": "user", "content": "Who wrote Hamlet?"}
-    assert ex["completion"] == [{"role": "assistant", "content": "Shakespeare"}]
+    assert prompts.chat_messages("Who wrote Hamlet?", fmt) == [{"role": "system", "content": "Be brief."},
+                                                               {"role": "user", "content": "Who wrote Hamlet?"}]
     text = prompts.generation_prompt("Who wrote Hamlet?", fmt, tok)
     assert text.endswith("<|assistant|>\n") and "Be brief." in text
 

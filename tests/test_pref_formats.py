@@ -97,15 +97,13 @@ def test_dpo_token_ids_equal_sft_conversation_ids(chat, tiny_llama, tiny_chat_ll
     tok = result.trainer.processing_class
     for raw, row in zip(_rows("pref_explicit"), result.trainer.train_dataset):
         for side in ("chosen", "rejected"):
-            sft = tokenize_conversation(tok, raw["prompt"] + raw[side])
+            [sft] = tokenize_conversation(tok, raw["prompt"] + raw[side])
             dpo = row["prompt_ids"] + row[f"{side}_ids"]
-            assert sft["input_ids"][:len(dpo)] == dpo
-            assert all(label == -100 for label in sft["labels"][len(dpo):])
-            trained = sft["labels"][len(row["prompt_ids"]):len(dpo)]
-            # SFT leaves untrained the whitespace a template writes after its end-of-turn token; DPO scores it.
-            kept = [t for t, label in zip(row[f"{side}_ids"], trained) if label != -100]
-            assert trained[:len(kept)] == kept and not tok.decode(row[f"{side}_ids"][len(kept):]).strip()
-            assert kept[-1] == tok.eos_token_id
+            n, start = len(sft["input_ids"]), len(row["prompt_ids"])
+            assert dpo[:n] == sft["input_ids"] and all(label == -100 for label in sft["labels"][:start])
+            assert sft["labels"][start:] == sft["input_ids"][start:] and sft["labels"][-1] == tok.eos_token_id
+            # SFT stops after the end-of-turn token; DPO also scores the whitespace a template writes after it.
+            assert not tok.decode(dpo[n:]).strip()
 
 
 def test_hh_file_trains_a_reward_model_and_reports_heldout_accuracy(tiny_llama, tmp_path):
@@ -124,7 +122,7 @@ def test_chat_sft_then_dpo_uses_the_sft_model_as_reference(tiny_chat_llama, tmp_
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import use_adapter
 
-    from common.data.chat import render
+    from common.data.templates import render
     from rlhf.run import train
 
     sft = tmp_path / "sft"

@@ -178,7 +178,7 @@ def test_use_chat_template_false_on_conversation_pairs_trains_sfts_plain_ids(arc
     """`--use_chat_template false` on message-list pairs, with a tokenizer that has a chat template:
     every preference trainer trains on the plain rendering, the ids SFT trains on for the same
     conversations with the same flag (and not on the template's rendering, which it used to)."""
-    from common.data.chat import has_template
+    from common.data.templates import has_template
 
     pairs, chats = _conversation_files(tmp_path)
     common = ["--report_to", "none", "--save_strategy", "no", "--eval_split", "none", "--use_chat_template", "false"]
@@ -207,7 +207,7 @@ def test_conversations_only_in_the_eval_split_get_the_same_rendering_as_sft(kind
                                                                          tmp_path, stop_before_training, capsys):
     """Text pairs to train on, message-list pairs to evaluate on: `--use_chat_template false` applies
     to the held-out pairs too; and a model without a template says once that they are rendered plain."""
-    from common.data.chat import has_template
+    from common.data.templates import has_template
     from tests.helpers import write_jsonl
 
     pairs, chats = _conversation_files(tmp_path)

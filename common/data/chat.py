@@ -4,14 +4,9 @@ Each row becomes a list of {role, content} messages (or, for `text`, one string)
 any model is loaded: a row that fits no format, an empty assistant turn, or roles out of order
 stop the run with one line naming the file, the row and the problem.
 
-Masking. A conversation is rendered once with the tokenizer's chat template and tokenised with
-nothing added (the template writes its own special tokens, as SFTTrainer does). The trained
-tokens of an assistant turn are the characters the template adds between the conversation so
-far rendered with the generation prompt (`<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
-`<|im_start|>assistant\\n`, ...) and the conversation rendered through that turn: the reply and
-its end-of-turn token (`<|eot_id|>`, `<|im_end|>`, `</s>`), without the whitespace a template
-writes after it. Characters become tokens through the tokenizer's offsets. This needs no
-`{% generation %}` markers, which Llama 3, Qwen 2.5 and Mistral templates do not have.
+Masking (common.data.masking): each assistant reply is trained, with its end-of-turn token, on
+the tokens inference sees; the prompt tokens are not. `--system_message fold|drop` handles a
+template that refuses a system message (common.data.templates).
 
 A tokenizer without a chat template gets PLAIN_RENDERING (see `plain_template`).
 """
@@ -22,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from common.data import masking
+from common.data.templates import render, say_plain, with_system_mode
 from common.flags.errors import UsageError
 
 log = logging.getLogger("finetune")
@@ -212,77 +209,12 @@ def load_sft_data(args, need_eval: bool):
     return qa.QAData(train=train, eval=eval_ds, schema=fmt, source=source)
 
 
-# Rendering -----------------------------------------------------------------------------------
+# Tokenizing ----------------------------------------------------------------------------------
 
-def adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a")["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
-
-
-def plain_template(tokenizer) -> str:
-    """PLAIN_RENDERING, for tokenizers without a chat template:
-
-        [BOS]{system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}{EOS}\\n\\nUser: ...
-
-    BOS only where the tokenizer adds one to text; the generation prompt is `Assistant:`."""
-    bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
-    return (bos + "{% for m in messages %}"
-            "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-            "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
-            "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
-
-
-def has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def say_plain(tokenizer, model_id: str = "the model") -> None:
-    if not has_template(tokenizer):
-        log.info("%s has no chat template: conversations are rendered as plain text (`User: ...`, "
-                 "`Assistant: ...` + EOS; docs/your-own-data.md).", model_id)
-
-
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    template = None if has_template(tokenizer) else plain_template(tokenizer)
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
-# Masking -------------------------------------------------------------------------------------
-
-def assistant_spans(tokenizer, messages: list[dict], turns: str = "all") -> tuple[str, list[tuple[int, int]]]:
-    """-> (full rendering, character spans [start, end) trained for each chosen assistant turn)."""
-    full = render(tokenizer, messages)
-    spans = []
-    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if turns == "last":
-        indices = indices[-1:]
-    for i in indices:
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[:i + 1])
-        if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
-            raise UsageError(
-                "the chat template does not render a conversation's turns as prefixes of the whole (it moves "
-                "earlier text when a turn is added), so the assistant's tokens cannot be located; use "
-                "`--use_chat_template false` for the plain-text rendering.")
-        end = len(through.rstrip())  # the whitespace a template writes after the end-of-turn token is not trained
-        spans.append((len(before), max(end, len(before))))
-    return full, spans
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> dict:
-    """-> {input_ids, labels}: labels are -100 except on the assistant's tokens (see module doc)."""
-    full, spans = assistant_spans(tokenizer, messages, turns)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [-100] * len(ids)
-    for k, (start, end) in enumerate(offsets):
-        # A token belongs to a span when it starts inside it (special tokens have exact offsets).
-        if end > start and any(s <= start < e for s, e in spans):
-            labels[k] = ids[k]
-    return {"input_ids": ids, "labels": labels}
+def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> list[dict]:
+    """-> [{input_ids, labels}]: labels are -100 except on the assistant's tokens; one row, or one
+    per assistant turn where the template needs it (common.data.masking)."""
+    return masking.conversation_rows(tokenizer, messages, turns)
 
 
 def tokenize_text(tokenizer, text: str) -> dict:
@@ -293,20 +225,33 @@ def tokenize_text(tokenizer, text: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int] = None):
+def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int] = None, system_mode: str = "keep"):
     """Dataset(messages) or Dataset(text) -> Dataset(input_ids, labels), which SFTTrainer takes as
     it is (length grouping reads `input_ids`)."""
     if not tokenizer.is_fast:
         raise UsageError("conversation data needs a fast tokenizer (character offsets); this model's tokenizer "
                          "is a slow one.")
     text = "text" in ds.column_names
+    specials = masking.special_ids(tokenizer)
 
     def convert(batch: dict) -> dict:
-        rows = ([tokenize_text(tokenizer, t) for t in batch["text"]] if text
-                else [tokenize_conversation(tokenizer, m, turns) for m in batch["messages"]])
+        if text:
+            rows = [tokenize_text(tokenizer, t) for t in batch["text"]]
+        else:
+            rows = [r for m in batch["messages"] for r in masking.conversation_rows(
+                tokenizer, with_system_mode(m, system_mode), turns, specials=specials)]
         return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
-    return ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
+    if not text and len(ds):  # a template that refuses the data says so before the map starts
+        masking.conversation_rows(tokenizer, with_system_mode(ds[0]["messages"], system_mode), turns,
+                                  specials=specials)
+    out = ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
+    if not text and len(out) > len(ds):
+        log.info("the chat template renders the prompt of an assistant turn differently once the turn is "
+                 "answered (Mistral v0.3 writes the system prompt into the last user turn only): each assistant "
+                 "turn of a conversation is a row of its own, with its prompt as inference renders it (%d rows).",
+                 len(out))
+    return out
 
 
 @dataclass
@@ -338,7 +283,8 @@ def sft_dataset_builder(args, tokenizer):
     later runs from the adapter use the same rendering)."""
     apply_template_flag(args, tokenizer)
     say_plain(tokenizer, args.model_id)
-    return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc)
+    return lambda ds, num_proc: tokenized_dataset(ds, tokenizer, args.assistant_turns, num_proc,
+                                                         args.system_message)
 
 
 def apply_template_flag(args, tokenizer) -> None:

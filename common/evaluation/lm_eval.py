@@ -59,11 +59,12 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, batch_siz
 
 
 def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
-    from common.data import chat
+    from common.data import chat, templates
 
     start = time.perf_counter()
-    chat.say_plain(tokenizer, args.model_id) if data.schema != "text" else None
-    tokenized = chat.tokenized_dataset(data.train, tokenizer, getattr(args, "assistant_turns", "all"))
+    templates.say_plain(tokenizer, args.model_id) if data.schema != "text" else None
+    tokenized = chat.tokenized_dataset(data.train, tokenizer, getattr(args, "assistant_turns", "all"),
+                                       system_mode=getattr(args, "system_message", "keep"))
     rows = [{"input_ids": r["input_ids"][:args.max_seq_length], "labels": r["labels"][:args.max_seq_length]}
             for r in tokenized]
     nll, count = token_loss(model, rows, args.batch_size)
@@ -73,7 +74,7 @@ def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
     elapsed = time.perf_counter() - start
     summary = {"n": len(rows), "schema": data.schema, "loss": loss, "perplexity": math.exp(loss) if count else None,
                "trained_tokens": count, "time_s": round(elapsed, 2), "model_id": args.model_id,
-               "dataset": data.source, "split": args.dataset_split, "chat_template": chat.has_template(tokenizer)}
+               "dataset": data.source, "split": args.dataset_split, "chat_template": templates.has_template(tokenizer)}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl.tmp", "w", encoding="utf-8") as fh:
         for s, g in zip(samples, generations):

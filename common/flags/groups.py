@@ -88,6 +88,9 @@ class DataArguments:
         "auto", "Data format, detected from the columns by default (`auto`): `messages`, `sharegpt`, `alpaca`, "
                 "`text`, or a question-answer schema (`qa`, `triviaqa`, `prompt-completion`, ...); preference scripts: "
                 "`preference`, `implicit-prompt`, `unpaired` or a question-answer schema. docs/your-own-data.md.")
+    system_message: Literal["keep", "fold", "drop"] = flag(
+        "keep", "A system message (in the data, or `--system_prompt`) where the chat template refuses one (Gemma 2): "
+                "`fold` puts its text at the start of the first user turn, `drop` leaves it out.")
     assistant_turns: Literal["all", "last"] = flag(
         "all", "Conversations: train on every assistant turn (`all`) or on the last one only (`last`).")
 

@@ -83,7 +83,7 @@ def saved_run_config(source: ModelSource) -> dict:
 # Settings an adapter dir's own run fixes: the base must be loaded the same way (4-bit stays
 # 4-bit) and prompts must be formatted as in training. Taken over unless given explicitly.
 # A merged model records only the prompt flags (its weights are no longer quantized).
-PROMPT_FLAGS = ("prompt_template", "use_chat_template", "system_prompt")
+PROMPT_FLAGS = ("prompt_template", "use_chat_template", "system_prompt", "system_message")
 
 INHERITED_FLAGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                    *PROMPT_FLAGS)

@@ -1,0 +1,133 @@
+"""Assistant-only labels for a conversation, on the tokens inference sees.
+
+The rule, for every chat template (it does not need a template to render turns as prefixes of the
+whole, which Phi-3, Qwen3 and Mistral v0.3 with a system message do not):
+
+1. Render the whole conversation once. Each assistant reply is found in it by rendering the
+   conversation again with that reply replaced by a sentinel: the text before the sentinel and the
+   text after it are the same in both renderings, so the reply lies between them (whatever the
+   template does to the reply's text, such as trimming it).
+2. A reply is trained from the end of its generation prompt (the conversation before it rendered
+   with `add_generation_prompt=True`, which is what a model is given at inference) through the
+   reply and the end-of-turn token after it (`<|eot_id|>`, `<|im_end|>`, `<|end|>`,
+   `<end_of_turn>`, `</s>`: the first special token after the reply, whitespace allowed between).
+   What a template writes between the generation prompt and the reply (Qwen3's empty think block,
+   Mistral's space) is generated at inference, so it is trained too. Nothing after the last trained
+   token is kept (Phi-3's closing `<|endoftext|>` is never trained).
+3. Where a turn's generation prompt is not the start of the whole rendering (Mistral v0.3 writes the
+   system prompt into the last user turn only, so a conversation that ends with the assistant has
+   none), each assistant turn becomes a row of its own: its generation prompt, then what the
+   template writes for the reply and its end of turn.
+
+Characters become tokens through the tokenizer's offsets: a token is trained when it starts inside
+a trained span."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from common.data.templates import render
+from common.flags.errors import UsageError
+
+log = logging.getLogger("finetune")
+
+SENTINEL = "\u2063\u2063reply-here\u2063\u2063"
+PREVIOUS = "\u2063\u2063turn-before\u2063\u2063"
+
+
+def special_ids(tokenizer) -> frozenset:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return frozenset(ids)
+
+
+def _marked(messages: list[dict], marks: dict) -> list[dict]:
+    return [{**m, "content": marks[k]} if k in marks else m for k, m in enumerate(messages)]
+
+
+def _unlocatable(what: str) -> UsageError:
+    return UsageError(f"the chat template {what}, so the assistant's tokens cannot be located; use "
+                      f"`--use_chat_template false` for the plain-text rendering.")
+
+
+def reply_bounds(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    """-> [start, end) of assistant message i's text in `text` (the rendering of `messages`)."""
+    head, found, tail = render(tokenizer, _marked(messages, {i: SENTINEL})).partition(SENTINEL)
+    if not found or SENTINEL in tail or not (text.startswith(head) and text.endswith(tail)) \
+            or len(head) + len(tail) > len(text):
+        raise _unlocatable("renders a reply's text in a way that changes the rest of the conversation")
+    return len(head), len(text) - len(tail)
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _turn_end(tokenizer, ids, offsets, reply_end: int, specials: frozenset) -> int:
+    """-> the character where the reply's turn ends: after the end-of-turn token, or at the reply's end
+    where no special token follows it."""
+    for tok, (start, end) in zip(ids, offsets):
+        if start < reply_end or end <= start:
+            continue
+        if tok in specials:
+            return end
+        if tokenizer.decode([tok]).strip():
+            break
+    return reply_end
+
+
+def _labels(ids, offsets, spans) -> tuple[list[int], list[int]]:
+    labels = [ids[k] if end > start and any(s <= start < e for s, e in spans) else -100
+              for k, (start, end) in enumerate(offsets)]
+    last = max((k for k, t in enumerate(labels) if t != -100), default=len(ids) - 1)
+    return list(ids[:last + 1]), labels[:last + 1]
+
+
+def _turns(messages: list[dict], turns: str) -> list[int]:
+    at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return at[-1:] if turns == "last" else at
+
+
+def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finished: bool = True,
+                      specials: Optional[frozenset] = None) -> list[dict]:
+    """-> [{input_ids, labels}]: one row, or one per assistant turn (rule 3 of the module doc).
+    `finished=False`: the last reply was cut off, so its turn has no end-of-turn token."""
+    specials = special_ids(tokenizer) if specials is None else specials
+    full = render(tokenizer, messages)
+    chosen = _turns(messages, turns)
+    prompts = {i: render(tokenizer, messages[:i], add_generation_prompt=True) for i in chosen}
+    bounds = {i: reply_bounds(tokenizer, messages, i, full) for i in chosen}
+    if all(full.startswith(prompts[i]) and len(prompts[i]) <= bounds[i][0] for i in chosen):
+        ids, offsets = _encode(tokenizer, full)
+        spans = []
+        for i in chosen:
+            end = bounds[i][1]
+            if finished or i != chosen[-1]:
+                end = _turn_end(tokenizer, ids, offsets, end, specials)
+            spans.append((len(prompts[i]), end))
+        ids, labels = _labels(ids, offsets, spans)
+        return [{"input_ids": ids, "labels": labels}]
+    return [_own_row(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials) for i in chosen]
+
+
+def _own_row(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials) -> dict:
+    """Assistant turn i as inference sees it: its generation prompt, then what the template writes
+    from the end of that prompt to the end of the turn."""
+    through = render(tokenizer, messages[:i + 1])
+    start, end = reply_bounds(tokenizer, messages[:i + 1], i, through)
+    # The template's text between the previous message and the reply, less the generation prompt's.
+    both = render(tokenizer, _marked(messages[:i + 1], {i - 1: PREVIOUS, i: SENTINEL}))
+    between = both.partition(PREVIOUS)[2].partition(SENTINEL)[0]
+    tail = render(tokenizer, _marked(messages[:i], {i - 1: PREVIOUS}), add_generation_prompt=True)
+    tail = tail.partition(PREVIOUS)[2]
+    if not between.startswith(tail):
+        raise _unlocatable("writes a reply's turn differently from its generation prompt")
+    if finished:
+        ids, offsets = _encode(tokenizer, through)
+        end = _turn_end(tokenizer, ids, offsets, end, specials)
+    text = prompt + between[len(tail):] + through[start:end]
+    ids, offsets = _encode(tokenizer, text)
+    ids, labels = _labels(ids, offsets, [(len(prompt), len(text))])
+    return {"input_ids": ids, "labels": labels}

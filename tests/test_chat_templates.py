@@ -1,0 +1,174 @@
+"""Conversation and question-answer masking on the chat templates real model families ship
+(tests/chat_templates/), checked token by token against tests/chat_oracle.py, and the training
+prompt of question-answer data against evaluate.py's prompt, byte for byte."""
+
+import pytest
+
+from common.data.chat import tokenize_conversation
+from common.data.templates import with_system_mode
+from tests.chat_oracle import FAMILIES, end_of_turn_id, family_tokenizer, oracle_rows, trained_text
+from tests.helpers import run_script, write_jsonl
+
+SYSTEM = {"role": "system", "content": "You are a quiz assistant."}
+TURNS = [{"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "Paris."},
+         {"role": "user", "content": "And of Italy? Réponds en «français»."},
+         {"role": "assistant", "content": "Rome, depuis 1871 — «Roma» 🇮🇹."}]
+CONVERSATIONS = {"single": TURNS[:2], "multi": TURNS, "system-single": [SYSTEM] + TURNS[:2],
+                 "system-multi": [SYSTEM] + TURNS}
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def _mode(family, messages):
+    return "fold" if family == "gemma2" and messages[0]["role"] == "system" else "keep"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kind", list(CONVERSATIONS))
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_conversation_mask_equals_token_oracle(family, kind, turns, base_tokenizer):
+    tok = family_tokenizer(family, base_tokenizer)
+    messages = with_system_mode(CONVERSATIONS[kind], _mode(family, CONVERSATIONS[kind]))
+    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, messages, turns)]
+    assert got == oracle_rows(tok, messages, end_of_turn_id(family, tok), turns)
+
+
+@pytest.mark.parametrize("family,kind,expected", [
+    # Phi-3 closes the conversation with <|endoftext|>: never trained, generation stops at <|end|>.
+    ("phi3_5", "multi", ["Paris.<|end|>Rome, depuis 1871 — «Roma» 🇮🇹.<|end|>"]),
+    # Qwen3 writes the empty think block on the last turn only.
+    ("qwen3", "multi", ["Paris.<|im_end|><think>\n\n</think>\n\nRome, depuis 1871 — «Roma» 🇮🇹.<|im_end|>"]),
+    ("llama3_1", "system-multi", ["Paris.<|eot_id|>Rome, depuis 1871 — «Roma» 🇮🇹.<|eot_id|>"]),
+    ("gemma2", "multi", ["Paris.<end_of_turn>Rome, depuis 1871 — «Roma» 🇮🇹.<end_of_turn>"]),
+    # Mistral v0.3 with a system message: one row per turn, each with its own prompt.
+    ("mistral_v0_3", "system-multi", [" Paris.</s>", " Rome, depuis 1871 — «Roma» 🇮🇹.</s>"]),
+])
+def test_trained_text_by_hand(family, kind, expected, base_tokenizer):
+    tok = family_tokenizer(family, base_tokenizer)
+    rows = tokenize_conversation(tok, CONVERSATIONS[kind])
+    assert [trained_text(tok, r["labels"]) for r in rows] == expected
+    if family == "phi3_5":  # not even as input: nothing after the last trained token is kept
+        assert all(tok.eos_token_id not in r["input_ids"] for r in rows)
+
+
+def test_mistral_system_prompt_rows_carry_the_system_prompt_where_inference_does(base_tokenizer):
+    tok = family_tokenizer("mistral_v0_3", base_tokenizer)
+    rows = tokenize_conversation(tok, CONVERSATIONS["system-multi"])
+    texts = [tok.decode(r["input_ids"]) for r in rows]
+    assert texts == ["<s>[INST] You are a quiz assistant.\n\nWhat is the capital of France?[/INST] Paris.</s>",
+                     "<s>[INST] What is the capital of France?[/INST] Paris.</s>[INST] You are a quiz assistant."
+                     "\n\nAnd of Italy? Réponds en «français».[/INST] Rome, depuis 1871 — «Roma» 🇮🇹.</s>"]
+
+
+def _fmt(system, mode="keep"):
+    from common.data.prompts import PromptFormat
+
+    return PromptFormat(use_chat=True, system_prompt=system, system_mode=mode)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_question_answer_training_prompt_is_evaluate_prompt_byte_for_byte(family, system, base_tokenizer):
+    from datasets import Dataset
+
+    from common.data.prompts import chat_sft_rows, generation_prompt
+
+    tok = family_tokenizer(family, base_tokenizer)
+    fmt = _fmt(system, "fold" if family == "gemma2" else "keep")
+    questions = ["Who wrote Hamlet?", "Quelle est la capitale de l'Italie ?"]
+    answers = ["William Shakespeare", "Rome 🇮🇹"]
+    rows = chat_sft_rows(Dataset.from_dict({"question": questions, "answer": answers}), fmt, tok)
+    end = FAMILIES[family][3]
+    for q, a, row in zip(questions, answers, rows):
+        prompt = generation_prompt(q, fmt, tok)
+        if system:
+            assert system in prompt
+        first = next(k for k, t in enumerate(row["labels"]) if t != -100)
+        assert row["input_ids"][:first] == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(row["input_ids"][:first]) == prompt
+        lead = {"mistral_v0_3": " ", "qwen3": "<think>\n\n</think>\n\n"}.get(family, "")
+        assert trained_text(tok, row["labels"]) == lead + a + end
+        assert row["input_ids"][first:] == row["labels"][first:]
+
+
+@pytest.fixture(scope="module")
+def family_models(tiny_llama, tmp_path_factory):
+    """family -> a tiny llama whose tokenizer has that family's special tokens and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(tiny_llama)
+    built = {}
+
+    def build(family):
+        if family not in built:
+            path = str(tmp_path_factory.mktemp("models") / family)
+            tok = family_tokenizer(family, base)
+            model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+            model.resize_token_embeddings(len(tok))
+            model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+            model.generation_config.bos_token_id = tok.bos_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            built[family] = path
+        return built[family]
+
+    return build
+
+
+FAST = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none",
+        "--eval_strategy", "no", "--lora_r", "2"]
+
+
+def test_mistral_system_prompt_question_answer_run_trains_on_evaluate_prompt(family_models, tmp_path):
+    """The silent case: the run trained on `<s>[INST] question [/INST] answer</s>` with the question
+    in the loss while evaluate.py prompted with the system prompt."""
+    from common.evaluation.answers import generation_prompt
+    from common.model.source import resolve_model
+    from common.data.prompts import prompt_format
+    from sft.run import train
+
+    model = family_models("mistral_v0_3")
+    result = train("lora", ["--model_id", model, "--dataset_name", "triviaqa-sample", "--max_train_samples", "4",
+                            "--system_prompt", "Be brief.", "--output_dir", tmp_path / "o", *FAST])
+    tok = result.trainer.processing_class
+    from common.evaluation.run import make_parser
+
+    eval_args = make_parser().parse(["--model_id", str(tmp_path / "o"), "--system_prompt", "Be brief."])
+    fmt = prompt_format(eval_args, tok, "triviaqa")
+    assert resolve_model(str(tmp_path / "o")).adapter_dir
+    from common.data.sources import load_splits
+
+    splits, _ = load_splits("triviaqa-sample", None)
+    for row, q in zip(result.trainer.train_dataset, splits["train"]["question"][:4]):
+        first = next(k for k, t in enumerate(row["labels"]) if t != -100)
+        prompt = generation_prompt(q, fmt, tok)
+        assert tok.decode(row["input_ids"][:first]) == prompt and prompt.startswith("<s>[INST] Be brief.\n\n")
+        assert trained_text(tok, row["labels"]).startswith(" ") and trained_text(tok, row["labels"]).endswith("</s>")
+
+
+def test_gemma2_system_message_is_one_line_exit_2_then_fold_trains(family_models, tmp_path, capsys):
+    model = family_models("gemma2")
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS["system-multi"]}] * 4)
+    code = run_script("lora.py", ["--model_id", model, "--dataset_name", data, "--output_dir", tmp_path / "a",
+                                  *FAST])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in lines if "error" in line]) == 1 and "--system_message fold" in err
+    assert "System role not supported" in err
+    assert not (tmp_path / "a" / "adapter_config.json").exists()
+    assert run_script("lora.py", ["--model_id", model, "--dataset_name", data, "--output_dir", tmp_path / "b",
+                                  "--system_message", "fold", *FAST]) == 0
+    # question-answer data with the default system prompt: the same line, and fold works there too
+    qa = ["--dataset_name", "triviaqa-sample", "--max_train_samples", "4"]
+    assert run_script("lora.py", ["--model_id", model, *qa, "--output_dir", tmp_path / "c", *FAST]) == 2
+    assert "--system_message fold" in capsys.readouterr().err
+    assert run_script("lora.py", ["--model_id", model, *qa, "--output_dir", tmp_path / "d", "--system_message",
+                                  "fold", *FAST]) == 0
