@@ -167,12 +167,15 @@ class RewardSteps(Steps):
 
         from common.model.adapters import resolve_target_modules, share_dropout
         from common.model.loading import shardable
+        from rlhf.rewards import score_at_last_token
 
         args = run.args
         config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, bias=args.lora_bias, use_dora=args.use_dora,
                             target_modules=resolve_target_modules(run.model, args.target_modules))
-        return share_dropout(shardable(get_peft_model(run.model, config)), args)
+        model = get_peft_model(run.model, config)
+        score_at_last_token(model)
+        return share_dropout(shardable(model), args)
 
     def trainer(self, run: Run, callbacks: list):
         return pooled_accuracy_trainer()(model=run.model, args=run.config, train_dataset=run.train_rows,

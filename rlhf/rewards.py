@@ -52,6 +52,42 @@ def _trained_quantization(source, device):
         bnb_4bit_compute_dtype=flags.get("bnb_4bit_compute_dtype", "auto")), precision)
 
 
+def score_at_last_token(model) -> None:
+    """Reads a sequence-classification model's score at each row's last attended token.
+
+    transformers reads it at the last token that is not the pad token. Where the tokenizer has no pad
+    token of its own (GPT-2, Pythia), the pad token is EOS, so a finished answer's closing EOS was
+    skipped and "Paris" + EOS scored exactly as "Paris" cut off. The attention mask says where each
+    row ends whatever the pad token is; reward_model.py trains and ppo.py/grpo.py score through this."""
+    import torch
+
+    names = [name for name, _ in model.named_modules() if name.split(".")[-1] in ("score", "classifier")]
+    if not names:
+        raise UsageError(f"{type(model).__name__} has no `score` head to read rewards from.")
+    head = model.get_submodule(names[0])
+    pooled = model.get_submodule(names[0].rpartition(".")[0])  # the model that pools the head's output
+    seen = []
+
+    def keep(_module, _args, output):
+        seen.append(output)
+
+    def pool(_module, args, kwargs, output):
+        scores = seen.pop()
+        seen.clear()
+        mask = kwargs.get("attention_mask")
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        if mask is None:
+            last = torch.full_like(rows, scores.shape[1] - 1)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = (positions * mask.to(positions.dtype)).argmax(-1).to(scores.device)
+        output.logits = scores[rows, last]
+        return output
+
+    head.register_forward_hook(keep)
+    pooled.register_forward_hook(pool, with_kwargs=True)
+
+
 class RewardModelScorer:
     """Scores prompt + response texts with a reward model dir from reward_model.py."""
 
@@ -82,6 +118,7 @@ class RewardModelScorer:
             quantization_config=quant, device_map={"": str(device)} if quant is not None else None)
         base.config.pad_token_id = self.tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, source.adapter_dir)
+        score_at_last_token(model)
         self.model = (model if quant is not None else model.to(device)).eval()
         self.device = device
 

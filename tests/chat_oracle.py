@@ -89,7 +89,8 @@ def oracle_rows(tokenizer, messages, end_id, turns="all", render=_render):
     bare = [m for m in messages if m["role"] != "system"]
     for i in at:
         k = i - (len(messages) - len(bare))
-        before, through = _ids(tokenizer, render(tokenizer, bare[:k], True)), _ids(tokenizer, render(tokenizer, bare[:k + 1]))
+        before = _ids(tokenizer, render(tokenizer, bare[:k], True))
+        through = _ids(tokenizer, render(tokenizer, bare[:k + 1]))
         assert through[:len(before)] == before, "no prefix even without the system message"
         reply = _through_end(through, len(before), end_id)
         rows.append((prompts[i] + reply, [-100] * len(prompts[i]) + reply))

@@ -138,3 +138,75 @@ def test_4bit_reward_model_scores_equal_hand_loaded_4bit_base_adapter_and_head(t
     scorer = RewardModelScorer(str(out), tokenizer, SimpleNamespace(trust_remote_code=False), "cpu")
     texts = [p["prompt"] + p[side] for p in heldout for side in ("chosen", "rejected")]
     assert scorer(texts) == pytest.approx([score(t) for t in texts], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def padless_gpt2(tmp_path_factory):
+    """GPT-2's tokenizer shape: BOS, EOS and the unknown token are one token and there is no pad token,
+    so the scripts pad with EOS."""
+    from transformers import AutoTokenizer
+
+    from common.model.tiny_model import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("models") / "padless-gpt2"), "gpt2")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.unk_token = tok.bos_token = tok.eos_token
+    tok.save_pretrained(path)
+    return path
+
+
+def test_reward_model_scores_a_finished_answer_apart_from_a_cut_off_one_on_a_padless_tokenizer(
+        padless_gpt2, tmp_path, monkeypatch):
+    """The reference is transformers' own score for one unpadded row with no pad token configured,
+    which is read at the row's last token. Training (the trainer's model on a padded batch) and PPO's
+    and GRPO's scoring (RewardModelScorer) must both equal it; with the pad token = EOS, the score of
+    "Paris" + EOS was read before the EOS, equal to "Paris" cut off."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from common.model.loading import load_tokenizer
+    from common.model.source import resolve_model
+    from common.recipe import training
+    from rlhf.pair_tokens import sft_ids
+    from rlhf.rewards import RewardModelScorer
+
+    seen = {}
+    real = training.train_guarded
+
+    def keep(trainer, *args, **kwargs):
+        seen["trainer"] = trainer
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_guarded", keep)
+    out = tmp_path / "rm"
+    from rlhf.reward import main
+
+    assert main(["--model_id", padless_gpt2, "--dataset_name", "triviaqa-sample", "--max_train_samples", "16",
+                 "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--learning_rate", "5e-2", "--report_to", "none", "--save_strategy", "no", "--seed", "3"]) == 0
+    args = SimpleNamespace(model_id=str(out), revision=None, trust_remote_code=False)
+    tok = load_tokenizer(resolve_model(str(out)), args)
+    assert tok.pad_token_id == tok.eos_token_id  # the case at hand
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    finished, cut = sft_ids(tok, prompt, " Paris", True), sft_ids(tok, prompt, " Paris", False)
+    assert finished == cut + [tok.eos_token_id]
+
+    base = AutoModelForSequenceClassification.from_pretrained(padless_gpt2, num_labels=1)
+    base.config.pad_token_id = None  # one unpadded row: transformers reads its last token
+    reference = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        expected = [reference(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in (finished, cut)]
+    assert abs(expected[0] - expected[1]) > 1e-4
+
+    scorer = RewardModelScorer(str(out), tok, args, torch.device("cpu"))
+    assert scorer.score_answers([prompt, prompt], [" Paris", " Paris"], [True, False]) == pytest.approx(
+        expected, abs=1e-5)
+
+    trainer = seen["trainer"]
+    batch = trainer.data_collator([{"chosen_ids": finished, "rejected_ids": cut}])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].tolist()
+    assert got == pytest.approx(expected, abs=1e-5)
