@@ -61,8 +61,8 @@ def _ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages, gen=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+def _render(tokenizer, messages, gen=False, tools=None):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, tools=tools)
 
 
 def _through_end(ids, start, end_id):
@@ -71,8 +71,10 @@ def _through_end(ids, start, end_id):
     return ids[start:k + 1]
 
 
-def oracle_rows(tokenizer, messages, end_id, turns="all", render=_render):
-    """-> [(input_ids, labels)] as the module doc says."""
+def oracle_rows(tokenizer, messages, end_id, turns="all", render=_render, tools=None):
+    """-> [(input_ids, labels)] as the module doc says. `tools`: function schemas for the template."""
+    if tools is not None:
+        render = (lambda r: lambda tok, m, gen=False: r(tok, m, gen, tools=tools))(render)
     full = _ids(tokenizer, render(tokenizer, messages))
     at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     at = at[-1:] if turns == "last" else at

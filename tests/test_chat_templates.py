@@ -172,3 +172,74 @@ def test_gemma2_system_message_is_one_line_exit_2_then_fold_trains(family_models
     assert "--system_message fold" in capsys.readouterr().err
     assert run_script("lora.py", ["--model_id", model, *qa, "--output_dir", tmp_path / "d", "--system_message",
                                   "fold", *FAST]) == 0
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now.",
+                                           "parameters": {"type": "object", "required": ["city"],
+                                                          "properties": {"city": {"type": "string"}}}}}]
+CALLING = [{"role": "system", "content": "You can look the weather up."},
+           {"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call00001", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+           {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": "{\"temp\": 21}"},
+           {"role": "assistant", "content": "21 °C in Paris."},
+           {"role": "user", "content": "And Rome?"},
+           {"role": "assistant", "content": "Let me check.", "tool_calls": [
+               {"id": "call00002", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+           {"role": "tool", "tool_call_id": "call00002", "name": "get_weather", "content": "{\"temp\": 25}"},
+           {"role": "assistant", "content": "25 °C in Rome."}]
+CALLING_FAMILIES = ["llama3_1", "qwen2_5", "qwen3", "mistral_v0_3"]
+
+
+def _calling():
+    from common.data import tools
+
+    return tools.for_template(tools.check_tool_messages(CALLING, "row", "`messages`"))
+
+
+@pytest.mark.parametrize("family", CALLING_FAMILIES)
+@pytest.mark.parametrize("with_tools", [False, True], ids=["no-schemas", "schemas"])
+def test_tool_calls_are_trained_and_tool_results_never_as_the_token_oracle_says(family, with_tools,
+                                                                                base_tokenizer):
+    tok = family_tokenizer(family, base_tokenizer)
+    schemas = TOOLS if with_tools else None
+    messages = _calling()
+    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, messages, tools=schemas)]
+    assert got == oracle_rows(tok, messages, end_of_turn_id(family, tok), tools=schemas)
+    trained = "".join(trained_text(tok, labels) for _, labels in got)
+    assert "get_weather" in trained and "Rome" in trained and "21 °C" in trained
+    assert "temp" not in trained  # the tool results
+
+
+@pytest.mark.parametrize("family", ["phi3_5", "chatml"])
+def test_templates_without_tool_calls_refuse_function_calling_rows_in_one_line(family, base_tokenizer):
+    from common.flags.errors import UsageError
+
+    tok = family_tokenizer(family, base_tokenizer)
+    with pytest.raises(UsageError, match="does not write an assistant's `tool_calls`"):
+        tokenize_conversation(tok, _calling())
+
+
+def test_function_calling_file_trains_on_oracle_labels(family_models, tmp_path):
+    """A JSONL file of function-calling rows (tool calls, tool results, a `tools` column) through
+    lora.py: read, stored and rendered back as the template expects."""
+    import json
+
+    from sft.run import train
+
+    model = family_models("qwen2_5")
+    rows = [{"messages": CALLING, "tools": TOOLS}, {"messages": TURNS}, {"messages": CALLING[1:5], "tools": TOOLS},
+            {"messages": CONVERSATIONS["system-single"]}]
+    data = write_jsonl(tmp_path / "calls.jsonl", rows)
+    result = train("lora", ["--model_id", model, "--dataset_name", data, "--output_dir", tmp_path / "o",
+                            "--max_seq_length", "2048", *FAST])
+    tok = result.trainer.processing_class
+    from common.data import tools
+
+    for row, example in zip(rows, result.trainer.train_dataset):
+        messages = tools.for_template(tools.check_tool_messages(row["messages"], "r", "m")) \
+            if tools.uses_tools(row["messages"]) else row["messages"]
+        expected = oracle_rows(tok, messages, end_of_turn_id("qwen2_5", tok), tools=row.get("tools"))
+        assert [(example["input_ids"], example["labels"])] == expected, json.dumps(row)[:200]

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from common.data import masking
+from common.data import masking, tools
 from common.data.templates import render, say_plain, with_system_mode
 from common.flags.errors import UsageError
 
@@ -56,12 +56,15 @@ def _content(value: Any, what: str, where: str) -> str:
     return value
 
 
-def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[dict]:
+def check_messages(messages: Any, where: str, what: str = "`messages`", with_tools: bool = False) -> list[dict]:
     """An optional system message, then user and assistant turns alternating, ending with the
-    assistant; every assistant turn non-empty. -> the messages as plain {role, content} dicts."""
+    assistant; every assistant turn non-empty. -> the messages as plain {role, content} dicts.
+    `with_tools`: function-calling conversations are accepted too (common.data.tools)."""
     if not isinstance(messages, list) or not messages:
         raise UsageError(f"{where}: {what} must be a non-empty list of {{role, content}} messages; "
                          f"fix or remove that row.")
+    if with_tools and tools.uses_tools(messages):
+        return tools.check_tool_messages(messages, where, what)
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -69,7 +72,8 @@ def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[
         role = m["role"]
         content = _content(m["content"], f"{what}[{i}].content", where)
         if role not in ("system", "user", "assistant"):
-            raise UsageError(f"{where}: {what}[{i}] has role {role!r}; use system, user or assistant.")
+            also = " (tool roles: SFT conversation data in the `messages` format)" if role == "tool" else ""
+            raise UsageError(f"{where}: {what}[{i}] has role {role!r}; use system, user or assistant{also}.")
         out.append({"role": role, "content": content})
     expected = "user"
     for i, m in enumerate(out):
@@ -93,7 +97,7 @@ def check_messages(messages: Any, where: str, what: str = "`messages`") -> list[
 
 def row_messages(row: dict, fmt: str, where: str) -> list[dict]:
     if fmt == "messages":
-        return check_messages(row.get("messages"), where)
+        return check_messages(row.get("messages"), where, with_tools=True)
     if fmt == "sharegpt":
         turns = row.get("conversations")
         if not isinstance(turns, list) or not turns:
@@ -134,24 +138,57 @@ def row_text(row: dict, where: str) -> str:
 
 
 def normalise(ds, fmt: str, source: str, num_proc: Optional[int] = None):
-    """Dataset in a conversation format -> Dataset(messages); `text` -> Dataset(text)."""
+    """Dataset in a conversation format -> Dataset(messages); `text` -> Dataset(text). Function-calling
+    data (`messages` with tool calls or tool results, or a `tools` column) keeps those fields too."""
     from datasets import Features, List, Value
+
+    calls = fmt == "messages" and uses_tools(ds)
 
     def convert(batch: dict, indices: list[int]) -> dict:
         keys = list(batch)
-        out = []
+        out, offered = [], []
         for i, idx in enumerate(indices):
             row = {k: batch[k][i] for k in keys}
             where = f"{source}: row {idx}"
-            out.append(row_text(row, where) if fmt == "text" else row_messages(row, fmt, where))
-        return {"text" if fmt == "text" else "messages": out}
+            if fmt == "text":
+                out.append(row_text(row, where))
+                continue
+            messages = row_messages(row, fmt, where)
+            if calls:
+                messages = [{**{f: None for f in tools.EXTRA_FIELDS}, **m} for m in messages]
+                offered.append(tools.check_tools(row.get("tools"), where))
+            out.append(messages)
+        return {"text": out} if fmt == "text" else {"messages": out, **({"tools": offered} if calls else {})}
 
     if fmt == "text":
         features = Features({"text": Value("string")})
+    elif calls:
+        message = {"role": Value("string"), "content": Value("string"),
+                   **{f: Value("string") for f in tools.EXTRA_FIELDS}}
+        features = Features({"messages": List(message), "tools": Value("string")})
     else:
         features = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
     return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                   num_proc=num_proc, desc="Reading rows")
+
+
+def uses_tools(ds) -> bool:
+    """Whether `messages` data calls tools: a `tools` column, tool-call fields, or a `tool` role (read
+    from the Arrow column, without turning rows into Python objects)."""
+    import pyarrow.compute as pc
+
+    if "tools" in ds.column_names:
+        return True
+    inner = getattr(ds.features.get("messages"), "feature", None)
+    if isinstance(inner, dict) and "tool_calls" in inner:
+        return True
+    if not isinstance(inner, dict):  # messages of mixed shapes, kept as JSON values
+        return any(tools.uses_tools(m) for m in ds["messages"])
+    try:
+        roles = pc.struct_field(pc.list_flatten(ds.data.column("messages")), "role")
+        return bool(pc.any(pc.equal(roles, "tool")).as_py())
+    except (KeyError, TypeError, ValueError, NotImplementedError):  # not a list of {role, ...}: rows say why
+        return False
 
 
 # Loading -------------------------------------------------------------------------------------
@@ -211,10 +248,10 @@ def load_sft_data(args, need_eval: bool):
 
 # Tokenizing ----------------------------------------------------------------------------------
 
-def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all") -> list[dict]:
+def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all", tools=None) -> list[dict]:
     """-> [{input_ids, labels}]: labels are -100 except on the assistant's tokens; one row, or one
     per assistant turn where the template needs it (common.data.masking)."""
-    return masking.conversation_rows(tokenizer, messages, turns)
+    return masking.conversation_rows(tokenizer, messages, turns, tools=tools)
 
 
 def tokenize_text(tokenizer, text: str) -> dict:
@@ -238,13 +275,15 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
         if text:
             rows = [tokenize_text(tokenizer, t) for t in batch["text"]]
         else:
-            rows = [r for m in batch["messages"] for r in masking.conversation_rows(
-                tokenizer, with_system_mode(m, system_mode), turns, specials=specials)]
+            offered = batch.get("tools") or [None] * len(batch["messages"])
+            rows = [r for m, t in zip(batch["messages"], offered) for r in masking.conversation_rows(
+                tokenizer, with_system_mode(tools.for_template(m), system_mode), turns, specials=specials,
+                tools=tools.loaded_tools(t))]
         return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
     if not text and len(ds):  # a template that refuses the data says so before the map starts
-        masking.conversation_rows(tokenizer, with_system_mode(ds[0]["messages"], system_mode), turns,
-                                  specials=specials)
+        masking.conversation_rows(tokenizer, with_system_mode(tools.for_template(ds[0]["messages"]), system_mode),
+                                  turns, specials=specials, tools=tools.loaded_tools(ds[0].get("tools")))
     out = ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
     if not text and len(out) > len(ds):
         log.info("the chat template renders the prompt of an assistant turn differently once the turn is "
@@ -261,15 +300,15 @@ class Sample:
     add_special_tokens: bool = False  # a rendered conversation carries its own; a text prefix does not
 
 
-def heldout_prompts(ds, tokenizer, n: int = 5) -> list[Sample]:
+def heldout_prompts(ds, tokenizer, n: int = 5, system_mode: str = "keep") -> list[Sample]:
     """Prompts for sample generations: the conversation up to its last assistant turn (with the
     generation prompt), or the first half of a text's words."""
     out = []
     for row in ds.select(range(min(n, len(ds)))):
         if "messages" in row:
-            messages = row["messages"]
-            out.append(Sample(render(tokenizer, messages[:-1], add_generation_prompt=True),
-                              messages[-1]["content"]))
+            messages = with_system_mode(tools.for_template(row["messages"]), system_mode)
+            out.append(Sample(render(tokenizer, messages[:-1], add_generation_prompt=True,
+                                     tools=tools.loaded_tools(row.get("tools"))), messages[-1]["content"]))
         else:
             words = row["text"].split(" ")
             half = max(1, len(words) // 2)

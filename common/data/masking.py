@@ -34,6 +34,7 @@ log = logging.getLogger("finetune")
 
 SENTINEL = "\u2063\u2063reply-here\u2063\u2063"
 PREVIOUS = "\u2063\u2063turn-before\u2063\u2063"
+CALLED = "zqxcalledfunctionzqx"  # a tool call's function name: templates write it as it is, in JSON too
 
 
 def special_ids(tokenizer) -> frozenset:
@@ -46,15 +47,43 @@ def _marked(messages: list[dict], marks: dict) -> list[dict]:
     return [{**m, "content": marks[k]} if k in marks else m for k, m in enumerate(messages)]
 
 
+def _calls(message: dict) -> list:
+    return message.get("tool_calls") or []
+
+
+def _mark_call(messages: list[dict], i: int) -> list[dict]:
+    """Assistant turn i with its last tool call's function name replaced by CALLED. (A tool-call turn
+    is located by the name, not by its text, which is often empty: templates write `content` and the
+    calls differently when `content` is empty.)"""
+    calls = list(_calls(messages[i]))
+    last = calls[-1]
+    calls[-1] = {**last, "function": {**last["function"], "name": CALLED}}
+    return [{**m, "tool_calls": calls} if k == i else m for k, m in enumerate(messages)]
+
+
 def _unlocatable(what: str) -> UsageError:
     return UsageError(f"the chat template {what}, so the assistant's tokens cannot be located; use "
                       f"`--use_chat_template false` for the plain-text rendering.")
 
 
-def reply_bounds(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
-    """-> [start, end) of assistant message i's text in `text` (the rendering of `messages`)."""
-    head, found, tail = render(tokenizer, _marked(messages, {i: SENTINEL})).partition(SENTINEL)
-    if not found or SENTINEL in tail or not (text.startswith(head) and text.endswith(tail)) \
+def _mark(messages: list[dict], i: int) -> tuple[list[dict], str]:
+    """-> (messages with assistant turn i marked, the mark): its text replaced by SENTINEL, or for a
+    tool-call turn its last call's name by CALLED."""
+    if _calls(messages[i]):
+        return _mark_call(messages, i), CALLED
+    return _marked(messages, {i: SENTINEL}), SENTINEL
+
+
+def reply_bounds(tokenizer, messages: list[dict], i: int, text: str, tools=None) -> tuple[int, int]:
+    """-> [start, end) of assistant message i's text in `text` (the rendering of `messages`); for a
+    tool-call turn, of its last call's function name."""
+    marked, mark = _mark(messages, i)
+    head, found, tail = render(tokenizer, marked, tools=tools).partition(mark)
+    if not found and mark == CALLED:
+        raise UsageError("the model's chat template does not write an assistant's `tool_calls` (Llama 3.1, Qwen 2.5, "
+                         "Qwen3 and Mistral v0.3 templates do); train a model whose template renders tool calls, or "
+                         "leave the function-calling rows out.")
+    if not found or mark in tail or not (text.startswith(head) and text.endswith(tail)) \
             or len(head) + len(tail) > len(text):
         raise _unlocatable("renders a reply's text in a way that changes the rest of the conversation")
     return len(head), len(text) - len(tail)
@@ -65,15 +94,15 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _turn_end(tokenizer, ids, offsets, reply_end: int, specials: frozenset) -> int:
+def _turn_end(tokenizer, ids, offsets, reply_end: int, specials: frozenset, calls: bool = False) -> int:
     """-> the character where the reply's turn ends: after the end-of-turn token, or at the reply's end
-    where no special token follows it."""
+    where no special token follows it. After a tool call's name, the call's text runs on to it."""
     for tok, (start, end) in zip(ids, offsets):
         if start < reply_end or end <= start:
             continue
         if tok in specials:
             return end
-        if tokenizer.decode([tok]).strip():
+        if not calls and tokenizer.decode([tok]).strip():
             break
     return reply_end
 
@@ -91,42 +120,44 @@ def _turns(messages: list[dict], turns: str) -> list[int]:
 
 
 def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finished: bool = True,
-                      specials: Optional[frozenset] = None) -> list[dict]:
+                      specials: Optional[frozenset] = None, tools=None) -> list[dict]:
     """-> [{input_ids, labels}]: one row, or one per assistant turn (rule 3 of the module doc).
-    `finished=False`: the last reply was cut off, so its turn has no end-of-turn token."""
+    `finished=False`: the last reply was cut off, so its turn has no end-of-turn token. `tools`: the
+    function schemas the conversation offers (common.data.tools)."""
     specials = special_ids(tokenizer) if specials is None else specials
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, tools=tools)
     chosen = _turns(messages, turns)
-    prompts = {i: render(tokenizer, messages[:i], add_generation_prompt=True) for i in chosen}
-    bounds = {i: reply_bounds(tokenizer, messages, i, full) for i in chosen}
+    prompts = {i: render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) for i in chosen}
+    bounds = {i: reply_bounds(tokenizer, messages, i, full, tools) for i in chosen}
     if all(full.startswith(prompts[i]) and len(prompts[i]) <= bounds[i][0] for i in chosen):
         ids, offsets = _encode(tokenizer, full)
         spans = []
         for i in chosen:
             end = bounds[i][1]
             if finished or i != chosen[-1]:
-                end = _turn_end(tokenizer, ids, offsets, end, specials)
+                end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
             spans.append((len(prompts[i]), end))
         ids, labels = _labels(ids, offsets, spans)
         return [{"input_ids": ids, "labels": labels}]
-    return [_own_row(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials) for i in chosen]
+    return [_own_row(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials, tools)
+            for i in chosen]
 
 
-def _own_row(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials) -> dict:
+def _own_row(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials, tools) -> dict:
     """Assistant turn i as inference sees it: its generation prompt, then what the template writes
     from the end of that prompt to the end of the turn."""
-    through = render(tokenizer, messages[:i + 1])
-    start, end = reply_bounds(tokenizer, messages[:i + 1], i, through)
+    through = render(tokenizer, messages[:i + 1], tools=tools)
+    start, end = reply_bounds(tokenizer, messages[:i + 1], i, through, tools)
     # The template's text between the previous message and the reply, less the generation prompt's.
-    both = render(tokenizer, _marked(messages[:i + 1], {i - 1: PREVIOUS, i: SENTINEL}))
-    between = both.partition(PREVIOUS)[2].partition(SENTINEL)[0]
-    tail = render(tokenizer, _marked(messages[:i], {i - 1: PREVIOUS}), add_generation_prompt=True)
+    marked, mark = _mark(_marked(messages[:i + 1], {i - 1: PREVIOUS}), i)
+    between = render(tokenizer, marked, tools=tools).partition(PREVIOUS)[2].partition(mark)[0]
+    tail = render(tokenizer, _marked(messages[:i], {i - 1: PREVIOUS}), add_generation_prompt=True, tools=tools)
     tail = tail.partition(PREVIOUS)[2]
     if not between.startswith(tail):
         raise _unlocatable("writes a reply's turn differently from its generation prompt")
     if finished:
         ids, offsets = _encode(tokenizer, through)
-        end = _turn_end(tokenizer, ids, offsets, end, specials)
+        end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
     text = prompt + between[len(tail):] + through[start:end]
     ids, offsets = _encode(tokenizer, text)
     ids, labels = _labels(ids, offsets, [(len(prompt), len(text))])

@@ -61,12 +61,13 @@ def with_system_mode(messages: list[dict], mode: str) -> list[dict]:
     return rest
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
+    """`tools`: the function schemas a row offers (common.data.tools), for templates that list them."""
     from jinja2.exceptions import TemplateError
 
     template = None if has_template(tokenizer) else plain_template(tokenizer)
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
         raise refused(tokenizer, messages, exc, template is not None) from None

@@ -69,7 +69,7 @@ def run_lm_evaluate(args, data, out, model, tokenizer) -> dict:
             for r in tokenized]
     nll, count = token_loss(model, rows, args.batch_size)
     loss = nll / count if count else float("nan")
-    samples = chat.heldout_prompts(data.train, tokenizer, SAMPLES)
+    samples = chat.heldout_prompts(data.train, tokenizer, SAMPLES, getattr(args, "system_message", "keep"))
     generations = sample_generations(model, tokenizer, samples, args.max_new_tokens, args.batch_size)
     elapsed = time.perf_counter() - start
     summary = {"n": len(rows), "schema": data.schema, "loss": loss, "perplexity": math.exp(loss) if count else None,
