@@ -44,7 +44,7 @@ def has_template(tokenizer) -> bool:
 def say_plain(tokenizer, model_id: str = "the model") -> None:
     if not has_template(tokenizer):
         log.info("%s has no chat template: conversations are rendered as plain text (`User: ...`, "
-                 "`Assistant: ...` + EOS; docs: \"Your own data\").", model_id)
+                 "`Assistant: ...` + EOS; docs/your-own-data.md).", model_id)
 
 
 def with_system_mode(messages: list[dict], mode: str) -> list[dict]:
