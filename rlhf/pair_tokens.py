@@ -65,27 +65,19 @@ def aligned(trainer_cls):
     return SFTAlignedTokens
 
 
-_UNFINISHED = "\u2063<unfinished answer>\u2063"  # marks where a truncated reply stops in a rendered conversation
-
-
 def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
     """The token ids SFT trains on for prompt + answer (the reward model's training format, and what
     it scores in PPO and GRPO):
       - text: prompt + answer + EOS text, tokenised with the tokenizer's own special tokens;
-      - a conversation (message list; `answer` is the reply's text or its messages): the chat
-        template's rendering, or common.data.chat's plain rendering without one, tokenised with nothing
-        added (the rendering writes its own BOS and end-of-turn tokens).
+      - a conversation (message list; `answer` is the reply's text or its messages): as
+        common.data.masking trains it (the chat template's rendering, or the plain rendering without
+        one, through the reply's end-of-turn token; the prompt as inference renders it).
     `finished=False` (a reply cut off before its end) stops right after the reply's text: no EOS or
     end of turn."""
     if isinstance(prompt, str):
         end = tokenizer.eos_token if finished and not answer.endswith(tokenizer.eos_token) else ""
         return tokenizer(prompt + answer + end)["input_ids"]
-    from common.data.templates import render
+    from common.data.masking import conversation_rows
 
     reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
-    if not finished:
-        reply[-1] = {**reply[-1], "content": reply[-1]["content"] + _UNFINISHED}
-    text = render(tokenizer, list(prompt) + reply)
-    if not finished:
-        text = text[:text.rindex(_UNFINISHED)]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return conversation_rows(tokenizer, list(prompt) + reply, "last", finished)[0]["input_ids"]

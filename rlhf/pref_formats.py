@@ -8,8 +8,7 @@ Implicit prompt (only `chosen` and `rejected`, each the whole exchange):
   - message lists whose last assistant turn differs: the prompt is the messages before it.
 Pairs whose chosen equals rejected are counted, reported and skipped.
 
-A tokenizer without a chat template renders conversational pairs as plain text (common.data.chat's
-plain rendering), so every trainer sees text it can tokenise.
+Conversational pairs reach the trainers already rendered as SFT trains them (as_trained).
 """
 
 from __future__ import annotations
@@ -112,27 +111,37 @@ def conversation_rendering(args, tokenizer, *sources) -> None:
         templates.say_plain(tokenizer, args.model_id)
 
 
-def plain_if_no_template(ds, tokenizer):
-    """Conversational pairs (or KTO rows) as plain text where the tokenizer has no chat template:
-    prompt = the rendering with the generation prompt (no BOS where the tokenizer adds its own),
-    each answer = what the whole rendering adds to it, without the EOS the trainers append."""
-    from common.data import templates
+# The chat template conversational rows carry (`chat_template_kwargs`) once as_trained has rendered
+# them: the prompt and each answer are one message holding their final text, written out as it is.
+AS_WRITTEN = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
-    if templates.has_template(tokenizer) or len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
+
+def as_trained(ds, tokenizer, system_mode: str = "keep"):
+    """Conversational pairs (or KTO rows) -> the texts SFT trains on (common.data.masking): the prompt
+    as inference renders it (the generation prompt, with the system prompt where the template puts
+    it), each answer through its end-of-turn token and nothing after it. The trainers render a
+    conversation themselves, as its prompt alone and as prompt + answer, and take the answer to start
+    where the two stop agreeing; on Mistral v0.3 with a system prompt that kept only `<s>[INST]` as
+    the prompt and trained the question as the answer, on Phi-3 the answer gained `\n<|endoftext|>`.
+    The rows stay conversational (so no trainer adds BOS or EOS), each message holding its final text,
+    with a template that writes it out as it is. The same holds without a chat template (the plain
+    rendering)."""
+    from common.data import masking
+    from common.data.templates import with_system_mode
+
+    if len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds
     answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
-    bos = tokenizer.bos_token if templates.adds_bos(tokenizer) else None
-    eos = tokenizer.eos_token
 
     def convert(batch):
         out = {k: list(v) for k, v in batch.items()}
+        out["chat_template_kwargs"] = [{"chat_template": AS_WRITTEN}] * len(batch["prompt"])
         for i, prompt in enumerate(batch["prompt"]):
-            head = templates.render(tokenizer, prompt, add_generation_prompt=True)
+            prompt = with_system_mode(list(prompt), system_mode)
             for col in answers:
-                full = templates.render(tokenizer, prompt + batch[col][i]).rstrip()
-                answer = full[len(head):]
-                out[col][i] = answer[:-len(eos)] if eos and answer.endswith(eos) else answer
-            out["prompt"][i] = head[len(bos):] if bos and head.startswith(bos) else head
+                head, answer = masking.prompt_and_completion(tokenizer, prompt + list(batch[col][i]))
+                out[col][i] = [{"role": "assistant", "content": answer}]
+            out["prompt"][i] = [{"role": "user", "content": head}]
         return out
 
-    return ds.map(convert, batched=True, desc="Rendering as plain text")
+    return ds.map(convert, batched=True, desc="Rendering conversations")

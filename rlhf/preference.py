@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from common.flags.errors import UsageError
 from common.data.prompts import PromptFormat, chat_messages, prompt_text
+from common.data.templates import render, with_system_mode
 from common.data.qa import detect_schema, normalise, require_answers
 from common.data.sources import heldout_spec, load_splits, take_rows
 from common.evaluation.metrics import normalize_answer
@@ -204,7 +205,7 @@ def build_pairs(rows, fmt: PromptFormat, rejected: list[Optional[str]], source: 
     return Dataset.from_dict(pairs), {"built": built, "skipped": skipped}
 
 
-def limit_prompt_length(ds, tokenizer, max_prompt_length: Optional[int], source: str):
+def limit_prompt_length(ds, tokenizer, max_prompt_length: Optional[int], source: str, system_mode: str = "keep"):
     """Text prompts longer than --max_prompt_length keep their last tokens (the question sits at the
     end); conversational prompts that long are dropped, with a count."""
     if not max_prompt_length:
@@ -220,7 +221,7 @@ def limit_prompt_length(ds, tokenizer, max_prompt_length: Optional[int], source:
                 if len(ids) > max_prompt_length:
                     prompt = tokenizer.decode(ids[-max_prompt_length:])
             else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                text = render(tokenizer, with_system_mode(list(prompt), system_mode), add_generation_prompt=True)
                 if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_length:
                     dropped += 1
                     continue

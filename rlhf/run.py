@@ -153,18 +153,19 @@ class PreferenceSteps(Steps):
 
     def pairs_of(self, run: Run, src):
         from rlhf import preference as pref
-        from rlhf.pref_formats import plain_if_no_template
+        from rlhf.pref_formats import as_trained
 
         args, kind, tokenizer = run.args, self.name, run.tokenizer
         if src.kind == "unpaired":  # (kto.py only: load_data() has refused it for the others)
-            ds = plain_if_no_template(pref.unpaired_dataset(src, None), tokenizer)
-            return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), None
+            ds = pref.limit_prompt_length(pref.unpaired_dataset(src, None), tokenizer, args.max_prompt_length,
+                                          src.source, args.system_message)
+            return as_trained(ds, tokenizer, args.system_message), None
         ds, stats = pref.preference_dataset(src, run.fmt, args.rejected_source, args.seed, model=run.model,
                                             tokenizer=tokenizer, batch_size=args.generation_batch_size)
         if kind == "kto":  # each pair becomes one desirable and one undesirable example
             ds = pref.unpaired_dataset(src, ds)
-        ds = plain_if_no_template(ds, tokenizer)
-        return pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source), stats
+        ds = pref.limit_prompt_length(ds, tokenizer, args.max_prompt_length, src.source, args.system_message)
+        return as_trained(ds, tokenizer, args.system_message), stats
 
     def trainer(self, run: Run, callbacks: list):
         if self.name == "dpo":

@@ -243,3 +243,44 @@ def test_function_calling_file_trains_on_oracle_labels(family_models, tmp_path):
             if tools.uses_tools(row["messages"]) else row["messages"]
         expected = oracle_rows(tok, messages, end_of_turn_id("qwen2_5", tok), tools=row.get("tools"))
         assert [(example["input_ids"], example["labels"])] == expected, json.dumps(row)[:200]
+
+
+def _prompt_and_answer(kind, row):
+    """A trainer's tokenised row -> (prompt ids, chosen or desirable answer ids)."""
+    if kind == "dpo":
+        return row["prompt_ids"], row["chosen_ids"]
+    if kind == "kto":
+        return row["prompt_ids"], row["completion_ids"]
+    n = len(row["prompt_input_ids"])  # orpo, simpo: TRL's ORPO/CPO rows
+    return row["prompt_input_ids"], row["chosen_input_ids"][n:]
+
+
+@pytest.mark.parametrize("family", ["mistral_v0_3", "phi3_5", "gemma2"])
+@pytest.mark.parametrize("kind", ["dpo", "kto", "orpo", "simpo"])
+def test_preference_rows_are_evaluate_prompt_and_sft_trained_answer(kind, family, family_models, tmp_path):
+    """Question-answer pairs with the default system prompt. The trainers rendered the conversation
+    themselves: on Mistral v0.3 the prompt was `<s>[INST]` and the question was trained as the
+    answer, on Phi-3.5 the answer ended `<|end|>\\n<|endoftext|>`, on Gemma 2 the template raised."""
+    from common.data.prompts import PromptFormat, generation_prompt
+    from common.data.sources import load_splits
+    from rlhf.run import train
+
+    model = family_models(family)
+    extra = ["--system_message", "fold"] if family == "gemma2" else []
+    result = train(kind, ["--model_id", model, "--dataset_name", "triviaqa-sample", "--max_train_samples", "4",
+                          "--output_dir", tmp_path / "o", *FAST, *extra])
+    tok = result.trainer.processing_class
+    fmt = PromptFormat(use_chat=True, system_prompt="Answer the trivia question with a short answer only.",
+                       system_mode="fold" if family == "gemma2" else "keep")
+    train_rows = load_splits("triviaqa-sample", None)[0]["train"].select(range(4))
+    answers = {q: a["value"] for q, a in zip(train_rows["question"], train_rows["answer"])}
+    end = FAMILIES[family][3]
+    seen = 0
+    for row in result.trainer.train_dataset:
+        if kind == "kto" and not row["label"]:
+            continue
+        prompt_ids, answer_ids = _prompt_and_answer(kind, row)
+        question = next(q for q in answers if generation_prompt(q, fmt, tok) == tok.decode(prompt_ids))
+        assert tok.decode(answer_ids) == (" " if family == "mistral_v0_3" else "") + answers[question] + end
+        seen += 1
+    assert seen == len(result.trainer.train_dataset) // (2 if kind == "kto" else 1)

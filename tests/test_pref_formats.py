@@ -102,8 +102,7 @@ def test_dpo_token_ids_equal_sft_conversation_ids(chat, tiny_llama, tiny_chat_ll
             n, start = len(sft["input_ids"]), len(row["prompt_ids"])
             assert dpo[:n] == sft["input_ids"] and all(label == -100 for label in sft["labels"][:start])
             assert sft["labels"][start:] == sft["input_ids"][start:] and sft["labels"][-1] == tok.eos_token_id
-            # SFT stops after the end-of-turn token; DPO also scores the whitespace a template writes after it.
-            assert not tok.decode(dpo[n:]).strip()
+            assert len(dpo) == n  # both stop after the end-of-turn token
 
 
 def test_hh_file_trains_a_reward_model_and_reports_heldout_accuracy(tiny_llama, tmp_path):
@@ -151,8 +150,8 @@ class _Captured(Exception):
 @pytest.mark.parametrize("shape", ["pref_explicit", "pref_implicit_messages"])
 def test_reward_model_message_pairs_are_chat_template_ids(shape, tiny_chat_llama, tmp_path, monkeypatch):
     """reward_model.py on message-list pairs (it crashed: its renderer shadowed common.data.chat.render) trains
-    on the ids of the tokenizer's own chat template for the prompt and the last assistant turn, as
-    SFTTrainer tokenises a conversation."""
+    on the ids of the tokenizer's own chat template for the prompt and the last assistant turn, through its
+    end-of-turn token, as SFT trains a conversation."""
     import trl
     from transformers import AutoTokenizer
 
@@ -175,8 +174,10 @@ def test_reward_model_message_pairs_are_chat_template_ids(shape, tiny_chat_llama
         if row["chosen"] == row["rejected"]:
             continue
         prompt = row.get("prompt", row["chosen"][:-1])
-        expected.add(tuple(tuple(tok.apply_chat_template(prompt + [row[side][-1]], return_dict=True)["input_ids"])
-                           for side in ("chosen", "rejected")))
+        ids = [tok.apply_chat_template(prompt + [row[side][-1]], return_dict=True)["input_ids"]
+               for side in ("chosen", "rejected")]
+        # through the last turn's end-of-turn token (this template's `</s>`), not the newline after it
+        expected.add(tuple(tuple(i[:len(i) - i[::-1].index(tok.eos_token_id)]) for i in ids))
     assert {(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in seen["pairs"]} == expected
 
 

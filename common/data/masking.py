@@ -124,9 +124,27 @@ def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finis
     """-> [{input_ids, labels}]: one row, or one per assistant turn (rule 3 of the module doc).
     `finished=False`: the last reply was cut off, so its turn has no end-of-turn token. `tools`: the
     function schemas the conversation offers (common.data.tools)."""
+    rows = []
+    for text, spans, encoded in _trained_spans(tokenizer, messages, _turns(messages, turns), finished, specials,
+                                               tools):
+        ids, labels = _labels(*(encoded or _encode(tokenizer, text)), spans)
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def prompt_and_completion(tokenizer, messages: list[dict], finished: bool = True, tools=None) -> tuple[str, str]:
+    """A conversation ending with an assistant turn -> (the text inference gives the model before that
+    turn, the text it is trained to write: the turn through its end-of-turn token), as
+    conversation_rows trains it. The preference scripts train on these (rlhf.pref_formats)."""
+    [(text, spans, _)] = _trained_spans(tokenizer, messages, _turns(messages, "last"), finished, None, tools)
+    start, end = spans[-1]
+    return text[:start], text[start:end]
+
+
+def _trained_spans(tokenizer, messages, chosen, finished, specials, tools) -> list[tuple]:
+    """-> [(row text, trained character spans, its (ids, offsets) or None)]."""
     specials = special_ids(tokenizer) if specials is None else specials
     full = render(tokenizer, messages, tools=tools)
-    chosen = _turns(messages, turns)
     prompts = {i: render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) for i in chosen}
     bounds = {i: reply_bounds(tokenizer, messages, i, full, tools) for i in chosen}
     if all(full.startswith(prompts[i]) and len(prompts[i]) <= bounds[i][0] for i in chosen):
@@ -137,13 +155,15 @@ def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finis
             if finished or i != chosen[-1]:
                 end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
             spans.append((len(prompts[i]), end))
-        ids, labels = _labels(ids, offsets, spans)
-        return [{"input_ids": ids, "labels": labels}]
-    return [_own_row(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials, tools)
-            for i in chosen]
+        return [(full, spans, (ids, offsets))]
+    out = []
+    for i in chosen:
+        text = _own_text(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials, tools)
+        out.append((text, [(len(prompts[i]), len(text))], None))
+    return out
 
 
-def _own_row(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials, tools) -> dict:
+def _own_text(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials, tools) -> str:
     """Assistant turn i as inference sees it: its generation prompt, then what the template writes
     from the end of that prompt to the end of the turn."""
     through = render(tokenizer, messages[:i + 1], tools=tools)
@@ -158,7 +178,4 @@ def _own_row(tokenizer, messages: list[dict], i: int, prompt: str, finished: boo
     if finished:
         ids, offsets = _encode(tokenizer, through)
         end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
-    text = prompt + between[len(tail):] + through[start:end]
-    ids, offsets = _encode(tokenizer, text)
-    ids, labels = _labels(ids, offsets, [(len(prompt), len(text))])
-    return {"input_ids": ids, "labels": labels}
+    return prompt + between[len(tail):] + through[start:end]
