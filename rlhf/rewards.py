@@ -74,6 +74,8 @@ def score_at_last_token(model) -> None:
     def pool(_module, args, kwargs, output):
         scores = seen.pop()
         seen.clear()
+        if scores.dim() != 3:  # a head on a pooled summary (BERT's [CLS]), not on every token: nothing to pick
+            return output
         mask = kwargs.get("attention_mask")
         rows = torch.arange(scores.shape[0], device=scores.device)
         if mask is None:
