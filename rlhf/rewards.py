@@ -95,13 +95,14 @@ class RewardModelScorer:
 
     def __init__(self, path: str, policy_tokenizer, args, device):
         import torch
-        from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
+
+        from common.model.loading import load_adapter
 
         from common.model.loading import load_tokenizer
         from common.model.source import resolve_model
 
-        source = resolve_model(path)
+        source = resolve_model(path, flag="reward_model")
         if not source.adapter_dir or (source.adapter_config or {}).get("task_type") != "SEQ_CLS":
             raise UsageError(f"`--reward_model` {path}: not a reward model written by reward_model.py "
                              f"(expected an adapter_config.json with task_type SEQ_CLS).")
@@ -119,7 +120,7 @@ class RewardModelScorer:
             source.base, num_labels=1, trust_remote_code=args.trust_remote_code, dtype=torch.float32,
             quantization_config=quant, device_map={"": str(device)} if quant is not None else None)
         base.config.pad_token_id = self.tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, source.adapter_dir)
+        model = load_adapter(base, source.adapter_dir, "`--reward_model`")
         score_at_last_token(model)
         self.model = (model if quant is not None else model.to(device)).eval()
         self.device = device

@@ -25,6 +25,11 @@ def test_model_source_kinds(tmp_path, tiny_llama):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_llama,
                                                              "peft_type": "LORA"}))
+    with pytest.raises(UsageError, match="no adapter_model.safetensors"):
+        resolve_model(str(adapter))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(adapter / "adapter_model.safetensors"))
     src = resolve_model(str(adapter))
     assert (src.base, src.adapter_dir, src.adapter_type) == (tiny_llama, str(adapter), "LORA")
 

@@ -29,6 +29,7 @@ def run_evaluate(args) -> dict:
     from pathlib import Path
 
     from common.data import prompts
+    from common.flags import checks
     from common.flags.errors import UsageError
     from common.model.loading import load_for_inference
     from common.model.precision import select_precision
@@ -45,6 +46,11 @@ def run_evaluate(args) -> dict:
     out = Path(args.output_dir or "outputs/eval")
     if out.exists() and not out.is_dir():
         raise UsageError(f"`--output_dir` {out} is a file; choose a directory.")
+    checks.check_finite(args)
+    checks.check_template(args)
+    checks.check_output_dir(args)
+    if args.attn_implementation:
+        checks.check_attention(args.attn_implementation)
     source = resolve_model(args.model_id)
     inherit_from_adapter(args, source)
     args.set("max_train_samples", args.max_samples)

@@ -243,6 +243,9 @@ class FlagParser:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"`--config` {path}: not a text file (byte {exc.start} is not UTF-8); give a YAML file "
+                             f"of `flag: value` lines.") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

@@ -106,7 +106,10 @@ def build_peft_config(technique: str, args, model, tokenizer_path: str | None = 
 
     if technique in LORA_FAMILY:
         runtime = peft.LoraRuntimeConfig(ephemeral_gpu_offload=args.dora_ephemeral_gpu_offload)
-        modules_to_save = [m.strip() for m in args.modules_to_save.split(",")] if args.modules_to_save else None
+        modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()] \
+            if args.modules_to_save else None
+        if modules_to_save:
+            check_modules_to_save(model, modules_to_save)
         return peft.LoraConfig(
             task_type="CAUSAL_LM",
             r=args.lora_r,
@@ -190,9 +193,9 @@ def adapter_kind(args, model) -> str:
 
 def attach_adapter(technique: str, args, model, source):
     """A new adapter, or the adapter of --model_id continued (runs chain)."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
-    from common.model.loading import shardable
+    from common.model.loading import load_adapter, shardable
 
     expected = "LORA" if technique in LORA_FAMILY else {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING",
                                                           "prompt_tuning": "PROMPT_TUNING"}[technique]
@@ -209,7 +212,8 @@ def attach_adapter(technique: str, args, model, source):
             log.warning("`--model_id` %s is a saved adapter, whose own settings apply: %s ignored; to change them, "
                         "start a new adapter from the merged model (merge.py).", source.adapter_dir,
                         ", ".join(overridden))
-        return share_dropout(shardable(PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)), args)
+        return share_dropout(shardable(load_adapter(model, source.adapter_dir, "`--model_id`", is_trainable=True)),
+                             args)
     if technique in LORA_FAMILY and getattr(args, "dora_ephemeral_gpu_offload", False):
         import torch
 
@@ -219,6 +223,18 @@ def attach_adapter(technique: str, args, model, source):
     tokenizer_path = source.adapter_dir or source.base
     model = shardable(get_peft_model(model, build_peft_config(technique, args, model, tokenizer_path)))
     return share_dropout(model, args) if technique in LORA_FAMILY else model
+
+
+def check_modules_to_save(model, names: list[str]) -> None:
+    """Each `--modules_to_save` name must be a module of the model; PEFT records unknown ones and trains
+    nothing for them."""
+    present = {full.rsplit(".", 1)[-1] for full, _ in model.named_modules() if full}
+    missing = [n for n in names if n not in present and not any(f == n or f.endswith("." + n)
+                                                                  for f, _ in model.named_modules())]
+    if missing:
+        candidates = [n for n in ("lm_head", "embed_tokens", "wte", "score", "embed_out") if n in present]
+        raise UsageError(f"`--modules_to_save`: {', '.join(missing)} not in this model; give module names such as "
+                         f"{', '.join(candidates) or 'lm_head'}.")
 
 
 def share_dropout(model, args):

@@ -27,16 +27,30 @@ def device_map_for(quantized: bool):
     return {"": "cpu"}
 
 
-def hub_error(model_id: str, exc: Exception) -> UsageError:
+def hub_error(model_id: str, exc: Exception, what: str = "model") -> UsageError:
+    """A failed from_pretrained as one line: for a local directory, what is wrong with it; for a hub id,
+    whether the cache, the network or the name is to blame."""
+    from common.hub import network
+
     text = str(exc)
     if "trust_remote_code" in text:
         return UsageError(f"`--model_id` {model_id} ships its own Python code; pass `--trust_remote_code True` "
                           f"only if you trust that repository.")
     first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if "attn_implementation" in text:
+        return UsageError(f"`--attn_implementation`: the model refuses it ({first}).")
+    if os.path.isdir(os.path.expanduser(model_id)):
+        if what == "tokenizer":
+            return UsageError(f"`--model_id` {model_id}: no usable tokenizer there (tokenizer.json, "
+                              f"tokenizer_config.json and the like are missing or broken: {first}); copy the "
+                              f"tokenizer files of its base model into the directory.")
+        return UsageError(f"`--model_id` {model_id}: the local {what} could not be loaded ({first}); fix or replace "
+                          f"the directory's files.")
     if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError") or "is not a valid model identifier" in text:
         return UsageError(f"`--model_id` {model_id}: not a local directory, and the hub has no such model (or it is "
                           f"private or gated: log in with `hf auth login`); check the name.")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if network.user_wants_offline() or (not network.in_run() and os.environ.get("HF_HUB_OFFLINE", "").lower() in
+                                        ("1", "true", "yes")):
         return UsageError(f"`--model_id` {model_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
                           f"({first}); pass a local model directory, or download it on a machine with network.")
     return UsageError(f"`--model_id` {model_id}: could not load ({first}). Without network, use a local model "
@@ -56,7 +70,8 @@ def load_tokenizer(source: ModelSource, args):
         tokenizer = AutoTokenizer.from_pretrained(where, revision=None if where != source.base else args.revision,
                                                   trust_remote_code=args.trust_remote_code)
     except Exception as exc:  # OSError (missing), ValueError (remote code), network errors
-        raise hub_error(args.model_id, exc) from None
+        local = where if os.path.isdir(where) else args.model_id
+        raise hub_error(local, exc, "tokenizer") from None
     ensure_eos_token(tokenizer, args.model_id)
     ensure_pad_token(tokenizer)
     return tokenizer
@@ -179,6 +194,26 @@ def enable_checkpointing(model, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def load_adapter(model, adapter_dir: str, flag: str, **kwargs):
+    """PeftModel.from_pretrained, with an adapter made for another base (another width, other layer
+    names) reported as one line naming the adapter dir instead of a state-dict traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        text = str(exc)
+        if "size mismatch" in text:
+            why = "its weights have other shapes than the base model's layers (a base of another width or depth)"
+        elif "not found in the base model" in text or "Target modules" in text:
+            why = "the layers it adapts are not in the base model (a base of another architecture)"
+        else:
+            why = text.splitlines()[0][:200] if text else type(exc).__name__
+        base = getattr(getattr(model, "config", None), "_name_or_path", "the base model")
+        raise UsageError(f"{flag} {adapter_dir}: the adapter does not fit {base}: {why}; use the base it was "
+                         f"trained on (`base_model_name_or_path` in its adapter_config.json).") from None
+
+
 def keep_float32_trainables(model, precision: Precision) -> None:
     """TRL's trainers cast a quantized model's trainable parameters to bf16 (the QLoRA paper's advice).
     Without bf16 training (CPU, T4) keep them in float32: a bf16 reward head cannot multiply the float32
@@ -241,9 +276,7 @@ def load_for_inference(args, precision: Precision):
     tokenizer = load_tokenizer(source, args)
     model = load_model(source, args, precision, training=False)
     if source.adapter_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, source.adapter_dir)
+        model = load_adapter(model, source.adapter_dir, "`--model_id`")
     if not is_quantized(model):
         import torch
 

@@ -28,7 +28,10 @@ def run_merge(args) -> Path:
         raise UsageError("`--adapter` is required: an adapter dir written by lora.py, dora.py or qlora.py.")
     if not args.output_dir:
         raise UsageError("`--output_dir` is required: where the merged model goes.")
-    source = resolve_model(args.adapter)
+    from common.flags.checks import check_creatable
+
+    check_creatable(args.output_dir, "--output_dir")
+    source = resolve_model(args.adapter, flag="adapter")
     if not source.adapter_dir:
         raise UsageError(f"`--adapter` {args.adapter}: no adapter_config.json there; that is already a plain model.")
     if source.adapter_type != "LORA":
@@ -44,8 +47,9 @@ def run_merge(args) -> Path:
     if not is_main_process():  # launched on several processes: merging is one process's job
         return out
 
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.model.loading import load_adapter
 
     from common.recipe.outputs import RUN_CONFIG, write_json
 
@@ -66,7 +70,7 @@ def run_merge(args) -> Path:
         base = dequantized_base(source, flags, dtype, args.trust_remote_code)
     else:
         base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload()
+    merged = load_adapter(base, source.adapter_dir, "`--adapter`").merge_and_unload()
     tokenizer_dir = source.adapter_dir if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")) \
         else source.base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)

@@ -3,7 +3,6 @@ model + adapter), and the prompt settings an adapter's run_config.json carries t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -12,6 +11,7 @@ from typing import Optional
 
 from common.flags.errors import UsageError
 from common.hub import network
+from common.model import files
 
 log = logging.getLogger("finetune")
 
@@ -27,37 +27,41 @@ class ModelSource:
         return (self.adapter_config or {}).get("peft_type")
 
 
-def resolve_model(model_id: str) -> ModelSource:
-    """--model_id -> where the base model and the adapter (if any) are. No heavy imports."""
+def resolve_model(model_id: str, flag: str = "model_id") -> ModelSource:
+    """--model_id (or the `flag` that names a model) -> where the base model and the adapter (if any)
+    are, their files checked (common.model.files). No heavy imports."""
     path = os.path.expanduser(model_id)
+    subject = f"`--{flag}` {model_id}"
     if os.path.isdir(path):
         adapter_cfg = os.path.join(path, "adapter_config.json")
         if os.path.isfile(adapter_cfg):
-            with open(adapter_cfg, encoding="utf-8") as fh:
-                config = json.load(fh)
+            config = files.read_adapter_config(path, subject)
             base = config.get("base_model_name_or_path")
             if not base:
-                raise UsageError(f"`--model_id` {model_id}: adapter_config.json names no base model "
+                raise UsageError(f"{subject}: adapter_config.json names no base model "
                                  f"(`base_model_name_or_path`); fix the file or pass the base model.")
             # A relative base path is relative to where the run was launched; try the adapter's
             # own location too so that moved run directories still load.
             if not os.path.isabs(base) and not os.path.isdir(base) and os.path.isdir(os.path.join(path, base)):
                 base = os.path.join(path, base)
             if (base.startswith((".", "/", "~")) or base.count("/") > 1) and not os.path.isdir(os.path.expanduser(base)):
-                raise UsageError(f"`--model_id` {model_id}: its base model {base!r} is not there any more; "
+                raise UsageError(f"{subject}: its base model {base!r} is not there any more; "
                                  f"edit `base_model_name_or_path` in adapter_config.json.")
             source = ModelSource(base=os.path.expanduser(base), adapter_dir=path, adapter_config=config)
             if not os.path.isdir(source.base):
-                network.need_hub(f"`--model_id` {model_id}: its base model {base!r} is not a local directory", base,
-                                 "model")
+                network.need_hub(f"{subject}: its base model {base!r} is not a local directory", base, "model")
+            elif os.path.isfile(os.path.join(source.base, "config.json")):
+                files.check_model_dir(source.base, f"{subject}: its base model")
+            files.check_adapter_weights(path, subject)
             return source
         if os.path.isfile(os.path.join(path, "config.json")):
+            files.check_model_dir(path, subject)
             return ModelSource(base=path)
-        raise UsageError(f"`--model_id` {model_id}: directory holds neither a model (config.json) nor an adapter "
+        raise UsageError(f"{subject}: directory holds neither a model (config.json) nor an adapter "
                          f"(adapter_config.json).")
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # hub ids are `name` or `owner/name`
-        raise UsageError(f"`--model_id` {model_id}: no such directory; give a local model dir or a hub id.")
-    network.need_hub(f"`--model_id` {model_id}: not a local directory", model_id, "model")
+        raise UsageError(f"{subject}: no such directory; give a local model dir or a hub id.")
+    network.need_hub(f"{subject}: not a local directory", model_id, "model")
     return ModelSource(base=model_id)
 
 
@@ -72,11 +76,11 @@ def saved_run_config(source: ModelSource) -> dict:
     if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(folder))):
         candidates.append(os.path.join(os.path.dirname(os.path.normpath(folder)), "run_config.json"))
     for path in candidates:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, json.JSONDecodeError):
-            continue
+        if os.path.isfile(path):
+            # Unreadable, it would silently change the prompt format the adapter was trained with.
+            return files.read_json(path, f"the run that wrote {folder}",
+                                   "its training settings (prompt format, quantization) cannot be taken over; "
+                                   "restore the file or remove it and pass those flags yourself.")
     return {}
 
 
