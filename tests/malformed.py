@@ -156,7 +156,7 @@ def _case_list() -> list[Case]:
     @add("JSON NaN answer", [*SFT, "dpo.py", "evaluate.py"], kind="silent")
     def _(folder, models, script):
         path = _rows(folder, "nan.jsonl", [QA_ROW], b'{"question": "What is it?", "answer": NaN}\n')
-        return _data_flag(script, path), [str(path), "row 1", "`answer`"]
+        return _data_flag(script, path), [str(path), "line 2", "NaN"]
 
     @add("--prompt_template with {answer}", [*SFT, "dpo.py", "evaluate.py"], kind="silent")
     def _(folder, models, script):

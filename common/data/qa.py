@@ -4,6 +4,7 @@ raised before any model is loaded."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,6 +50,8 @@ def _text(value: Any, what: str, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         kind = "missing" if value is None else f"a {type(value).__name__}, not text"
         raise UsageError(f"{where}: `{what}` is {kind}; fix or remove that row.")
+    if isinstance(value, float) and not math.isfinite(value):  # a Parquet/CSV NaN would train on "nan"
+        raise UsageError(f"{where}: `{what}` is {value}, not text; fix or remove that row.")
     text = str(value).strip()
     if not text:
         raise UsageError(f"{where}: `{what}` is empty; fix or remove that row.")

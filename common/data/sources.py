@@ -105,6 +105,21 @@ def resolve_source(dataset_name: str) -> tuple[str, str]:
 _TEXT_FIELDS = ("question", "answer", "prompt", "completion", "chosen", "rejected", "Question")
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value; quote it as text or write a number")
+
+
+def require_utf8(path: str) -> None:
+    """Text data files are read as UTF-8; a file that is not names its first bad line and byte."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}: line {number} is not UTF-8 text (byte {exc.start + 1} of the line, "
+                                 f"0x{line[exc.start]:02x}); save the file as UTF-8.") from None
+
+
 def _scan_jsonl(path: str) -> tuple[Optional[tuple[int, str]], set]:
     """-> (first bad line (number, reason) or None, fields whose scalar types are mixed)."""
     kinds: dict[str, set] = {}
@@ -113,9 +128,11 @@ def _scan_jsonl(path: str) -> tuple[Optional[tuple[int, str]], set]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_refuse_constant)
             except json.JSONDecodeError as exc:
                 return (number, exc.msg), set()
+            except ValueError as exc:
+                return (number, str(exc)), set()
             if not isinstance(obj, dict):
                 return (number, "each line must be a JSON object"), set()
             for key in _TEXT_FIELDS:
@@ -209,9 +226,11 @@ def _load_json_document(path: str) -> dict:
 
     try:
         with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
+            obj = json.load(fh, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    except ValueError as exc:  # NaN, Infinity
+        raise UsageError(f"{path}: not valid JSON: {exc}.") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text; save the file as UTF-8 JSON.") from None
     if isinstance(obj, dict) and isinstance(obj.get("Data"), list):
@@ -284,6 +303,8 @@ def _load_local(path: str) -> dict:
                          f"or .csv.")
     if os.path.getsize(path) == 0:
         raise UsageError(f"{path}: the file is empty.")
+    if suffix != ".parquet":
+        require_utf8(path)
     if suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path)):
         return _load_jsonl(path)
     if suffix == ".json":
@@ -291,7 +312,16 @@ def _load_local(path: str) -> dict:
     try:
         return dict(load_dataset(LOCAL_SUFFIXES[suffix], data_files={"train": path}))
     except Exception as exc:
-        raise UsageError(f"{path}: could not be read as {suffix[1:]} ({str(exc).splitlines()[0][:200]}).") from None
+        raise UsageError(f"{path}: could not be read as {suffix[1:]} ({root_cause(exc)}).") from None
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error: `datasets` wraps the parser's own message (the line and
+    what is wrong there) in "An error occurred while generating the dataset"."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return (text.splitlines()[0][:300] if text else type(exc).__name__)
 
 
 def _load_hub(name: str, config: Optional[str]) -> dict:
