@@ -30,6 +30,13 @@ def split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
             break
         n += 1
     shared = chosen[:n]
+    if HH_TURN in chosen and HH_TURN in rejected:
+        # Dialogues: the prompt is everything up to the last assistant turn, and must be the same in both.
+        c_cut, r_cut = chosen.rfind(HH_TURN) + len(HH_TURN), rejected.rfind(HH_TURN) + len(HH_TURN)
+        if chosen[:c_cut] != rejected[:r_cut]:
+            raise UsageError(f"{where}: `chosen` and `rejected` have different prompts (they differ before their last "
+                             f"{HH_TURN.strip()!r} turn, at character {n}), so neither answers the other's "
+                             f"question; add a `prompt` column or fix that row.")
     cut = shared.rfind(HH_TURN)
     if cut >= 0:
         cut += len(HH_TURN)

@@ -72,21 +72,30 @@ def read_preference_rows(args, splits: dict, source: str, split_spec: str, flag:
     cols = set(ds.column_names)
     if {"prompt", "completion", "label"} <= cols:  # unpaired feedback (KTO)
         _check_format(args, "unpaired", source, cols)
+        check_unpaired(ds, source)
         return PreferenceSource(ds, "unpaired", "unpaired", source)
+    # Ready pairs are checked here, before any model loads; ties are dropped with a count.
     if {"chosen", "rejected"} <= cols and "prompt" not in cols:  # implicit prompt (Anthropic HH, message lists)
         from rlhf.pref_formats import implicit_prompt_pairs
 
         _check_format(args, "implicit-prompt", source, cols)
         pairs, ties = implicit_prompt_pairs(ds, source)
-        return PreferenceSource(pairs, "pairs", "implicit-prompt", source, ties)
+        checked = check_pairs(pairs, source)
+        return PreferenceSource(checked, "pairs", "implicit-prompt", source, ties + len(pairs) - len(checked))
     if "chosen" in cols or "rejected" in cols:
         missing = [c for c in PAIR_COLUMNS if c not in cols]
         if missing:
             raise UsageError(f"{source}: preference data needs {', '.join(PAIR_COLUMNS)} columns; "
                              f"missing {', '.join(missing)}.")
         _check_format(args, "preference", source, cols)
-        return PreferenceSource(ds, "pairs", "preference", source)
-    schema = detect_schema(ds, source)
+        checked = check_pairs(ds, source)
+        return PreferenceSource(checked, "pairs", "preference", source, len(ds) - len(checked))
+    try:
+        schema = detect_schema(ds, source)
+    except UsageError:
+        raise UsageError(f"{source}: columns {sorted(cols)} are neither preference pairs (`prompt`, `chosen`, "
+                         f"`rejected`; or `chosen` + `rejected` sharing their prompt) nor question-answer data to "
+                         f"build pairs from (`question` + `answer`).") from None
     _check_format(args, schema, source, cols)
     if schema == "prompt-completion":
         raise UsageError(f"{source}: `prompt`/`completion` rows have no rejected answer; give `prompt`/`chosen`/"
@@ -114,8 +123,41 @@ def _check_format(args, found: str, source: str, cols) -> None:
 
 # Checking ready-made pairs ---------------------------------------------------------------------
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+def _message_problem(value: Any, col: str) -> Optional[str]:
+    """What is wrong with a message list (None if nothing): each message a {role, content} with text
+    content; some content non-empty."""
+    if not isinstance(value, list) or not value:
+        return f"`{col}` must be non-empty text or a list of {{role, content}} messages"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"`{col}`[{i}] is not a {{role, content}} message"
+        if not isinstance(m["content"], str):
+            kind = "missing (null)" if m["content"] is None else f"a {type(m['content']).__name__}, not text"
+            return f"`{col}`[{i}].content is {kind}"
+    if not any(m["content"].strip() for m in value):
+        return f"`{col}` has only empty messages"
+    return None
+
+
+def check_feedback_text(value: Any, col: str, where: str) -> None:
+    """A prompt or answer: non-empty text or a well-formed message list."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UsageError(f"{where}: `{col}` must be non-empty text or a list of {{role, content}} messages; "
+                             f"it is empty. Fix or remove that row.")
+        return
+    problem = _message_problem(value, col)
+    if problem:
+        raise UsageError(f"{where}: {problem}; fix or remove that row.")
+
+
+def check_unpaired(ds, source: str) -> None:
+    """KTO's prompt/completion/label rows, checked before any model loads."""
+    for idx, row in enumerate(ds):
+        for col in ("prompt", "completion"):
+            check_feedback_text(row[col], col, f"{source}: row {idx}")
+        if not isinstance(row["label"], bool):
+            raise UsageError(f"{source}: row {idx}: `label` must be true or false.")
 
 
 def check_pairs(ds, source: str):
@@ -123,11 +165,7 @@ def check_pairs(ds, source: str):
     same = 0
     for idx, row in enumerate(ds):
         for col in PAIR_COLUMNS:
-            value = row[col]
-            ok = (isinstance(value, str) and value.strip()) or (_is_messages(value) and value)
-            if not ok:
-                raise UsageError(f"{source}: row {idx}: `{col}` must be non-empty text or a list of "
-                                 f"{{role, content}} messages.")
+            check_feedback_text(row[col], col, f"{source}: row {idx}")
         same += row["chosen"] == row["rejected"]
     if same == len(ds):
         raise UsageError(f"{source}: `chosen` equals `rejected` in every row; there is no preference to learn.")
@@ -242,9 +280,8 @@ def preference_dataset(src: PreferenceSource, fmt: PromptFormat, how: str, seed:
                        tokenizer=None, batch_size: int = 32, pool=None):
     """-> (Dataset of pairs, stats). `pool`: the rows `--rejected_source other` draws from (default:
     the source's own rows)."""
-    if src.kind == "pairs":
-        ds = check_pairs(src.rows, src.source)
-        return ds, {"built": len(ds), "skipped": src.ties + len(src.rows) - len(ds)}
+    if src.kind == "pairs":  # checked as they were read (read_preference_rows)
+        return src.rows, {"built": len(src.rows), "skipped": src.ties}
     if how == "other":
         rejected = other_answers(src.rows, seed, pool)
     else:
@@ -257,10 +294,7 @@ def unpaired_dataset(src: PreferenceSource, pairs):
     rejected undesirable; prompt/completion/label data is used as it is."""
     from datasets import Dataset
 
-    if src.kind == "unpaired":
-        bad = [i for i, label in enumerate(src.rows["label"]) if not isinstance(label, bool)]
-        if bad:
-            raise UsageError(f"{src.source}: row {bad[0]}: `label` must be true or false.")
+    if src.kind == "unpaired":  # checked as they were read (check_unpaired)
         labels = set(src.rows["label"])
         if len(labels) < 2:
             log.warning("%s: every example is %s; KTO learns best from both kinds.", src.source,

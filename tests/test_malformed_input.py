@@ -23,12 +23,10 @@ AFTER_LOADING = {"--modules_to_save no_such_module", "adapter: other width", "ad
                  "--target_modules not in the model", "--attn_implementation bogus"}
 
 # Not fixed yet: each later commit removes what it fixes (strict: a fixed case fails here until removed).
-KNOWN = {"every answer cut by --max_seq_length", "kto completion null", "prompt message content null",
-         "implicit pairs whose prompts differ", "kto every completion empty", "dpo given conversation data",
-         "bad pairs"}
+KNOWN = {"every answer cut by --max_seq_length"}
 
 PARAMS = [pytest.param(case, script, id=f"{case.name}-{script}",
-                       marks=[pytest.mark.xfail(strict=True, reason="issue #27")] if case.name in KNOWN and (case.name, script) != ("bad pairs", "reward_model.py") else [])
+                       marks=[pytest.mark.xfail(strict=True, reason="issue #27")] if case.name in KNOWN else [])
           for case in CASES for script in case.scripts]
 
 
