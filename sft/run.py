@@ -170,7 +170,12 @@ class SFTSteps(Steps):
             def to_sft(ds, n):
                 return prompts.chat_sft_rows(ds, run.fmt, run.tokenizer, args.completion_only_loss, n)
         else:
-            to_sft = lambda ds, n: prompts.to_sft_dataset(ds, run.fmt, n)  # noqa: E731
+            from common.data.lengths import fit_to_length
+
+            def to_sft(ds, n):  # rows that --max_seq_length leaves no answer token are dropped, with a count
+                rows = prompts.to_sft_dataset(ds, run.fmt, n)
+                flag = "dataset_split" if ds is data.train else "eval_split"
+                return fit_to_length(rows, run.tokenizer, args.max_seq_length, data.source, flag)
         run.train_rows = to_sft(data.train, self.num_proc)
         if data.eval is not None and args.eval_strategy != "no":
             run.eval_rows = to_sft(data.eval, args.dataset_num_proc)

@@ -23,7 +23,7 @@ AFTER_LOADING = {"--modules_to_save no_such_module", "adapter: other width", "ad
                  "--target_modules not in the model", "--attn_implementation bogus"}
 
 # Not fixed yet: each later commit removes what it fixes (strict: a fixed case fails here until removed).
-KNOWN = {"every answer cut by --max_seq_length"}
+KNOWN: set = set()
 
 PARAMS = [pytest.param(case, script, id=f"{case.name}-{script}",
                        marks=[pytest.mark.xfail(strict=True, reason="issue #27")] if case.name in KNOWN else [])
@@ -70,6 +70,26 @@ def test_malformed_input_is_one_line_exit_2_before_loading(case, script, models,
     out = tmp_path / out if not out.is_absolute() else out
     assert not is_finished_run(out) and not (out / "eval_results.json").exists()
     assert not (tmp_path / "outputs").exists() or not any(is_finished_run(p) for p in (tmp_path / "outputs").iterdir())
+
+
+def test_long_rows_are_counted_dropped_and_truncated_in_one_line_each(models, tmp_path, capsys):
+    """A question that fills --max_seq_length leaves nothing to train on and an answer past it is cut:
+    TRL did both without a word."""
+    long = " ".join(["word"] * 20_000)
+    rows = [{"question": f"Question number {i}?", "answer": f"answer {i}"} for i in range(6)]
+    rows += [{"question": long, "answer": "short"}, {"question": "Short?", "answer": long}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run_script("lora.py", ["--model_id", models["llama"], "--dataset_name", path, "--output_dir", out,
+                                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
+                                  "--save_strategy", "no", "--lora_r", "2", "--max_seq_length", "64"]) == 0
+    err = capsys.readouterr().err
+    dropped = [line for line in err.splitlines() if "dropped" in line and "--max_seq_length 64" in line]
+    truncated = [line for line in err.splitlines() if "truncated" in line and "--max_seq_length 64" in line]
+    assert len(dropped) == 1 and "1 of 8 rows dropped" in dropped[0], err
+    assert len(truncated) == 1 and "1 of 7 rows truncated" in truncated[0], err
+    assert json.loads((out / "run_config.json").read_text())["data"]["train_rows"] == 8
 
 
 # Generated flag values and data bytes, against the checks that run before anything heavy ---------
