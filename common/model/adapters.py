@@ -237,6 +237,28 @@ def check_modules_to_save(model, names: list[str]) -> None:
                          f"{', '.join(candidates) or 'lm_head'}.")
 
 
+def check_targets_before_loading(args, source) -> None:
+    """`--target_modules` and `--modules_to_save` against the model's structure, built from its config on
+    the meta device (no weights, no memory): a wrong name stops before the weights load. Only for names the
+    user gave, on a new adapter; where the skeleton cannot be built, the check after loading remains."""
+    given = {"target_modules", "modules_to_save"} & set(getattr(args, "explicit", ()))
+    if source.adapter_dir or not given or (args.target_modules.strip() == "all-linear" and not args.modules_to_save):
+        return
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(source.base, revision=args.revision,
+                                            trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the model
+        return
+    resolve_target_modules(skeleton, args.target_modules, warn=lambda message: None)
+    if args.modules_to_save:
+        check_modules_to_save(skeleton, [m.strip() for m in args.modules_to_save.split(",") if m.strip()])
+
+
 def share_dropout(model, args):
     """LoRA dropout shared between adapters that read one tensor, unless `--share_lora_dropout False`
     (common/model/dropout.py). -> model."""

@@ -116,6 +116,7 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
 
     from common.data import prompts
     from common.model import loss
+    from common.model.adapters import LORA_FAMILY, check_targets_before_loading
     from common.model.loading import count_parameters, is_quantized, keep_float32_trainables, load_tokenizer
     from common.model.precision import select_precision
     from common.recipe import training
@@ -132,6 +133,9 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     run.report_to = setup_reporting(args, run.out)
     run.config = steps.config(run, trainer_kwargs(args, run.out, run.precision.mode, run.report_to,
                                                   has_eval=steps.has_eval(run)))
+
+    if getattr(steps, "adapter", "lora") in LORA_FAMILY:  # SFT's technique; the others train LoRA
+        check_targets_before_loading(args, run.source)
 
     # The model: --seed fixes whatever is initialised at load (a score head) and the new adapter
     set_seed(args.seed)
