@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-SFT = ["lora.py"]
+SFT = ["lora.py", "dora.py", "qlora.py", "prefix_tuning.py", "p_tuning.py", "prompt_tuning.py"]
 PREF = ["dpo.py", "orpo.py", "kto.py", "simpo.py", "reward_model.py"]
-TRAINING = [*SFT, "prefix_tuning.py", *PREF, "grpo.py", "ppo.py"]
+RL = ["grpo.py", "ppo.py"]
+TRAINING = [*SFT, *PREF, *RL]
+LORA_TRAINING = [s for s in TRAINING if s not in ("prefix_tuning.py", "p_tuning.py", "prompt_tuning.py")]
 ADAPTER_USERS = ["lora.py", "merge.py", "evaluate.py", "dpo.py"]
 QA_ROW = {"question": "Which planet is known as the Red Planet?", "answer": "Mars"}
 
@@ -104,35 +106,35 @@ def _case_list() -> list[Case]:
         return deco
 
     # Tracebacks --------------------------------------------------------------------------------
-    @add("non-utf8 data", [*SFT, *PREF, "evaluate.py"])
+    @add("non-utf8 data", [*TRAINING, "evaluate.py"])
     def _(folder, models, script):
         path = _rows(folder, "bad.jsonl", [QA_ROW, QA_ROW], b'{"question": "caf\xe9?", "answer": "x"}\n')
         return _data_flag(script, path), [str(path), "line 3", "utf-8"]
 
-    @add("every answer cut by --max_seq_length", SFT, slow=False)
+    @add("every answer cut by --max_seq_length", SFT)
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--max_seq_length", "2"], ["`--max_seq_length`", "dropped"]
 
     for flag, value in [("learning_rate", "nan"), ("num_train_epochs", "nan"), ("seed", "-1"),
                         ("seed", "99999999999999999999"), ("neftune_noise_alpha", "-5"), ("target_modules", "")]:
-        scripts = [*SFT, "dpo.py"] if flag != "neftune_noise_alpha" else SFT
+        scripts = {"neftune_noise_alpha": SFT, "target_modules": LORA_TRAINING}.get(flag, TRAINING)
 
         @add(f"--{flag} {value!r}", scripts)
         def _(folder, models, script, flag=flag, value=value):
             return ["--dataset_name", "triviaqa-sample", f"--{flag}", value], [f"`--{flag}`"]
 
-    @add("num_hidden_layers -1", [*SFT, "dpo.py", "evaluate.py"])
+    @add("num_hidden_layers -1", [*TRAINING, "evaluate.py"])
     def _(folder, models, script):
         model = _model(folder, models, "negative layers")
         return ["--model_id", model, *_data_flag(script, "triviaqa-sample")], [str(model), "num_hidden_layers"]
 
-    @add("--config binary", [*SFT, "dpo.py", "evaluate.py", "merge.py"])
+    @add("--config binary", [*TRAINING, "evaluate.py", "merge.py"])
     def _(folder, models, script):
         path = folder / "run.yaml"
         path.write_bytes(bytes(range(256)) * 4)
         return ["--config", path], ["`--config`", str(path)]
 
-    @add("--output_dir uncreatable", [*SFT, "dpo.py", "evaluate.py", "merge.py"])
+    @add("--output_dir uncreatable", [*TRAINING, "evaluate.py", "merge.py"])
     def _(folder, models, script):
         blocker = folder / "a-file"
         blocker.write_text("x")
@@ -153,22 +155,22 @@ def _case_list() -> list[Case]:
         return ["--dataset_name", path], [str(path), "row 1", "`completion`"]
 
     # Silent runs -------------------------------------------------------------------------------
-    @add("JSON NaN answer", [*SFT, "dpo.py", "evaluate.py"], kind="silent")
+    @add("JSON NaN answer", [*TRAINING, "evaluate.py"], kind="silent")
     def _(folder, models, script):
         path = _rows(folder, "nan.jsonl", [QA_ROW], b'{"question": "What is it?", "answer": NaN}\n')
         return _data_flag(script, path), [str(path), "line 2", "NaN"]
 
-    @add("--prompt_template with {answer}", [*SFT, "dpo.py", "evaluate.py"], kind="silent")
+    @add("--prompt_template with {answer}", [*TRAINING, "evaluate.py"], kind="silent")
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--prompt_template", "{answer} {question}"], \
             ["`--prompt_template`", "{answer}"]
 
-    @add("--modules_to_save no_such_module", [*SFT, "dpo.py"], kind="silent", slow=True)
+    @add("--modules_to_save no_such_module", ["lora.py", "dora.py", "dpo.py", "kto.py"], kind="silent")
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--modules_to_save", "no_such_module"], \
             ["`--modules_to_save`", "no_such_module"]
 
-    @add("--output_dir ''", [*SFT, "dpo.py"], kind="silent")
+    @add("--output_dir ''", TRAINING, kind="silent")
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--output_dir", ""], ["`--output_dir`"]
 
@@ -204,17 +206,17 @@ def _case_list() -> list[Case]:
         return ["--dataset_name", path], [str(path), "`completion`"]
 
     # Misleading messages -----------------------------------------------------------------------
-    @add("model: corrupt config.json", [*SFT, "dpo.py", "evaluate.py"], kind="misleading")
+    @add("model: corrupt config.json", [*TRAINING, "evaluate.py"], kind="misleading")
     def _(folder, models, script):
         model = _model(folder, models, "corrupt config")
         return ["--model_id", model, *_data_flag(script, "triviaqa-sample")], [str(model / "config.json")]
 
-    @add("model: no tokenizer", [*SFT, "dpo.py", "evaluate.py"], kind="misleading")
+    @add("model: no tokenizer", [*TRAINING, "evaluate.py"], kind="misleading")
     def _(folder, models, script):
         model = _model(folder, models, "no tokenizer")
         return ["--model_id", model, *_data_flag(script, "triviaqa-sample")], [str(model), "tokenizer"]
 
-    @add("--attn_implementation bogus", [*SFT, "dpo.py", "evaluate.py"], kind="misleading")
+    @add("--attn_implementation bogus", [*TRAINING, "evaluate.py"], kind="misleading")
     def _(folder, models, script):
         return ["--attn_implementation", "bogus", *_data_flag(script, "triviaqa-sample")], \
             ["`--attn_implementation`", "bogus"]
@@ -228,13 +230,13 @@ def _case_list() -> list[Case]:
         return ["--dataset_name", "triviaqa-sample", "--reward_model", folder / "nonexistent"], \
             ["`--reward_model`", str(folder / "nonexistent")]
 
-    @add("unreadable CSV", [*SFT, "dpo.py", "evaluate.py"], kind="misleading")
+    @add("unreadable CSV", [*TRAINING, "evaluate.py"], kind="misleading")
     def _(folder, models, script):
         path = folder / "bad.csv"
         path.write_text('question,answer\n"unterminated,x\nq2,a,extra,fields\n')
         return _data_flag(script, path), [str(path)]
 
-    @add("dpo given conversation data", ["dpo.py", "orpo.py"], kind="misleading")
+    @add("dpo given conversation data", ["dpo.py", "orpo.py", "simpo.py", "reward_model.py"], kind="misleading")
     def _(folder, models, script):
         path = _rows(folder, "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
                                                           {"role": "assistant", "content": "Hello"}]}])
@@ -247,17 +249,17 @@ def _case_list() -> list[Case]:
                                {"prompt": "Capital of Spain?", "chosen": "", "rejected": "Rome"}])
         return ["--dataset_name", path], [str(path), "`chosen`"]
 
-    @add("--resume_from_checkpoint missing", [*SFT, "dpo.py"], kind="late")
+    @add("--resume_from_checkpoint missing", TRAINING, kind="late")
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--resume_from_checkpoint", folder / "nonexistent"], \
             ["`--resume_from_checkpoint`", str(folder / "nonexistent")]
 
-    @add("--target_modules not in the model", [*SFT, "dpo.py"], kind="late")
+    @add("--target_modules not in the model", [s for s in LORA_TRAINING if s != "ppo.py"], kind="late")
     def _(folder, models, script):
         return ["--dataset_name", "triviaqa-sample", "--target_modules", "no_such_proj"], \
             ["`--target_modules`", "no_such_proj"]
 
-    @add("model: truncated weights", [*SFT, "dpo.py", "evaluate.py"], kind="late")
+    @add("model: truncated weights", [*TRAINING, "evaluate.py"], kind="late")
     def _(folder, models, script):
         model = _model(folder, models, "truncated weights")
         return ["--model_id", model, *_data_flag(script, "triviaqa-sample")], [str(model / "model.safetensors")]
