@@ -140,15 +140,20 @@ def as_trained(ds, tokenizer, system_mode: str = "keep"):
         return ds
     answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
 
-    def convert(batch):
+    def convert(batch, indices):
         out = {k: list(v) for k, v in batch.items()}
         out["chat_template_kwargs"] = [{"chat_template": AS_WRITTEN}] * len(batch["prompt"])
         for i, prompt in enumerate(batch["prompt"]):
             prompt = with_system_mode(list(prompt), system_mode)
             for col in answers:
+                reply = list(batch[col][i])
+                if len(reply) != 1 or reply[0]["role"] != "assistant":
+                    raise UsageError(f"row {indices[i]}: `{col}` holds {len(reply)} messages "
+                                     f"({', '.join(m['role'] for m in reply)}); a pair compares one assistant reply: "
+                                     f"put the earlier turns in `prompt`.")
                 head, answer = masking.prompt_and_completion(tokenizer, prompt + list(batch[col][i]))
                 out[col][i] = [{"role": "assistant", "content": answer}]
             out["prompt"][i] = [{"role": "user", "content": head}]
         return out
 
-    return ds.map(convert, batched=True, desc="Rendering conversations")
+    return ds.map(convert, batched=True, with_indices=True, desc="Rendering conversations")

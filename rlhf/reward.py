@@ -39,13 +39,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_cli("reward_model.py", train, detach=True)
 
 
-def _tokenize(ds, tokenizer):
+def _tokenize(ds, tokenizer, system_mode: str = "keep"):
     """Pairs -> the ids SFT trains on for prompt + chosen and prompt + rejected (rlhf.pair_tokens.sft_ids),
-    which RewardTrainer takes as they are; ppo.py and grpo.py score with the same ids."""
+    which RewardTrainer takes as they are; ppo.py and grpo.py score with the same ids. `--system_message`
+    applies to message-list prompts."""
+    from common.data.templates import with_system_mode
     from rlhf.pair_tokens import sft_ids
 
     def tokenize(batch):
-        return {f"{side}_ids": [sft_ids(tokenizer, p, a) for p, a in zip(batch["prompt"], batch[side])]
+        prompts = [p if isinstance(p, str) else with_system_mode(list(p), system_mode) for p in batch["prompt"]]
+        return {f"{side}_ids": [sft_ids(tokenizer, p, a) for p, a in zip(prompts, batch[side])]
                 for side in ("chosen", "rejected")}
 
     return ds.map(tokenize, batched=True, desc="Tokenizing pairs")  # (RewardTrainer reads only the ids)
@@ -134,7 +137,8 @@ class RewardSteps(Steps):
         else:  # no held-out split: keep 10% of the rows aside, reproducibly, before any pair is built
             train_ds, self.stats, eval_ds = _split_then_pair(train_src, run.fmt, args)
             log.info("no held-out split: %d of the pairs are kept aside for accuracy.", len(eval_ds))
-        run.train_rows, run.eval_rows = _tokenize(train_ds, run.tokenizer), _tokenize(eval_ds, run.tokenizer)
+        run.train_rows = _tokenize(train_ds, run.tokenizer, args.system_message)
+        run.eval_rows = _tokenize(eval_ds, run.tokenizer, args.system_message)
 
     def config(self, run: Run, kwargs: dict):
         from trl import RewardConfig

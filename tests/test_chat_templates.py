@@ -6,7 +6,7 @@ import pytest
 
 from common.data.chat import tokenize_conversation
 from common.data.templates import with_system_mode
-from tests.chat_oracle import FAMILIES, end_of_turn_id, family_tokenizer, oracle_rows, trained_text
+from tests.chat_oracle import FAMILIES, HERE, end_of_turn_id, family_tokenizer, oracle_rows, trained_text
 from tests.helpers import run_script, write_jsonl
 
 SYSTEM = {"role": "system", "content": "You are a quiz assistant."}
@@ -284,3 +284,59 @@ def test_preference_rows_are_evaluate_prompt_and_sft_trained_answer(kind, family
         assert tok.decode(answer_ids) == (" " if family == "mistral_v0_3" else "") + answers[question] + end
         seen += 1
     assert seen == len(result.trainer.train_dataset) // (2 if kind == "kto" else 1)
+
+
+def test_end_of_turn_that_is_not_a_special_token_is_trained(base_tokenizer):
+    """A ChatML fine-tune whose `<|im_end|>` was added as an ordinary token (EOS stays `</s>`): the
+    reply's end-of-turn must still be trained, or the model never learns to stop."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(base_tokenizer)
+    tok.add_tokens([AddedToken("<|im_start|>", special=False), AddedToken("<|im_end|>", special=False)])
+    tok.chat_template = (HERE / "chatml.jinja").read_text(encoding="utf-8")
+    rows = tokenize_conversation(tok, TURNS)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [(r["input_ids"], r["labels"]) for r in rows] == oracle_rows(tok, TURNS, end)
+    assert trained_text(tok, rows[0]["labels"]) == "Paris.<|im_end|>Rome, depuis 1871 — «Roma» 🇮🇹.<|im_end|>"
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_qwen3_reasoning_replies_train_their_think_block(turns, base_tokenizer):
+    tok = family_tokenizer("qwen3", base_tokenizer)
+    messages = [TURNS[0], {"role": "assistant", "content": "<think>\nFrance's capital.\n</think>\n\nParis."},
+                TURNS[2], {"role": "assistant", "content": "<think>\nItaly: Rome.\n</think>\n\nRome."}]
+    rows = tokenize_conversation(tok, messages, turns)
+    assert [(r["input_ids"], r["labels"]) for r in rows] == oracle_rows(tok, messages, end_of_turn_id("qwen3", tok),
+                                                                          turns)
+    # Qwen3 drops the reasoning of turns before the last question, as it does at inference.
+    assert trained_text(tok, rows[0]["labels"]).endswith("<think>\nItaly: Rome.\n</think>\n\nRome.<|im_end|>")
+
+
+def test_tool_call_turn_ends_at_its_end_of_turn_when_tool_call_markers_are_special(base_tokenizer):
+    tok = family_tokenizer("qwen2_5", base_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, _calling())]
+    assert got == oracle_rows(tok, _calling(), end_of_turn_id("qwen2_5", tok))
+    assert "</tool_call><|im_end|>" in trained_text(tok, got[0][1])
+
+
+def test_a_pair_whose_answer_holds_several_messages_is_one_line_exit_2(family_models, tmp_path, capsys):
+    model = family_models("llama3_1")
+    pair = {"prompt": [TURNS[0]], "chosen": [TURNS[1], TURNS[2], TURNS[3]], "rejected": [{"role": "assistant",
+                                                                                       "content": "Lyon."}]}
+    data = write_jsonl(tmp_path / "p.jsonl", [pair] * 4)
+    assert run_script("dpo.py", ["--model_id", model, "--dataset_name", data, "--output_dir", tmp_path / "o",
+                                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "`chosen` holds 3 messages" in err and "Traceback" not in err
+
+
+def test_reward_model_folds_a_refused_system_message_in_message_pairs(family_models, tmp_path):
+    model = family_models("gemma2")
+    pair = {"prompt": [SYSTEM, TURNS[0]], "chosen": [TURNS[1]], "rejected": [{"role": "assistant", "content": "Lyon."}]}
+    data = write_jsonl(tmp_path / "p.jsonl", [pair] * 8)
+    argv = ["--model_id", model, "--dataset_name", data, *FAST]
+    assert run_script("reward_model.py", [*argv, "--output_dir", tmp_path / "a"]) == 2
+    assert run_script("reward_model.py", [*argv, "--output_dir", tmp_path / "b", "--system_message", "fold"]) == 0

@@ -269,7 +269,7 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
         raise UsageError("conversation data needs a fast tokenizer (character offsets); this model's tokenizer "
                          "is a slow one.")
     text = "text" in ds.column_names
-    specials = masking.special_ids(tokenizer)
+    eot = masking.end_of_turn(tokenizer)
 
     def convert(batch: dict) -> dict:
         if text:
@@ -277,13 +277,13 @@ def tokenized_dataset(ds, tokenizer, turns: str = "all", num_proc: Optional[int]
         else:
             offered = batch.get("tools") or [None] * len(batch["messages"])
             rows = [r for m, t in zip(batch["messages"], offered) for r in masking.conversation_rows(
-                tokenizer, with_system_mode(tools.for_template(m), system_mode), turns, specials=specials,
+                tokenizer, with_system_mode(tools.for_template(m), system_mode), turns, eot=eot,
                 tools=tools.loaded_tools(t))]
         return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
     if not text and len(ds):  # a template that refuses the data says so before the map starts
         masking.conversation_rows(tokenizer, with_system_mode(tools.for_template(ds[0]["messages"]), system_mode),
-                                  turns, specials=specials, tools=tools.loaded_tools(ds[0].get("tools")))
+                                  turns, eot=eot, tools=tools.loaded_tools(ds[0].get("tools")))
     out = ds.map(convert, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
     if not text and len(out) > len(ds):
         log.info("the chat template renders the prompt of an assistant turn differently once the turn is "

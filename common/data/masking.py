@@ -10,7 +10,8 @@ whole, which Phi-3, Qwen3 and Mistral v0.3 with a system message do not):
 2. A reply is trained from the end of its generation prompt (the conversation before it rendered
    with `add_generation_prompt=True`, which is what a model is given at inference) through the
    reply and the end-of-turn token after it (`<|eot_id|>`, `<|im_end|>`, `<|end|>`,
-   `<end_of_turn>`, `</s>`: the first special token after the reply, whitespace allowed between).
+   `<end_of_turn>`, `</s>`: what the template writes after a reply, read once per tokenizer by
+   end_of_turn; whitespace allowed before it).
    What a template writes between the generation prompt and the reply (Qwen3's empty think block,
    Mistral's space) is generated at inference, so it is trained too. Nothing after the last trained
    token is kept (Phi-3's closing `<|endoftext|>` is never trained).
@@ -35,12 +36,7 @@ log = logging.getLogger("finetune")
 SENTINEL = "\u2063\u2063reply-here\u2063\u2063"
 PREVIOUS = "\u2063\u2063turn-before\u2063\u2063"
 CALLED = "zqxcalledfunctionzqx"  # a tool call's function name: templates write it as it is, in JSON too
-
-
-def special_ids(tokenizer) -> frozenset:
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
-    return frozenset(ids)
+THINK_END = "</think>"
 
 
 def _marked(messages: list[dict], marks: dict) -> list[dict]:
@@ -71,6 +67,9 @@ def _mark(messages: list[dict], i: int) -> tuple[list[dict], str]:
     tool-call turn its last call's name by CALLED."""
     if _calls(messages[i]):
         return _mark_call(messages, i), CALLED
+    content = messages[i]["content"]
+    if THINK_END in content:  # keep the reasoning: a template that splits it off (Qwen3) renders it apart
+        return _marked(messages, {i: content[:content.rindex(THINK_END) + len(THINK_END)] + SENTINEL}), SENTINEL
     return _marked(messages, {i: SENTINEL}), SENTINEL
 
 
@@ -94,17 +93,34 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _turn_end(tokenizer, ids, offsets, reply_end: int, specials: frozenset, calls: bool = False) -> int:
-    """-> the character where the reply's turn ends: after the end-of-turn token, or at the reply's end
-    where no special token follows it. After a tool call's name, the call's text runs on to it."""
-    for tok, (start, end) in zip(ids, offsets):
-        if start < reply_end or end <= start:
-            continue
-        if tok in specials:
-            return end
-        if not calls and tokenizer.decode([tok]).strip():
-            break
-    return reply_end
+def end_of_turn(tokenizer, tools=None) -> str:
+    """The text the template closes an assistant reply with (`<|eot_id|>`, `<|im_end|>`, `<|end|>`,
+    `<end_of_turn>`, `</s>`), read from a one-turn conversation: what follows the reply, up to the
+    first whitespace, or its first token where that is one of the tokenizer's added tokens (Phi-3
+    writes `<|end|>` then, at the very end, `<|endoftext|>`, which generation never reaches).
+    Empty where the template writes nothing after a reply."""
+    text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}],
+                  tools=tools)
+    after = text.partition(SENTINEL)[2].lstrip()
+    chunk = after.split(maxsplit=1)[0] if after.strip() else ""
+    ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    if ids and ids[0] in tokenizer.added_tokens_decoder:
+        return tokenizer.decode(ids[:1])
+    return chunk
+
+
+def _turn_end(text: str, reply_end: int, eot: str, calls: bool = False) -> int:
+    """-> the character where the reply's turn ends: after its end-of-turn text (whitespace allowed
+    before it), or at the reply's end where the template writes none. After a tool call's name the
+    call's own text runs on to it."""
+    if not eot:
+        return reply_end
+    if calls:
+        at = text.find(eot, reply_end)
+        return at + len(eot) if at >= 0 else reply_end
+    rest = text[reply_end:]
+    skip = len(rest) - len(rest.lstrip())
+    return reply_end + skip + len(eot) if rest[skip:].startswith(eot) else reply_end
 
 
 def _labels(ids, offsets, spans) -> tuple[list[int], list[int]]:
@@ -120,14 +136,13 @@ def _turns(messages: list[dict], turns: str) -> list[int]:
 
 
 def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finished: bool = True,
-                      specials: Optional[frozenset] = None, tools=None) -> list[dict]:
+                      eot: Optional[str] = None, tools=None) -> list[dict]:
     """-> [{input_ids, labels}]: one row, or one per assistant turn (rule 3 of the module doc).
     `finished=False`: the last reply was cut off, so its turn has no end-of-turn token. `tools`: the
     function schemas the conversation offers (common.data.tools)."""
     rows = []
-    for text, spans, encoded in _trained_spans(tokenizer, messages, _turns(messages, turns), finished, specials,
-                                               tools):
-        ids, labels = _labels(*(encoded or _encode(tokenizer, text)), spans)
+    for text, spans in _trained_spans(tokenizer, messages, _turns(messages, turns), finished, eot, tools):
+        ids, labels = _labels(*_encode(tokenizer, text), spans)
         rows.append({"input_ids": ids, "labels": labels})
     return rows
 
@@ -136,34 +151,33 @@ def prompt_and_completion(tokenizer, messages: list[dict], finished: bool = True
     """A conversation ending with an assistant turn -> (the text inference gives the model before that
     turn, the text it is trained to write: the turn through its end-of-turn token), as
     conversation_rows trains it. The preference scripts train on these (rlhf.pref_formats)."""
-    [(text, spans, _)] = _trained_spans(tokenizer, messages, _turns(messages, "last"), finished, None, tools)
+    [(text, spans)] = _trained_spans(tokenizer, messages, _turns(messages, "last"), finished, None, tools)
     start, end = spans[-1]
     return text[:start], text[start:end]
 
 
-def _trained_spans(tokenizer, messages, chosen, finished, specials, tools) -> list[tuple]:
-    """-> [(row text, trained character spans, its (ids, offsets) or None)]."""
-    specials = special_ids(tokenizer) if specials is None else specials
+def _trained_spans(tokenizer, messages, chosen, finished, eot, tools) -> list[tuple]:
+    """-> [(row text, trained character spans)]."""
+    eot = end_of_turn(tokenizer, tools) if eot is None else eot
     full = render(tokenizer, messages, tools=tools)
     prompts = {i: render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) for i in chosen}
     bounds = {i: reply_bounds(tokenizer, messages, i, full, tools) for i in chosen}
     if all(full.startswith(prompts[i]) and len(prompts[i]) <= bounds[i][0] for i in chosen):
-        ids, offsets = _encode(tokenizer, full)
         spans = []
         for i in chosen:
             end = bounds[i][1]
             if finished or i != chosen[-1]:
-                end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
+                end = _turn_end(full, end, eot, bool(_calls(messages[i])))
             spans.append((len(prompts[i]), end))
-        return [(full, spans, (ids, offsets))]
+        return [(full[:spans[-1][1]], spans)]
     out = []
     for i in chosen:
-        text = _own_text(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], specials, tools)
-        out.append((text, [(len(prompts[i]), len(text))], None))
+        text = _own_text(tokenizer, messages, i, prompts[i], finished or i != chosen[-1], eot, tools)
+        out.append((text, [(len(prompts[i]), len(text))]))
     return out
 
 
-def _own_text(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, specials, tools) -> str:
+def _own_text(tokenizer, messages: list[dict], i: int, prompt: str, finished: bool, eot: str, tools) -> str:
     """Assistant turn i as inference sees it: its generation prompt, then what the template writes
     from the end of that prompt to the end of the turn."""
     through = render(tokenizer, messages[:i + 1], tools=tools)
@@ -176,6 +190,5 @@ def _own_text(tokenizer, messages: list[dict], i: int, prompt: str, finished: bo
     if not between.startswith(tail):
         raise _unlocatable("writes a reply's turn differently from its generation prompt")
     if finished:
-        ids, offsets = _encode(tokenizer, through)
-        end = _turn_end(tokenizer, ids, offsets, end, specials, bool(_calls(messages[i])))
+        end = _turn_end(through, end, eot, bool(_calls(messages[i])))
     return prompt + between[len(tail):] + through[start:end]

@@ -85,11 +85,11 @@ def chat_sft_rows(ds, fmt: PromptFormat, tokenizer, completion_only: bool = True
     (every token with `--completion_only_loss false`)."""
     from common.data import masking
 
-    specials = masking.special_ids(tokenizer)
+    eot = masking.end_of_turn(tokenizer)
 
     def rows(question: str, answer: str) -> list[dict]:
         messages = chat_messages(question, fmt) + [{"role": "assistant", "content": answer}]
-        out = masking.conversation_rows(tokenizer, messages, "last", specials=specials)
+        out = masking.conversation_rows(tokenizer, messages, "last", eot=eot)
         return out if completion_only else [{"input_ids": r["input_ids"], "labels": list(r["input_ids"])}
                                             for r in out]
 
