@@ -108,7 +108,7 @@ def check_inputs(args: ParsedArgs) -> tuple:
 
 def finish(run, loop) -> PPOResult:
     """The summary, the final outputs, trackers and plots closed, the printed summary, the upload."""
-    from common.recipe import outputs, reporting, run_config, summary, training
+    from common.recipe import reporting, run_config, summary, training
     from rlhf.ppo_checkpoint import save_final
 
     args, accelerator = run.args, run.accelerator
@@ -121,8 +121,6 @@ def finish(run, loop) -> PPOResult:
              "reward": run.reward.name,
              "parameters": {"trainable": run.policy.trainable, "total": run.policy.total},
              "summary": info}
-    if args.overwrite_output_dir:
-        outputs.clear_previous_run(run.out)
     save_final(run.unwrapped, run.tokenizer, Path(run.out), accelerator, loop.history,
                run_config.run_config(args, "ppo", extra))
     if run.trackers:

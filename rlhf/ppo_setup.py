@@ -125,6 +125,11 @@ def setup_ppo(args, out: str, resume: Optional[str], source, data) -> PPORun:
     # (made for data loaders whose batches grow with the processes), so with N processes the
     # schedule would end N times too early. It is stepped in ppo_updates after each optimizer step.
     wrapper, optimizer = accelerator.prepare(policy.wrapper, optimizer)
+    if args.overwrite_output_dir:
+        # Before the trackers and the first checkpoint, which rotation would weigh against the old ones.
+        from common.recipe.outputs import clear_previous_run
+
+        clear_previous_run(out)
     if trackers:
         from common.recipe import run_config
 

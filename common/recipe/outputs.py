@@ -19,6 +19,7 @@ from common.flags.errors import UsageError
 from common.flags.parser import ParsedArgs
 from common.recipe.dist import is_main_process
 from common.recipe.lock import lock_output_dir
+from common.recipe.signals import resume_command
 
 log = logging.getLogger("finetune")
 
@@ -42,7 +43,21 @@ def prepare_output_dir(args: ParsedArgs, default: str) -> str:
         raise UsageError(f"`--output_dir` {out} already holds a finished run; pass `--overwrite_output_dir True` "
                          f"to replace it or choose another directory.")
     lock_output_dir(out)
+    if not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        refuse_unfinished_run(args, out)
     return out
+
+
+def refuse_unfinished_run(args: ParsedArgs, out: str) -> None:
+    """A killed run's checkpoints are progress: the same command again would start from step 0, and
+    rotation would then count the old, higher-numbered checkpoints as the newest and delete the new
+    ones. Neither resuming nor starting over is assumed (the flags may have changed since): the user
+    picks one, with the exact command to continue."""
+    complete = [folder for _, folder in reversed(checkpoint_dirs(out)) if is_complete_checkpoint(folder)]
+    if complete:
+        raise UsageError(f"`--output_dir` {out} holds an unfinished run whose last complete checkpoint is "
+                         f"{complete[0]}; pass `--overwrite_output_dir True` to start over (its checkpoints are "
+                         f"deleted), or continue it with: {resume_command(args)}")
 
 
 def clear_previous_run(out: str) -> None:
