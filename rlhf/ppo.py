@@ -85,10 +85,13 @@ def run_ppo(args: ParsedArgs) -> PPOResult:
     from rlhf.ppo_loop import PPOLoop, train_loop
     from rlhf.ppo_setup import setup_ppo
 
+    from common.recipe.training import disk_full_exits
+
     run = setup_ppo(args, *inputs)
-    loop = PPOLoop(run)
-    train_loop(loop)
-    return finish(run, loop)
+    with disk_full_exits(args, run.out):  # at a checkpoint or the final save
+        loop = PPOLoop(run)
+        train_loop(loop)
+        return finish(run, loop)
 
 
 def check_inputs(args: ParsedArgs) -> tuple:

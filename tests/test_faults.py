@@ -106,3 +106,148 @@ def test_overwrite_output_dir_starts_over_and_keeps_the_new_runs_checkpoints(scr
     for name in kept:
         _assert_same_weights(out / name, reference / name)
     _assert_same_weights(out, reference)
+
+
+# Disk full at each kind of save ------------------------------------------------------------------
+
+def _torch_write_error() -> RuntimeError:
+    """What torch.save raised on a full tmpfs: the zip writer's error, raised while handling the stream's."""
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        except RuntimeError as exc:
+            return exc
+
+
+def _no_space(kind: str, path: Path) -> Exception:
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    if kind == "torch":
+        return _torch_write_error()
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+# The first bytes each writer had written when the device filled up.
+PARTIAL = {"safetensors": (4096).to_bytes(8, "little") + b'{"base_model.model.model.layers.0',
+           "torch": b"PK\x03\x04" + b"\0" * 60, "json": b'{\n  "best_global_step": nu'}
+
+
+def _fill_disk_at(monkeypatch, name: str, folder: str) -> list:
+    """The write of `folder/name` fails as it does on a full device: part of the file is written, then
+    its writer raises what it raises there, and the device reads as full from then on. -> [the path]
+    once it has failed."""
+    import peft.peft_model
+    import safetensors.torch
+    from transformers.trainer_callback import TrainerState
+
+    from common.recipe import callbacks, outputs
+
+    hit, free_space = [], outputs.free_space
+
+    def failing(original, kind: str, index: int):
+        def writer(*args, **kwargs):
+            target = args[index]
+            if isinstance(target, (str, Path)) and Path(target).name == name and Path(target).parent.name == folder \
+                    and not hit:
+                hit.append(Path(target))
+                Path(target).write_bytes(PARTIAL[kind])
+                raise _no_space(kind, Path(target))
+            return original(*args, **kwargs)
+        return writer
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", failing(peft.peft_model.safe_save_file, "safetensors", 1))
+    monkeypatch.setattr(safetensors.torch, "save_file", failing(safetensors.torch.save_file, "safetensors", 1))
+    monkeypatch.setattr(torch, "save", failing(torch.save, "torch", 1))
+    monkeypatch.setattr(TrainerState, "save_to_json", failing(TrainerState.save_to_json, "json", 1))
+    monkeypatch.setattr(outputs, "write_json", failing(outputs.write_json, "json", 0))
+    monkeypatch.setattr(callbacks, "write_json", failing(callbacks.write_json, "json", 0))
+    monkeypatch.setattr(outputs, "free_space", lambda path: 0 if hit else free_space(path))
+    return hit
+
+
+def _assert_one_line_then_the_command_finishes(script, out, reference, last, hit, err, monkeypatch):
+    assert hit, "the fault was never injected"
+    lines = _error_lines(err, script)
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"no space left on the device of {out}" in lines[0], lines[0]
+    assert (f"the last complete checkpoint {out / last} is intact" if last else "starts again") in lines[0], lines[0]
+    # The save cut off is never taken as complete, and what it left is gone (its space is needed).
+    assert last_complete_checkpoint(out) == (str(out / last) if last else None)
+    assert not is_finished_run(out) and not hit[0].parent.exists()
+
+    monkeypatch.undo()  # space freed
+    command = _command(lines[0], "finish the run with: ")
+    assert command[:2] == ["python", script] and command[-2:] == ["--resume_from_checkpoint", "auto"]
+    assert run_script(script, command[2:]) == 0
+    assert is_finished_run(out) and _state(out)["global_step"] == _state(reference)["global_step"]
+    _assert_same_weights(out, reference)
+
+
+SFT_SAVES = ["--model_id", "{model}", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", *FAST]
+
+
+@pytest.fixture(scope="module")
+def sft_reference(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("disk") / "reference"
+    assert run_script("lora.py", [a.format(model=tiny_llama) for a in SFT_SAVES] + ["--output_dir", out]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name,folder,last", [
+    ("adapter_model.safetensors", "checkpoint-4", "checkpoint-2"),
+    ("optimizer.pt", "checkpoint-4", "checkpoint-2"),
+    ("scheduler.pt", "checkpoint-4", "checkpoint-2"),
+    ("rng_state.pth", "checkpoint-4", "checkpoint-2"),
+    ("trainer_state.json", "checkpoint-4", "checkpoint-2"),
+    ("run_config.json", "checkpoint-4", "checkpoint-2"),
+    ("optimizer.pt", "checkpoint-2", None),  # the first checkpoint
+    ("adapter_model.safetensors", ".final.tmp", "checkpoint-4"),  # the final save
+])
+def test_disk_full_at_any_trainer_save_is_one_line_and_the_command_finishes_the_run(
+        name, folder, last, sft_reference, tiny_llama, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    hit = _fill_disk_at(monkeypatch, name, folder)
+    assert run_script("lora.py", [a.format(model=tiny_llama) for a in SFT_SAVES] + ["--output_dir", out]) == 2
+    _assert_one_line_then_the_command_finishes("lora.py", out, sft_reference, last, hit, capsys.readouterr().err,
+                                               monkeypatch)
+
+
+PPO_SAVES = ["--model_id", "{model}", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", *PPO]
+
+
+@pytest.mark.parametrize("name,folder,last", [
+    ("value_head.safetensors", ".checkpoint-2.tmp", "checkpoint-1"),
+    ("optimizer.pt", ".checkpoint-2.tmp", "checkpoint-1"),
+    ("adapter_model.safetensors", ".final.tmp", "checkpoint-2"),
+])
+def test_disk_full_at_any_ppo_save_is_one_line_and_the_command_finishes_the_run(
+        name, folder, last, tiny_llama, tmp_path, monkeypatch, capsys):
+    argv = [a.format(model=tiny_llama) for a in PPO_SAVES]
+    reference, out = tmp_path / "reference", tmp_path / "full"
+    assert run_script("ppo.py", argv + ["--output_dir", reference]) == 0
+    hit = _fill_disk_at(monkeypatch, name, folder)
+    capsys.readouterr()
+    assert run_script("ppo.py", argv + ["--output_dir", out]) == 2
+    _assert_one_line_then_the_command_finishes("ppo.py", out, reference, last, hit, capsys.readouterr().err,
+                                               monkeypatch)
+
+
+def test_disk_full_is_recognised_from_each_writers_error_and_nothing_else(tmp_path, monkeypatch):
+    from common.recipe import outputs
+
+    out = str(tmp_path)
+    assert outputs.is_disk_full(_no_space("json", tmp_path / "x"), out)  # names a file on the output dir's device
+    assert outputs.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), out)
+    assert not outputs.is_disk_full(OSError(errno.EACCES, "Permission denied"), out)
+    # safetensors and torch.save name no file: the output dir's device must be full.
+    shm = RuntimeError("unable to write to file </torch_5_1234_0>: No space left on device (28)")  # /dev/shm full
+    for free, full in ((10 * 2**30, False), (4096, True)):
+        monkeypatch.setattr(outputs, "free_space", lambda path: free)
+        assert outputs.is_disk_full(_no_space("safetensors", tmp_path / "x"), out) == full
+        assert outputs.is_disk_full(_torch_write_error(), out) == full
+        assert outputs.is_disk_full(shm, out) == full
+        assert not outputs.is_disk_full(RuntimeError("CUDA out of memory"), out)

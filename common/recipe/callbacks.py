@@ -44,7 +44,13 @@ def run_config_callback(args: ParsedArgs, technique: str):
 
             extra = {"model": {"quantized": bool(model is not None and is_quantized(model))},
                      "checkpoint": {"step": state.global_step}}
-            write_json(folder / RUN_CONFIG, run_config(args, technique, extra))
+            try:
+                write_json(folder / RUN_CONFIG, run_config(args, technique, extra))
+            except Exception:
+                # Without it the checkpoint would resume but be evaluated with the wrong prompt format:
+                # it does not count as complete (trainer_state.json, written before, makes it so).
+                (folder / "trainer_state.json").unlink(missing_ok=True)
+                raise
 
     return RunConfigInCheckpoints()
 

@@ -280,15 +280,57 @@ def absolute_base_path(folder: Path) -> None:
         write_json(cfg_path, cfg)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+# What each writer raises when the device is full (seen on a full tmpfs): Python's own files an OSError
+# (ENOSPC, or EDQUOT over a quota); safetensors a SafetensorError "... No space left on device (os error
+# 28)"; torch.save's zip writer a RuntimeError ("unexpected pos ..." after "basic_ios::clear: iostream
+# error", or "file write failed") that does not say why. Where no file is named, the free space of the
+# output dir's device decides (a full /dev/shm says "No space left on device" too).
+_NO_SPACE = re.compile(r"no space left on device|disk quota exceeded|os error (28|122)\b|iostream error|"
+                       r"file write failed|unexpected pos", re.IGNORECASE)
+FULL_BELOW = 64 * 2**20  # bytes: a writer that failed on a full device leaves less than this free
+
+
+def is_disk_full(exc: BaseException, out: str = ".") -> bool:
+    """Whether `exc` (or an error it was raised from or while handling) says the device of `out` is full."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e.filename is None or _existing(e.filename).stat().st_dev == _existing(out).stat().st_dev
+    return any(_NO_SPACE.search(str(e)) for e in chain) and free_space(out) < FULL_BELOW
+
+
+def free_space(path: str) -> int:
+    """Bytes this user may still write on the device of `path`."""
+    try:
+        return shutil.disk_usage(_existing(path)).free
+    except OSError:
+        return 0
+
+
+def _existing(path) -> Path:
+    """`path`, or its nearest parent that exists."""
+    p = Path(os.fsdecode(path)).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def disk_full_error(out: str, resume: str) -> UsageError:
-    """One line for a save that ran out of space: what is intact and the command that finishes."""
-    shutil.rmtree(Path(out) / ".final.tmp", ignore_errors=True)  # a half-written final save frees its space
+    """One line for a save that ran out of space: what is intact and the command that finishes. What
+    the failed save left (a staged final output, PPO's staged checkpoint, a checkpoint-N cut off
+    mid-write) is removed: it can never be resumed from, and its space is needed to finish."""
     latest = last_complete_checkpoint(out)
+    if is_main_process():
+        folder = Path(out)
+        partial = [folder / ".final.tmp", *folder.glob(".checkpoint-*.tmp")]
+        newest = int(Path(latest).name.split("-", 1)[1]) if latest else -1
+        partial += [d for step, d in checkpoint_dirs(out) if step > newest]
+        for leftover in partial:
+            shutil.rmtree(leftover, ignore_errors=True)
     kept = (f"the last complete checkpoint {latest} is intact" if latest else
-            "no checkpoint was written (`--save_strategy no`), so the run starts again")
+            "no checkpoint was complete yet, so the run starts again from step 0")
     return UsageError(f"no space left on the device of {os.path.abspath(out)}; {kept}. Free space, then finish "
                       f"the run with: {resume}")

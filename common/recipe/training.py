@@ -3,6 +3,7 @@ Trainer-based run: the final outputs, the summary and the upload."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -39,15 +40,11 @@ def train_guarded(trainer, args: ParsedArgs, out: str,
     exact_resume(trainer, resume)
     one_tensorboard_run(trainer)
     readable_progress(trainer)  # one readable line per logging step instead of raw dicts
-    with Timer() as timer, save_on_interrupt(trainer, args):
+    with Timer() as timer, save_on_interrupt(trainer, args), disk_full_exits(args, out):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except NonFiniteLoss as exc:
             raise UsageError(str(exc)) from None
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full_error(out, resume_command(args)) from None
-            raise
     metrics = dict(result.metrics)
     whole_run_loss(trainer, metrics)
     return metrics, timer.elapsed
@@ -59,20 +56,30 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
     """The end of every Trainer-based run: metrics and trainer state, the final outputs written
     atomically with run_config.json (`extra` plus the summary), reporters closed, plots, summary."""
     info = {**summary(trainer, metrics, out, wall), **(more_summary or {})}
-    try:
+    with disk_full_exits(args, out):
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         save_final(trainer, tokenizer, out, run_config(args, technique, {**extra, "summary": info}),
                    drop_adapters=drop_adapters)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(out, resume_command(args)) from None
-        raise
     finish_reporting(report_to)
     write_plots(out)
     print_summary(info)
     push_when_asked(args, out)
     return info
+
+
+@contextlib.contextmanager
+def disk_full_exits(args: ParsedArgs, out: str):
+    """Any save inside (a checkpoint, by the Trainer or ppo.py, or the final outputs) that runs out of
+    space ends in one line naming the last complete checkpoint, with the command that finishes the run."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, out):
+            raise disk_full_error(out, resume_command(args)) from None
+        raise
 
 
 def push_when_asked(args: ParsedArgs, out: str) -> None:
