@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.flags.errors import UsageError
-from common.recipe.callbacks import SaveClock
+from common.recipe.callbacks import NonFiniteLoss, SaveClock, check_finite_weights
 from rlhf import ppo_core as core
 from rlhf.ppo_checkpoint import resume, save_checkpoint
 from rlhf.ppo_setup import PPORun
@@ -66,6 +66,10 @@ class PPOLoop:
         t0 = clock()
         stats = self.update(roll, scored)
         self.seconds["optimisation"] += clock() - t0
+        try:  # the statistics come from before the step's last update: they can be finite while the weights are not
+            check_finite_weights(self.run.wrapper, step, self.run.accelerator.device)
+        except NonFiniteLoss as exc:
+            raise UsageError(str(exc)) from None
         return self.statistics(step, roll, scored, stats)
 
     def next_batch(self) -> list[int]:

@@ -251,3 +251,83 @@ def test_disk_full_is_recognised_from_each_writers_error_and_nothing_else(tmp_pa
         assert outputs.is_disk_full(_torch_write_error(), out) == full
         assert outputs.is_disk_full(shm, out) == full
         assert not outputs.is_disk_full(RuntimeError("CUDA out of memory"), out)
+
+
+# Weights that are no longer finite --------------------------------------------------------------
+
+def _all_finite(folder: Path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _weights(folder).values())
+
+
+def _assert_nothing_non_finite_looks_finished(out: Path, err: str, script: str, step=None):
+    lines = _error_lines(err, script)
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "`--learning_rate`" in lines[0] and (step is None or f"at step {step}" in lines[0]), lines[0]
+    assert not is_finished_run(out)
+    for folder in out.glob("checkpoint-*"):  # what is left can be resumed from, and is finite
+        assert is_complete_checkpoint(folder) and _all_finite(folder), folder
+
+
+def _poison_in_step(monkeypatch, module, name: str, step: int) -> None:
+    """After the `step`-th call of module.name (a training step), one trainable weight is NaN, as
+    after an update that overflowed; the loss that step reports is still finite."""
+    original, seen = getattr(module, name), []
+
+    def poisoned(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == step:
+            model = args[0].model if hasattr(args[0], "model") else args[0]
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(module, name, poisoned)
+
+
+@pytest.mark.parametrize("cause", ["--learning_rate inf", "NaN after the update"])
+def test_weights_no_longer_finite_after_step_1_stop_the_run_before_any_save(cause, tiny_llama, tmp_path,
+                                                                            monkeypatch, capsys):
+    # Issue repro: `--learning_rate inf` exited 0 with an adapter of NaN; the loss guard sees it at step 2.
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    argv = ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "1", *FAST, "--warmup_ratio", "0",
+            "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "1"]
+    if cause == "--learning_rate inf":
+        argv += ["--learning_rate", "inf"]  # (refused before loading, if the flag checks come to refuse it)
+    else:
+        _poison_in_step(monkeypatch, Trainer, "training_step", 1)
+    assert run_script("lora.py", argv) == 2
+    _assert_nothing_non_finite_looks_finished(out, capsys.readouterr().err, "lora.py",
+                                              1 if cause != "--learning_rate inf" else None)
+    assert last_complete_checkpoint(out) is None
+
+
+def test_weights_no_longer_finite_between_loss_logs_are_never_checkpointed(tiny_llama, tmp_path, monkeypatch,
+                                                                           capsys):
+    # The weights turn NaN in step 3; the loss is logged only every 10 steps, so the loss guard never
+    # sees it: the checkpoint of step 4 (and the final save) must not be written from them.
+    from transformers import Trainer
+
+    _poison_in_step(monkeypatch, Trainer, "training_step", 3)
+    out = tmp_path / "run"
+    assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "4", *FAST,
+                                  "--logging_steps", "10", "--save_strategy", "steps", "--save_steps", "2"]) == 2
+    _assert_nothing_non_finite_looks_finished(out, capsys.readouterr().err, "lora.py", 4)
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_ppo_weights_no_longer_finite_stop_the_run_before_any_save(step, tiny_llama, tmp_path, monkeypatch,
+                                                                   capsys):
+    # One minibatch, one epoch: the step's statistics come from before its update and are finite.
+    from rlhf import ppo_loop
+
+    _poison_in_step(monkeypatch, ppo_loop, "ppo_epochs", step)
+    out = tmp_path / "run"
+    assert run_script("ppo.py", ["--model_id", tiny_llama, "--output_dir", out, "--max_steps", "2", *PPO,
+                                 "--num_mini_batches", "1", "--ppo_epochs", "1", "--save_strategy", "steps",
+                                 "--save_steps", "1"]) == 2
+    _assert_nothing_non_finite_looks_finished(out, capsys.readouterr().err, "ppo.py", step)
+    assert last_complete_checkpoint(out) == (str(out / "checkpoint-1") if step == 2 else None)

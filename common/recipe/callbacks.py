@@ -14,10 +14,16 @@ from common.recipe.run_config import run_config
 
 
 def nan_guard_callback():
-    """Stops the run when the loss turns NaN/inf instead of training on garbage."""
+    """Stops the run when the loss turns NaN/inf instead of training on garbage, and when the weights
+    do after step 1 (the loss logged for step 1 comes from before its update: the loss alone sees an
+    update that overflowed only at step 2)."""
     from transformers import TrainerCallback
 
     class NanGuard(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1 and model is not None:
+                check_finite_weights(model, state.global_step, args.device)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -100,6 +106,22 @@ def timed_save_callback(minutes):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def check_finite_weights(model, step: int, device=None) -> None:
+    """Raises NonFiniteLoss when a trainable weight holds NaN or inf on any process. Called before
+    every save (a checkpoint, the final outputs), so that nothing saved from such weights looks usable:
+    the loss guard sees them only at the next logged loss."""
+    import torch
+
+    from common.recipe.signals import on_any_process
+
+    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
+               None)
+    if on_any_process(bad is not None, device):
+        raise NonFiniteLoss(f"the trained weights became NaN or infinite at step {step}" + (f" ({bad})" if bad else "")
+                            + "; nothing was saved from them. Lower `--learning_rate`, keep `--max_grad_norm` on, "
+                              "or use `--use_bfloat16` instead of fp16.")
 
 
 def exact_match_callback(rows, fmt, tokenizer, batch_size: int):

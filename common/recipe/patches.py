@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from common.recipe.callbacks import check_finite_weights
 from common.recipe.dist import barrier
 from common.recipe.outputs import RESUME_STATE, rotate_checkpoints
 
@@ -62,7 +63,8 @@ def exact_resume(trainer, resume: Optional[str]) -> None:
     - the loss summed so far (and the part not yet logged) goes into each checkpoint, so the final
       `train_loss` and the next logged loss cover the whole run;
     - the process count is recorded, so a checkpoint missing one process's random state is seen;
-    - `--save_total_limit` counts complete checkpoints only, after every process has written."""
+    - `--save_total_limit` counts complete checkpoints only, after every process has written;
+    - no checkpoint is written from weights that are no longer finite (callbacks.check_finite_weights)."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
     from transformers.trainer_pt_utils import nested_gather
@@ -94,6 +96,7 @@ def exact_resume(trainer, resume: Optional[str]) -> None:
     save_checkpoint, run_epoch = trainer._save_checkpoint, trainer._run_epoch
 
     def _save_checkpoint(*a, **k):
+        check_finite_weights(trainer.model, trainer.state.global_step, trainer.args.device)
         # Every process takes part in the gather; the main process then writes it with the state.
         partial = nested_gather(trainer._tr_loss.detach().clone(), trainer.args.parallel_mode).mean().item()
         callback.saved = {"world_size": trainer.args.world_size, "loss_sum": trainer._total_loss_scalar,

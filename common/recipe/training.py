@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from common.flags.errors import UsageError
 from common.flags.parser import ParsedArgs
-from common.recipe.callbacks import NonFiniteLoss, run_config_callback, timed_save_callback
+from common.recipe.callbacks import NonFiniteLoss, check_finite_weights, run_config_callback, timed_save_callback
 from common.recipe.dist import is_main_process
 from common.recipe.outputs import (
     disk_full_error,
@@ -55,6 +55,10 @@ def finish_run(trainer, tokenizer, args: ParsedArgs, out: str, technique: str, m
                more_summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The end of every Trainer-based run: metrics and trainer state, the final outputs written
     atomically with run_config.json (`extra` plus the summary), reporters closed, plots, summary."""
+    try:
+        check_finite_weights(trainer.model, trainer.state.global_step, trainer.args.device)
+    except NonFiniteLoss as exc:
+        raise UsageError(str(exc)) from None
     info = {**summary(trainer, metrics, out, wall), **(more_summary or {})}
     with disk_full_exits(args, out):
         trainer.save_metrics("all", metrics)
