@@ -153,7 +153,7 @@ class PromptLearningArguments:
 @dataclass
 class TrainingArguments:
     output_dir: Optional[str] = flag(None, "Where the adapter, tokenizer, metrics and run_config.json are written.")
-    overwrite_output_dir: bool = flag(False, "Replace a finished run already in `--output_dir`.")
+    overwrite_output_dir: bool = flag(False, "Start over in an `--output_dir` that holds a run, finished or not.")
     resume_from_checkpoint: Optional[str] = flag(
         None, "`auto` (latest checkpoint in --output_dir), or a checkpoint dir."
     )
