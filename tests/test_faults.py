@@ -219,20 +219,24 @@ def test_disk_full_at_any_trainer_save_is_one_line_and_the_command_finishes_the_
 PPO_SAVES = ["--model_id", "{model}", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", *PPO]
 
 
+@pytest.fixture(scope="module")
+def ppo_reference(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("disk") / "ppo-reference"
+    assert run_script("ppo.py", [a.format(model=tiny_llama) for a in PPO_SAVES] + ["--output_dir", out]) == 0
+    return out
+
+
 @pytest.mark.parametrize("name,folder,last", [
     ("value_head.safetensors", ".checkpoint-2.tmp", "checkpoint-1"),
     ("optimizer.pt", ".checkpoint-2.tmp", "checkpoint-1"),
     ("adapter_model.safetensors", ".final.tmp", "checkpoint-2"),
 ])
 def test_disk_full_at_any_ppo_save_is_one_line_and_the_command_finishes_the_run(
-        name, folder, last, tiny_llama, tmp_path, monkeypatch, capsys):
-    argv = [a.format(model=tiny_llama) for a in PPO_SAVES]
-    reference, out = tmp_path / "reference", tmp_path / "full"
-    assert run_script("ppo.py", argv + ["--output_dir", reference]) == 0
+        name, folder, last, ppo_reference, tiny_llama, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
     hit = _fill_disk_at(monkeypatch, name, folder)
-    capsys.readouterr()
-    assert run_script("ppo.py", argv + ["--output_dir", out]) == 2
-    _assert_one_line_then_the_command_finishes("ppo.py", out, reference, last, hit, capsys.readouterr().err,
+    assert run_script("ppo.py", [a.format(model=tiny_llama) for a in PPO_SAVES] + ["--output_dir", out]) == 2
+    _assert_one_line_then_the_command_finishes("ppo.py", out, ppo_reference, last, hit, capsys.readouterr().err,
                                                monkeypatch)
 
 

@@ -1,5 +1,5 @@
-"""Trainer callbacks every run adds: the NaN guard, run_config.json in each checkpoint, exact match
-during training."""
+"""Trainer callbacks every run adds: the NaN guard (the loss, and the weights before any save, which
+ppo.py checks too), run_config.json in each checkpoint, exact match during training."""
 
 from __future__ import annotations
 
