@@ -161,6 +161,8 @@ class SFTSteps(Steps):
     def prepare(self, run: Run) -> None:
         from common.data import chat, prompts, templates
 
+        from common.data.lengths import fit_tokenized, fit_to_length
+
         args, data = run.args, run.data
         self.num_proc = prompts.auto_num_proc(args.dataset_num_proc, len(data.train))
         if self.own_format(run):
@@ -170,15 +172,18 @@ class SFTSteps(Steps):
             def to_sft(ds, n):
                 return prompts.chat_sft_rows(ds, run.fmt, run.tokenizer, args.completion_only_loss, n)
         else:
-            from common.data.lengths import fit_to_length
+            def to_sft(ds, n):
+                return prompts.to_sft_dataset(ds, run.fmt, n)
 
-            def to_sft(ds, n):  # rows that --max_seq_length leaves no answer token are dropped, with a count
-                rows = prompts.to_sft_dataset(ds, run.fmt, n)
-                flag = "dataset_split" if ds is data.train else "eval_split"
-                return fit_to_length(rows, run.tokenizer, args.max_seq_length, data.source, flag)
-        run.train_rows = to_sft(data.train, self.num_proc)
+        def fitted(ds, n, flag):  # rows --max_seq_length leaves nothing to train are dropped; both counted
+            rows = to_sft(ds, n)
+            if "labels" in rows.column_names:
+                return fit_tokenized(rows, args.max_seq_length, data.source, flag)
+            return fit_to_length(rows, run.tokenizer, args.max_seq_length, data.source, flag)
+
+        run.train_rows = fitted(data.train, self.num_proc, "dataset_split")
         if data.eval is not None and args.eval_strategy != "no":
-            run.eval_rows = to_sft(data.eval, args.dataset_num_proc)
+            run.eval_rows = fitted(data.eval, args.dataset_num_proc, "eval_split")
 
     def config(self, run: Run, kwargs: dict):
         from trl import SFTConfig

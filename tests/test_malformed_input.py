@@ -183,3 +183,33 @@ def test_non_finite_json_numbers_are_not_answers(value):
 
     with pytest.raises(UsageError, match="`answer`"):
         normalise_row({"question": "q?", "answer": value}, "qa", "rows.jsonl: row 0")
+
+
+@pytest.mark.parametrize("value", ["1e39", "-4e38"])
+def test_float_flags_beyond_float32_are_refused_naming_the_flag(value):
+    with pytest.raises(UsageError, match="`--learning_rate` is .* more than float32 holds"):
+        _sft_args(f"--learning_rate={value}")
+
+
+@pytest.mark.parametrize("data", ["conversation", "question-answer"])
+def test_long_chat_rows_are_counted_dropped_and_truncated_in_one_line_each(data, tiny_chat_llama, tmp_path, capsys):
+    """The same count for rows the chat template renders (tokenised and masked before TRL sees them)."""
+    long = " ".join(["word"] * 2_000)
+    if data == "conversation":
+        def row(q, a):
+            return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    else:
+        def row(q, a):
+            return {"question": q, "answer": a}
+    rows = [row(f"Question number {i}?", f"answer {i}") for i in range(6)] + [row(long, "short"), row("Short?", long)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_script("lora.py", ["--model_id", tiny_chat_llama, "--dataset_name", path, "--output_dir",
+                                  tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                                  "--report_to", "none", "--save_strategy", "no", "--lora_r", "2",
+                                  "--max_seq_length", "64"]) == 0
+    err = capsys.readouterr().err
+    dropped = [line for line in err.splitlines() if "dropped" in line and "--max_seq_length 64" in line]
+    truncated = [line for line in err.splitlines() if "truncated" in line and "--max_seq_length 64" in line]
+    assert len(dropped) == 1 and "1 of 8 rows dropped" in dropped[0], err
+    assert len(truncated) == 1 and "1 of 7 rows truncated" in truncated[0], err

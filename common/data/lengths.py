@@ -54,3 +54,28 @@ def fit_to_length(rows, tokenizer, max_length: int, source: str, flag: str = "da
         log.warning("%s: %d of %d rows truncated to `--max_seq_length %d`: the end of their answer is cut off and "
                     "never trained on.", source, truncated, len(rows), max_length)
     return rows
+
+
+def fit_tokenized(rows, max_length: int, source: str, flag: str = "dataset_split"):
+    """fit_to_length for rows already tokenised and masked (conversations, questions under a chat
+    template: `input_ids` and `labels`): a row is dropped when no trained token lies within the first
+    `max_length` tokens, and truncated when some lie beyond them. -> the rows kept."""
+    keep, truncated = [], 0
+    for i, labels in enumerate(rows["labels"]):
+        trained = [k for k, t in enumerate(labels) if t != -100]
+        if not trained or trained[0] >= max_length:
+            continue
+        keep.append(i)
+        truncated += trained[-1] >= max_length
+    if not keep:
+        raise UsageError(f"`--max_seq_length {max_length}`: all {len(rows)} rows of `--{flag}` ({source}) would be "
+                         f"dropped: none has a trained token within the first {max_length} tokens; raise "
+                         f"`--max_seq_length`.")
+    if len(keep) < len(rows):
+        log.warning("%s: %d of %d rows dropped: no trained token lies within their first `--max_seq_length %d` "
+                    "tokens.", source, len(rows) - len(keep), len(rows), max_length)
+        rows = rows.select(keep)
+    if truncated:
+        log.warning("%s: %d of %d rows truncated to `--max_seq_length %d`: the end of what they train is cut off "
+                    "and never trained on.", source, truncated, len(rows), max_length)
+    return rows

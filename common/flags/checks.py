@@ -38,7 +38,11 @@ def check_finite(args: ParsedArgs) -> None:
     for name, value in args.to_dict().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"`--{name}` is {value}; give a finite number.")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the optimizer's float32 state overflows
+            raise UsageError(f"`--{name}` is {value}, more than float32 holds; give a smaller number.")
 
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 # What torch.manual_seed and numpy.random.seed both accept.
 SEED_RANGE = (0, 2 ** 32 - 1)
