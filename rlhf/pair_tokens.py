@@ -65,7 +65,7 @@ def aligned(trainer_cls):
     return SFTAlignedTokens
 
 
-def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
+def sft_ids(tokenizer, prompt, answer, finished: bool = True, eot=None) -> list[int]:
     """The token ids SFT trains on for prompt + answer (the reward model's training format, and what
     it scores in PPO and GRPO):
       - text: prompt + answer + EOS text, tokenised with the tokenizer's own special tokens;
@@ -73,11 +73,11 @@ def sft_ids(tokenizer, prompt, answer, finished: bool = True) -> list[int]:
         common.data.masking trains it (the chat template's rendering, or the plain rendering without
         one, through the reply's end-of-turn token; the prompt as inference renders it).
     `finished=False` (a reply cut off before its end) stops right after the reply's text: no EOS or
-    end of turn."""
+    end of turn. `eot`: common.data.masking.end_of_turn(tokenizer), for callers that score many."""
     if isinstance(prompt, str):
         end = tokenizer.eos_token if finished and not answer.endswith(tokenizer.eos_token) else ""
         return tokenizer(prompt + answer + end)["input_ids"]
     from common.data.masking import conversation_rows
 
     reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
-    return conversation_rows(tokenizer, list(prompt) + reply, "last", finished)[0]["input_ids"]
+    return conversation_rows(tokenizer, list(prompt) + reply, "last", finished, eot)[0]["input_ids"]

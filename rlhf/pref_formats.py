@@ -139,6 +139,7 @@ def as_trained(ds, tokenizer, system_mode: str = "keep"):
     if len(ds) == 0 or not _is_conversational(ds[0]["prompt"]):
         return ds
     answers = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
+    eot = masking.end_of_turn(tokenizer)
 
     def convert(batch, indices):
         out = {k: list(v) for k, v in batch.items()}
@@ -151,7 +152,7 @@ def as_trained(ds, tokenizer, system_mode: str = "keep"):
                     raise UsageError(f"row {indices[i]}: `{col}` holds {len(reply)} messages "
                                      f"({', '.join(m['role'] for m in reply)}); a pair compares one assistant reply: "
                                      f"put the earlier turns in `prompt`.")
-                head, answer = masking.prompt_and_completion(tokenizer, prompt + list(batch[col][i]))
+                head, answer = masking.prompt_and_completion(tokenizer, prompt + list(batch[col][i]), eot=eot)
                 out[col][i] = [{"role": "assistant", "content": answer}]
             out["prompt"][i] = [{"role": "user", "content": head}]
         return out

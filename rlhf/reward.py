@@ -43,12 +43,15 @@ def _tokenize(ds, tokenizer, system_mode: str = "keep"):
     """Pairs -> the ids SFT trains on for prompt + chosen and prompt + rejected (rlhf.pair_tokens.sft_ids),
     which RewardTrainer takes as they are; ppo.py and grpo.py score with the same ids. `--system_message`
     applies to message-list prompts."""
+    from common.data.masking import end_of_turn
     from common.data.templates import with_system_mode
     from rlhf.pair_tokens import sft_ids
 
+    eot = end_of_turn(tokenizer)
+
     def tokenize(batch):
         prompts = [p if isinstance(p, str) else with_system_mode(list(p), system_mode) for p in batch["prompt"]]
-        return {f"{side}_ids": [sft_ids(tokenizer, p, a) for p, a in zip(prompts, batch[side])]
+        return {f"{side}_ids": [sft_ids(tokenizer, p, a, eot=eot) for p, a in zip(prompts, batch[side])]
                 for side in ("chosen", "rejected")}
 
     return ds.map(tokenize, batched=True, desc="Tokenizing pairs")  # (RewardTrainer reads only the ids)

@@ -135,9 +135,11 @@ class RewardModelScorer:
         A prompt is text, or a conversation (a message list): reward_model.py rendered those with
         its own tokenizer's template (the plain `User: ... Assistant:` rendering where that has
         none), so they are rendered so here, not with the policy's template."""
+        from common.data.masking import end_of_turn
         from rlhf.pair_tokens import sft_ids
 
-        return self.score_ids([sft_ids(self.tokenizer, p if isinstance(p, str) else list(p), a, done)
+        eot = end_of_turn(self.tokenizer)
+        return self.score_ids([sft_ids(self.tokenizer, p if isinstance(p, str) else list(p), a, done, eot)
                                for p, a, done in zip(prompts, answers, finished)])
 
     def __call__(self, texts: Sequence[str]) -> list:

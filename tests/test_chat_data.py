@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from common.data.chat import load_sft_data, tokenize_conversation
+from common.data.chat import load_sft_data
+from common.data.masking import conversation_rows
 from common.data.templates import render
 from tests.chat_oracle import oracle_rows, trained_text
 from tests.helpers import run_script, write_jsonl
@@ -39,7 +40,7 @@ def test_plain_rendering_without_chat_template(base_tokenizer):
     text = render(base_tokenizer, CONVERSATION)
     assert text == ("You are a quiz assistant.\n\nUser: What is the capital of France?\n\nAssistant: Paris.</s>\n\n"
                     "User: And of Italy?\n\nAssistant: Rome, since 1871.</s>\n\n")
-    [got] = tokenize_conversation(base_tokenizer, CONVERSATION)
+    [got] = conversation_rows(base_tokenizer, CONVERSATION)
     expected = oracle_rows(base_tokenizer, CONVERSATION, base_tokenizer.eos_token_id, render=render)
     assert [(got["input_ids"], got["labels"])] == expected
     assert trained_text(base_tokenizer, got["labels"]) == " Paris.</s> Rome, since 1871.</s>"

@@ -4,7 +4,7 @@ prompt of question-answer data against evaluate.py's prompt, byte for byte."""
 
 import pytest
 
-from common.data.chat import tokenize_conversation
+from common.data.masking import conversation_rows
 from common.data.templates import with_system_mode
 from tests.chat_oracle import FAMILIES, HERE, end_of_turn_id, family_tokenizer, oracle_rows, trained_text
 from tests.helpers import run_script, write_jsonl
@@ -35,7 +35,7 @@ def _mode(family, messages):
 def test_conversation_mask_equals_token_oracle(family, kind, turns, base_tokenizer):
     tok = family_tokenizer(family, base_tokenizer)
     messages = with_system_mode(CONVERSATIONS[kind], _mode(family, CONVERSATIONS[kind]))
-    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, messages, turns)]
+    got = [(r["input_ids"], r["labels"]) for r in conversation_rows(tok, messages, turns)]
     assert got == oracle_rows(tok, messages, end_of_turn_id(family, tok), turns)
 
 
@@ -51,7 +51,7 @@ def test_conversation_mask_equals_token_oracle(family, kind, turns, base_tokeniz
 ])
 def test_trained_text_by_hand(family, kind, expected, base_tokenizer):
     tok = family_tokenizer(family, base_tokenizer)
-    rows = tokenize_conversation(tok, CONVERSATIONS[kind])
+    rows = conversation_rows(tok, CONVERSATIONS[kind])
     assert [trained_text(tok, r["labels"]) for r in rows] == expected
     if family == "phi3_5":  # not even as input: nothing after the last trained token is kept
         assert all(tok.eos_token_id not in r["input_ids"] for r in rows)
@@ -59,7 +59,7 @@ def test_trained_text_by_hand(family, kind, expected, base_tokenizer):
 
 def test_mistral_system_prompt_rows_carry_the_system_prompt_where_inference_does(base_tokenizer):
     tok = family_tokenizer("mistral_v0_3", base_tokenizer)
-    rows = tokenize_conversation(tok, CONVERSATIONS["system-multi"])
+    rows = conversation_rows(tok, CONVERSATIONS["system-multi"])
     texts = [tok.decode(r["input_ids"]) for r in rows]
     assert texts == ["<s>[INST] You are a quiz assistant.\n\nWhat is the capital of France?[/INST] Paris.</s>",
                      "<s>[INST] What is the capital of France?[/INST] Paris.</s>[INST] You are a quiz assistant."
@@ -206,7 +206,7 @@ def test_tool_calls_are_trained_and_tool_results_never_as_the_token_oracle_says(
     tok = family_tokenizer(family, base_tokenizer)
     schemas = TOOLS if with_tools else None
     messages = _calling()
-    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, messages, tools=schemas)]
+    got = [(r["input_ids"], r["labels"]) for r in conversation_rows(tok, messages, tools=schemas)]
     assert got == oracle_rows(tok, messages, end_of_turn_id(family, tok), tools=schemas)
     trained = "".join(trained_text(tok, labels) for _, labels in got)
     assert "get_weather" in trained and "Rome" in trained and "21 °C" in trained
@@ -219,7 +219,7 @@ def test_templates_without_tool_calls_refuse_function_calling_rows_in_one_line(f
 
     tok = family_tokenizer(family, base_tokenizer)
     with pytest.raises(UsageError, match="does not write an assistant's `tool_calls`"):
-        tokenize_conversation(tok, _calling())
+        conversation_rows(tok, _calling())
 
 
 def test_function_calling_file_trains_on_oracle_labels(family_models, tmp_path):
@@ -296,7 +296,7 @@ def test_end_of_turn_that_is_not_a_special_token_is_trained(base_tokenizer):
     tok = copy.deepcopy(base_tokenizer)
     tok.add_tokens([AddedToken("<|im_start|>", special=False), AddedToken("<|im_end|>", special=False)])
     tok.chat_template = (HERE / "chatml.jinja").read_text(encoding="utf-8")
-    rows = tokenize_conversation(tok, TURNS)
+    rows = conversation_rows(tok, TURNS)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert [(r["input_ids"], r["labels"]) for r in rows] == oracle_rows(tok, TURNS, end)
     assert trained_text(tok, rows[0]["labels"]) == "Paris.<|im_end|>Rome, depuis 1871 — «Roma» 🇮🇹.<|im_end|>"
@@ -307,7 +307,7 @@ def test_qwen3_reasoning_replies_train_their_think_block(turns, base_tokenizer):
     tok = family_tokenizer("qwen3", base_tokenizer)
     messages = [TURNS[0], {"role": "assistant", "content": "<think>\nFrance's capital.\n</think>\n\nParis."},
                 TURNS[2], {"role": "assistant", "content": "<think>\nItaly: Rome.\n</think>\n\nRome."}]
-    rows = tokenize_conversation(tok, messages, turns)
+    rows = conversation_rows(tok, messages, turns)
     assert [(r["input_ids"], r["labels"]) for r in rows] == oracle_rows(tok, messages, end_of_turn_id("qwen3", tok),
                                                                           turns)
     # Qwen3 drops the reasoning of turns before the last question, as it does at inference.
@@ -317,7 +317,7 @@ def test_qwen3_reasoning_replies_train_their_think_block(turns, base_tokenizer):
 def test_tool_call_turn_ends_at_its_end_of_turn_when_tool_call_markers_are_special(base_tokenizer):
     tok = family_tokenizer("qwen2_5", base_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
-    got = [(r["input_ids"], r["labels"]) for r in tokenize_conversation(tok, _calling())]
+    got = [(r["input_ids"], r["labels"]) for r in conversation_rows(tok, _calling())]
     assert got == oracle_rows(tok, _calling(), end_of_turn_id("qwen2_5", tok))
     assert "</tool_call><|im_end|>" in trained_text(tok, got[0][1])
 

@@ -89,7 +89,7 @@ def test_every_shape_trains_every_preference_script(kind, shape, tiny_chat_llama
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
 def test_dpo_token_ids_equal_sft_conversation_ids(chat, tiny_llama, tiny_chat_llama, tmp_path):
     """DPO on message pairs sees the token ids SFT sees for the same conversation."""
-    from common.data.chat import tokenize_conversation
+    from common.data.masking import conversation_rows
     from rlhf.run import train
 
     result = train("dpo", ["--model_id", tiny_chat_llama if chat else tiny_llama, "--dataset_name",
@@ -97,7 +97,7 @@ def test_dpo_token_ids_equal_sft_conversation_ids(chat, tiny_llama, tiny_chat_ll
     tok = result.trainer.processing_class
     for raw, row in zip(_rows("pref_explicit"), result.trainer.train_dataset):
         for side in ("chosen", "rejected"):
-            [sft] = tokenize_conversation(tok, raw["prompt"] + raw[side])
+            [sft] = conversation_rows(tok, raw["prompt"] + raw[side])
             dpo = row["prompt_ids"] + row[f"{side}_ids"]
             n, start = len(sft["input_ids"]), len(row["prompt_ids"])
             assert dpo[:n] == sft["input_ids"] and all(label == -100 for label in sft["labels"][:start])

@@ -248,12 +248,6 @@ def load_sft_data(args, need_eval: bool):
 
 # Tokenizing ----------------------------------------------------------------------------------
 
-def tokenize_conversation(tokenizer, messages: list[dict], turns: str = "all", tools=None) -> list[dict]:
-    """-> [{input_ids, labels}]: labels are -100 except on the assistant's tokens; one row, or one
-    per assistant turn where the template needs it (common.data.masking)."""
-    return masking.conversation_rows(tokenizer, messages, turns, tools=tools)
-
-
 def tokenize_text(tokenizer, text: str) -> dict:
     """Language modelling: the tokenizer's own special tokens plus EOS, every token trained."""
     ids = tokenizer(text)["input_ids"]

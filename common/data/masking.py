@@ -147,11 +147,12 @@ def conversation_rows(tokenizer, messages: list[dict], turns: str = "all", finis
     return rows
 
 
-def prompt_and_completion(tokenizer, messages: list[dict], finished: bool = True, tools=None) -> tuple[str, str]:
+def prompt_and_completion(tokenizer, messages: list[dict], finished: bool = True, eot: Optional[str] = None,
+                          tools=None) -> tuple[str, str]:
     """A conversation ending with an assistant turn -> (the text inference gives the model before that
     turn, the text it is trained to write: the turn through its end-of-turn token), as
     conversation_rows trains it. The preference scripts train on these (rlhf.pref_formats)."""
-    [(text, spans)] = _trained_spans(tokenizer, messages, _turns(messages, "last"), finished, None, tools)
+    [(text, spans)] = _trained_spans(tokenizer, messages, _turns(messages, "last"), finished, eot, tools)
     start, end = spans[-1]
     return text[:start], text[start:end]
 
