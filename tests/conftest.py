@@ -134,3 +134,13 @@ def plain_runs(tiny_llama, tmp_path_factory):
         runs[script] = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, env=env,
                                       capture_output=True, text=True, timeout=600)
     return tmp, runs
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory):
+    """Every generated file would otherwise leave an entry in the user's datasets cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
+        yield

@@ -11,6 +11,23 @@ def run_script(script: str, argv: list[str]) -> int:
     return module.main([str(a) for a in argv])
 
 
+def read_terminal(master: int) -> str:
+    """Everything written to a pseudo-terminal until the run closes it; closes our end."""
+    import os
+
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the run closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def losses(output_dir) -> list[float]:
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]

@@ -138,15 +138,6 @@ def test_template_fields_other_than_question_are_refused(field):
         _sft_args("--prompt_template", f"Q: {{question}} {{{field}}}")
 
 
-@pytest.fixture(scope="module")
-def datasets_cache(tmp_path_factory):
-    import datasets
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
-        yield
-
-
 @pytest.mark.usefixtures("datasets_cache")
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(good=st.integers(0, 4), junk=st.binary(min_size=1, max_size=8).filter(lambda b: not _is_utf8(b) and b"\n" not in b),

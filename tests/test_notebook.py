@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import read_terminal
 
 TINY_RUN = ["--dataset_name", "triviaqa-sample", "--report_to", "none", "--lora_r", "4"]
 
@@ -29,17 +30,8 @@ def _under_a_pty(argv: list, env: dict) -> tuple[int, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=slave, stderr=slave)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the run closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    return proc.wait(timeout=600), b"".join(chunks).decode("utf-8", "replace")
+    text = read_terminal(master)
+    return proc.wait(timeout=600), text
 
 
 def _kernel_env(**extra) -> dict:
@@ -94,7 +86,7 @@ def test_use_bfloat16_help_says_what_it_does_on_the_cpu_as_the_docs_do(capsys):
     entry = help_text.split("--use_bfloat16", 1)[1][:400]
     assert "autocast" in entry and threshold in entry and "float32 elsewhere" in entry, entry
     docs = " ".join((ROOT / "docs" / "every-script.md").read_text().split())
-    assert f"bf16 autocast (weights stay fp32) where the CPU has bf16 instructions" in docs
+    assert "bf16 autocast (weights stay fp32) where the CPU has bf16 instructions" in docs
     assert f"at least {threshold}" in docs
 
 
@@ -129,7 +121,6 @@ def test_save_minutes_writes_checkpoints_by_time_without_a_step_schedule(tiny_ll
 
 
 def _notebook(*sources: str):
-    import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
     return new_notebook(cells=[new_code_cell(s) for s in sources],

@@ -89,6 +89,7 @@ def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
     import termios
 
     from tests.conftest import ROOT
+    from tests.helpers import read_terminal
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
@@ -100,18 +101,8 @@ def test_a_run_in_a_terminal_keeps_every_bar(tiny_llama, tmp_path):
                              "none", "--output_dir", str(tmp_path / "run")], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the run closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
+    text = read_terminal(master)
     assert proc.wait(timeout=600) == 0
-    text = b"".join(chunks).decode("utf-8", "replace")
     assert "Loading weights" in text and "examples/s]" in text
     assert "\x1b[A" in text  # the evaluation bar, drawn under the training bar
 

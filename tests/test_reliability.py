@@ -485,16 +485,6 @@ def _expected(row: dict):
     return {"question": question, "answer": value, "aliases": out}
 
 
-@pytest.fixture(scope="module")
-def datasets_cache(tmp_path_factory):
-    """Every generated file would otherwise leave an entry in the user's datasets cache."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
-        yield
-
-
 @pytest.mark.usefixtures("datasets_cache")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=jsonl_lines(), suffix=st.sampled_from([".jsonl", ".json"]))
