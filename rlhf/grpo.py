@@ -143,7 +143,10 @@ class GRPOSteps(Steps):
 
         disable_dropout(run.model)
         sample_from_the_policy_only(run.model)
-        self.reward_funcs = reward_functions(run.args, run.tokenizer, run.model)
+        from common.recipe.dist import loaded_whole
+
+        with loaded_whole(getattr(run.config, "deepspeed_plugin", None)):  # a --reward_model, under ZeRO-3
+            self.reward_funcs = reward_functions(run.args, run.tokenizer, run.model)
 
     def trainer(self, run: Run, callbacks: list):
         return sft_prompt_tokens()(model=run.model, reward_funcs=self.reward_funcs, args=run.config,

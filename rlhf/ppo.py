@@ -38,7 +38,8 @@ log = logging.getLogger("finetune")
 ARG_GROUPS = [ModelArguments, QuantizationArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments]
 # Shared flags that have no meaning for PPO rollouts.
 UNUSED_FLAGS = ("completion_only_loss", "packing", "padding_free", "eval_strategy", "eval_steps",
-                "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length")
+                "eval_em_samples", "train_sampling_strategy", "neftune_noise_alpha", "use_liger_kernel", "max_seq_length",
+                "lm_head_impl")
 
 
 def make_parser() -> FlagParser:

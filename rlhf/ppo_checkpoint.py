@@ -36,17 +36,25 @@ def _write_policy(unwrapped, tokenizer, folder: Path, history: list, extra_state
 
 def save_final(unwrapped, tokenizer, target: Path, accelerator, history: list, config: dict) -> None:
     """The final outputs, staged, then moved into place with adapter_config.json and run_config.json last."""
+    from common.recipe.dist import gathered
+
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        staging = target / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        _write_policy(unwrapped, tokenizer, staging, history)
-        outputs.write_json(staging / outputs.RUN_CONFIG, config)
-        outputs.move_into_place(staging, target)
-        for stale in target.glob(".checkpoint-*.tmp"):  # left by a run killed while saving a checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
+    with gathered(_saved_params(unwrapped)):  # every process takes part where ZeRO-3 splits them
+        if accelerator.is_main_process:
+            staging = target / ".final.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            _write_policy(unwrapped, tokenizer, staging, history)
+            outputs.write_json(staging / outputs.RUN_CONFIG, config)
+            outputs.move_into_place(staging, target)
+            for stale in target.glob(".checkpoint-*.tmp"):  # left by a run killed while saving a checkpoint
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _saved_params(unwrapped) -> list:
+    """The weights a checkpoint holds: the trained adapter and the value head."""
+    return [p for p in unwrapped.parameters() if p.requires_grad]
 
 
 def _rng_file(folder: Path, rank: int) -> Path:
@@ -55,12 +63,16 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 def save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: list, optimizer, scheduler,
                     loop_state: dict, generator, order: list, keep: Optional[int],
-                    config: Optional[dict] = None) -> None:
+                    config: Optional[dict] = None, engine=None) -> None:
     """Everything the loop needs to go on: written into a hidden folder (every process adds its
-    random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one."""
+    random state), then renamed to checkpoint-N in one step, so a kill never leaves half of one.
+    Under DeepSpeed (`engine`), the optimizer state is split across the processes: each writes its
+    part through DeepSpeed's own checkpoint (in `deepspeed/`), and a resume needs as many processes."""
     import torch
 
     from safetensors.torch import save_file
+
+    from common.recipe.dist import gathered
 
     staging = folder.parent / f".{folder.name}.tmp"
     accelerator.wait_for_everyone()
@@ -73,12 +85,17 @@ def save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: li
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state().cpu()
     save_file(rng, str(_rng_file(staging, accelerator.process_index)))
-    if accelerator.is_main_process:
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        if config is not None:  # the run's prompt format travels with the checkpoint
-            outputs.write_json(staging / outputs.RUN_CONFIG, config)
-        _write_policy(unwrapped, tokenizer, staging, history, loop_state)
+    if engine is not None:
+        engine.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                               exclude_frozen_parameters=True)
+    with gathered(_saved_params(unwrapped)):
+        if accelerator.is_main_process:
+            if engine is None:
+                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            if config is not None:  # the run's prompt format travels with the checkpoint
+                outputs.write_json(staging / outputs.RUN_CONFIG, config)
+            _write_policy(unwrapped, tokenizer, staging, history, loop_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
@@ -87,36 +104,69 @@ def save_checkpoint(unwrapped, tokenizer, folder: Path, accelerator, history: li
     accelerator.wait_for_everyone()
 
 
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
 def check_checkpoint(folder: Path) -> None:
     """Before any model loads: the checkpoint must be one that ppo.py wrote."""
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    missing = [n for n in ("value_head.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.safetensors")
+    missing = [n for n in ("value_head.safetensors", "scheduler.pt", "rng_state_0.safetensors")
                if not (folder / n).is_file()]
+    if not (folder / "optimizer.pt").is_file() and not (folder / DEEPSPEED_DIR).is_dir():
+        missing.append("optimizer.pt")
     if "ppo" not in state or missing:
         raise UsageError(f"`--resume_from_checkpoint` {folder}: not a ppo.py checkpoint (no PPO loop state"
                          f"{', no ' + ', '.join(missing) if missing else ''}); resume from a checkpoint-N that "
                          f"ppo.py wrote, or start from an adapter with `--model_id`.")
 
 
-def _load_weights(folder: Path, unwrapped, optimizer) -> None:
+def _load_weights(folder: Path, unwrapped, optimizer, engine=None) -> None:
     """Adapter, value head and optimizer state; a checkpoint of another shape stops the run with exit 2."""
     import torch
 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from common.recipe.dist import gathered
+
+    sharded = (folder / DEEPSPEED_DIR).is_dir()
+    if sharded != (engine is not None):
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: written {'under' if sharded else 'without'} "
+                         f"DeepSpeed, and this run is {'not ' if sharded else ''}under DeepSpeed; resume with the "
+                         f"launch configuration the run started with.")
     weights = load_file(str(folder / "adapter_model.safetensors"))
     try:
-        result = set_peft_model_state_dict(unwrapped.policy, weights, adapter_name="default")
-        unwrapped.value_head.load_state_dict({k: v.to(unwrapped.value_head.weight.dtype) for k, v in
-                                              load_file(str(folder / "value_head.safetensors")).items()})
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        with gathered(_saved_params(unwrapped), modify=True):
+            result = set_peft_model_state_dict(unwrapped.policy, weights, adapter_name="default")
+            unwrapped.value_head.load_state_dict({k: v.to(unwrapped.value_head.weight.dtype) for k, v in
+                                                  load_file(str(folder / "value_head.safetensors")).items()})
+        if engine is None:
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run "
                          f"({str(exc).splitlines()[0][:200]}); resume with the flags the run started with.") from None
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run (unexpected "
                          f"weights such as {result.unexpected_keys[0]}); resume with the flags the run started with.")
+    if engine is not None:
+        _load_deepspeed_state(folder, engine)
+
+
+def _load_deepspeed_state(folder: Path, engine) -> None:
+    """The optimizer state each process wrote of its own part (DeepSpeed reads its own files)."""
+    from common.recipe.dist import world_size
+
+    parts = len(list((folder / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt")))
+    if parts != world_size():
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: written by {parts} DeepSpeed process(es), this run "
+                         f"has {world_size()}; resume with `--num_processes {parts}`.")
+    try:
+        engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: its DeepSpeed state does not fit this run "
+                         f"({str(exc).splitlines()[0][:200]}); resume with the flags and launch configuration "
+                         f"the run started with.") from None
 
 
 def _load_random_state(folder: Path, loop: dict, generator, accelerator, num_prompts: int) -> list:
@@ -144,14 +194,14 @@ def _load_random_state(folder: Path, loop: dict, generator, accelerator, num_pro
 
 
 def resume(folder: Path, unwrapped, optimizer, scheduler, kl_ctl, generator, accelerator,
-           num_prompts: int) -> tuple[list, list, dict]:
+           num_prompts: int, engine=None) -> tuple[list, list, dict]:
     """Loads a checkpoint-N of ours; returns (history, prompt order, loop state). Only tensors are
     read: safetensors, and torch files with `weights_only=True`, which unpickles nothing else."""
     import torch
 
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     loop = state["ppo"]
-    _load_weights(folder, unwrapped, optimizer)
+    _load_weights(folder, unwrapped, optimizer, engine)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     kl_ctl.value = loop["kl_coef"]
     order = _load_random_state(folder, loop, generator, accelerator, num_prompts)

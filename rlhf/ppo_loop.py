@@ -47,7 +47,8 @@ class PPOLoop:
                  "num_processes": accelerator.num_processes}
         if run.resume:
             self.history, self.order, state = resume(Path(run.resume), run.unwrapped, run.optimizer, run.scheduler,
-                                                     self.kl_ctl, self.generator, accelerator, len(run.prompts.ids))
+                                                     self.kl_ctl, self.generator, accelerator, len(run.prompts.ids),
+                                                     engine=deepspeed_engine(run))
         self.cursor, self.seconds = state["cursor"], state["seconds"]
         self.start = time.perf_counter() - state["runtime_s"]
         self.save_clock = SaveClock(args.save_minutes)
@@ -158,9 +159,17 @@ class PPOLoop:
                                                                    "quantized": run.policy.quantized},
                                                          "checkpoint": {"step": step}})
         save_checkpoint(run.unwrapped, run.tokenizer, folder, run.accelerator, self.history, run.optimizer,
-                        run.scheduler, state, self.generator, self.order, run.args.save_total_limit, config=config)
+                        run.scheduler, state, self.generator, self.order, run.args.save_total_limit, config=config,
+                        engine=deepspeed_engine(run))
         self.save_clock.saved()
         return folder
+
+
+def deepspeed_engine(run: PPORun):
+    """The DeepSpeed engine that `accelerator.prepare` made of the policy, or None without DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    return run.wrapper if run.accelerator.distributed_type == DistributedType.DEEPSPEED else None
 
 
 def train_loop(loop: PPOLoop) -> None:

@@ -153,12 +153,49 @@ def _accelerator(args, out: str) -> tuple:
     precision = select_precision(args)
     trackers = [r for r in reporters(args.report_to) if r != "none"]
     report_to = reporting.setup_reporting(args, out)
+    plugin = deepspeed_plugin(args, precision.mode)
+    cpu = not cuda_available() and not mps_available()
+    if plugin is not None and cpu:
+        from accelerate import PartialState
+
+        # Several CPU processes form one gloo group, as the Trainer forms it, and DeepSpeed runs on
+        # it; `cpu=True` below would make accelerate ignore DeepSpeed and run plain data parallel.
+        PartialState(cpu=True)
     accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
-                              cpu=not cuda_available() and not mps_available(),  # several CPU processes form one gloo group
+                              cpu=cpu and plugin is None,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=trackers or None, project_dir=out)
+                              deepspeed_plugin=plugin, log_with=trackers or None, project_dir=out)
     set_seed(args.seed + accelerator.process_index)
     return precision, trackers, report_to, accelerator
+
+
+def deepspeed_plugin(args, precision_mode: str):
+    """Under `accelerate launch` with a DeepSpeed config: the plugin with the config's `auto` values
+    resolved from the flags, as the Trainer resolves them for the other scripts (micro-batch,
+    accumulation, clipping, precision). PPO prepares no data loader, from which accelerate would
+    read the batch size. None without DeepSpeed. Built before the model loads, so that ZeRO-3
+    partitions the weights as they load."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true"):
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    # accelerate reads these two from the launcher's environment as integers and floats
+    os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(args.gradient_accumulation_steps)
+    os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(float(args.max_grad_norm))
+    plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                  gradient_clipping=float(args.max_grad_norm))
+    # DeepSpeed derives it (micro-batch x accumulation x processes), also where ZeRO-3 reads the
+    # config at load time, before DeepSpeed counts the processes.
+    config.pop("train_batch_size", None)
+    for key in ("bf16", "fp16"):
+        if config.get(key, {}).get("enabled") == "auto":
+            config[key]["enabled"] = precision_mode == key
+    return plugin
 
 
 def _policy(args, source, precision) -> Policy:
@@ -193,8 +230,11 @@ def _reward(args, tokenizer, accelerator) -> Reward:
     from rlhf.rewards import RewardModelScorer, get_reward_function
 
     if args.reward_model:
-        return Reward(name=f"reward model {args.reward_model}",
-                      scorer=RewardModelScorer(args.reward_model, tokenizer, args, accelerator.device))
+        from common.recipe.dist import loaded_whole
+
+        with loaded_whole(accelerator.state.deepspeed_plugin):
+            scorer = RewardModelScorer(args.reward_model, tokenizer, args, accelerator.device)
+        return Reward(name=f"reward model {args.reward_model}", scorer=scorer)
     return Reward(name=args.reward_function, function=get_reward_function(args.reward_function))
 
 

@@ -104,6 +104,11 @@ class LoraArguments:
     share_lora_dropout: bool = flag(
         True, "Adapters that read the same input (q/k/v, gate/up) share one dropout mask, as a fused qkv layer "
               "does: fewer masks to draw and keep. `False`: one mask per adapted layer, as PEFT draws them.")
+    # Ours is checked against PEFT's on the CPU (tests/test_lora_dropout.py) and faster there; on a
+    # GPU it awaits bench/gpu_check.sh's measurement, hence the way back.
+    lora_dropout_impl: Literal["ours", "peft"] = flag(
+        "ours", "`ours`: LoRA dropout masks drawn as 16-bit random integers and kept as bytes "
+                "(common/model/dropout.py); `peft`: PEFT's own `nn.Dropout` in every adapted layer.")
     lora_bias: Literal["none", "all", "lora_only"] = flag("none", "Which biases to train.")
     target_modules: str = flag(
         "all-linear",
@@ -203,6 +208,11 @@ class TrainingArguments:
     padding_free: bool = flag(False, "Flatten each batch into one sequence without padding; needs "
                                      "`--attn_implementation flash_attention_2` (or 3).")
     use_liger_kernel: bool = flag(False, "Use Liger Triton kernels (CUDA GPUs; needs `pip install liger-kernel`).")
+    # As for --lora_dropout_impl: ours is checked against TRL's head on the CPU and faster there; the
+    # GPU comparison is bench/gpu_check.sh's.
+    lm_head_impl: Literal["ours", "trl"] = flag(
+        "ours", "SFT, DPO, KTO: `ours` projects to the vocabulary only where a label is (common/model/loss.py); "
+                "`trl`: TRL's fused LM head.")
     neftune_noise_alpha: Optional[float] = flag(None, "NEFTune embedding noise (e.g. 5); off by default.")
     dataloader_num_workers: int = flag(0, "Background data-loading workers.")
     report_to: str = flag("none", "Where to log: none, tensorboard, wandb (comma-separated for several).")

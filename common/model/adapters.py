@@ -261,8 +261,9 @@ def check_targets_before_loading(args, source) -> None:
 
 def share_dropout(model, args):
     """LoRA dropout shared between adapters that read one tensor, unless `--share_lora_dropout False`
-    (common/model/dropout.py). -> model."""
+    (common/model/dropout.py); PEFT's own with `--lora_dropout_impl peft`. -> model."""
     from common.model.dropout import share_lora_dropout
 
-    share_lora_dropout(model, shared=getattr(args, "share_lora_dropout", True))
+    if getattr(args, "lora_dropout_impl", "ours") == "ours":
+        share_lora_dropout(model, shared=getattr(args, "share_lora_dropout", True))
     return model

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from common.flags.errors import UsageError
-from common.model.precision import Precision, fsdp_enabled, get_quantization_config
+from common.model.precision import Precision, get_quantization_config, sharded_model, zero3_enabled
 from common.model.source import ModelSource, resolve_model
 
 log = logging.getLogger("finetune")
@@ -16,8 +16,8 @@ log = logging.getLogger("finetune")
 
 def device_map_for(quantized: bool):
     """Each process of a multi-process launch loads onto its own device."""
-    if not quantized or fsdp_enabled():
-        return None  # the Trainer places (or FSDP shards) the model
+    if not quantized or sharded_model():
+        return None  # the Trainer places (or FSDP / ZeRO-3 shards) the model
     import torch
 
     if torch.cuda.is_available():
@@ -133,15 +133,19 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
 
     quant = get_quantization_config(args, precision)
     kwargs: dict[str, Any] = {
-        # fp32 QLoRA loads the checkpoint's dtype (PEFT casts to fp32 later), except under FSDP, where
-        # every weight must have the 4-bit storage dtype.
-        "dtype": precision.torch_dtype if quant is None or precision.mode != "fp32" or fsdp_enabled() else None,
+        # fp32 QLoRA loads the checkpoint's dtype (PEFT casts to fp32 later), except under FSDP and ZeRO-3,
+        # where every weight must have the 4-bit storage dtype.
+        "dtype": precision.torch_dtype if quant is None or precision.mode != "fp32" or sharded_model() else None,
         "trust_remote_code": args.trust_remote_code,
         "revision": args.revision,
         "device_map": device_map_for(quant is not None),
     }
     if quant is not None:
         kwargs["quantization_config"] = quant
+        if zero3_enabled():
+            log.info("ZeRO-3 cannot partition %d-bit weights as they load: each process loads the whole "
+                     "quantized model first, and DeepSpeed splits it when training starts.",
+                     8 if args.load_in_8bit else 4)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if _encoder_only(source, args):
@@ -169,11 +173,11 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
 
 
 def prepare_kbit_training(model, gradient_checkpointing: bool):
-    """PEFT's preparation of a quantized model for training, except under FSDP: there it would cast
+    """PEFT's preparation of a quantized model for training, except under FSDP or ZeRO-3: there it would cast
     embeddings and norms to float32 next to 4-bit weights stored in the training dtype, and FSDP
     refuses to flatten mixed dtypes (TRL skips it for sharded QLoRA too). Frozen base either way."""
     gc_kwargs = {"use_reentrant": False}
-    if not fsdp_enabled():
+    if not sharded_model():
         from peft import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
@@ -228,10 +232,10 @@ def keep_float32_trainables(model, precision: Precision) -> None:
 
 
 def shardable(model):
-    """Under FSDP, a 4-bit model with its adapter attached: every parameter in the 4-bit storage dtype
+    """Under FSDP or ZeRO-3, a 4-bit model with its adapter attached: every parameter in the 4-bit storage dtype
     (PEFT creates adapters in float32 or the compute dtype). FSDP keeps float32 copies of the trainable
     ones under mixed precision (accelerate upcasts them); elsewhere nothing changes."""
-    if not (fsdp_enabled() and getattr(model, "is_loaded_in_4bit", False)):
+    if not (sharded_model() and getattr(model, "is_loaded_in_4bit", False)):
         return model
     storage = model.hf_quantizer.quantization_config.bnb_4bit_quant_storage
     for param in model.parameters():

@@ -156,11 +156,30 @@ def get_quantization_config(args, precision: Precision):
         bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         # FSDP flattens the 4-bit weights with the layer's other parameters, which must share one dtype:
-        # the training dtype (an explicit compute dtype may differ from it).
-        bnb_4bit_quant_storage=precision.torch_dtype if fsdp_enabled() else compute_dtype,
+        # the training dtype (an explicit compute dtype may differ from it). ZeRO-3 partitions them as
+        # it partitions the other weights of that dtype.
+        bnb_4bit_quant_storage=precision.torch_dtype if sharded_model() else compute_dtype,
     )
 
 
 def fsdp_enabled() -> bool:
     """`accelerate launch` with an FSDP config (ours: configs/accelerate/fsdp.yaml) sets this."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
+def zero3_enabled() -> bool:
+    """DeepSpeed ZeRO-3, as transformers knows it once the trainer configuration (or ppo.py's
+    accelerator) exists; the recipe builds those before the model."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def sharded_model() -> bool:
+    """The weights are split across processes (FSDP or ZeRO-3): a 4-bit model is then loaded without
+    a device map and stored in the training dtype."""
+    return fsdp_enabled() or zero3_enabled()

@@ -116,8 +116,9 @@ def check_finite_weights(model, step: int, device=None) -> None:
 
     from common.recipe.signals import on_any_process
 
-    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
-               None)
+    # Under ZeRO-3 a process holds only its part of each weight (`ds_tensor`); that part is checked.
+    bad = next((name for name, p in model.named_parameters()
+                if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)
     if on_any_process(bad is not None, device):
         raise NonFiniteLoss(f"the trained weights became NaN or infinite at step {step}" + (f" ({bad})" if bad else "")
                             + "; nothing was saved from them. Lower `--learning_rate`, keep `--max_grad_norm` on, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -35,3 +36,37 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gathered(params, modify: bool = False):
+    """A context in which weights that DeepSpeed ZeRO-3 has partitioned across processes are whole on
+    every process (a collective: every process enters it), to read or save them; with `modify`,
+    what the main process writes into them is partitioned again on leaving. Without ZeRO-3, nothing."""
+    import contextlib
+
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+@contextlib.contextmanager
+def loaded_whole(deepspeed_plugin):
+    """Under ZeRO-3: a model that is only run, never trained (a reward model that scores the
+    policy's answers), loads whole on each process. Partitioned as it loaded, it would need a
+    DeepSpeed engine of its own to gather its weights at every forward pass. `deepspeed_plugin`:
+    the run's (accelerator.state's, or the trainer configuration's); None without DeepSpeed."""
+    from common.model.precision import zero3_enabled
+
+    if deepspeed_plugin is None or not zero3_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed_plugin.set_deepspeed_weakref()  # the policy's ZeRO-3 settings again

@@ -152,7 +152,7 @@ def train(steps: Steps, args: ParsedArgs) -> tuple[Run, dict]:
     if args.overwrite_output_dir:
         clear_previous_run(run.out)
     run.trainer = steps.trainer(run, [nan_guard_callback()])
-    if steps.labelled_positions_only:
+    if steps.labelled_positions_only and args.lm_head_impl == "ours":
         loss.install(run.trainer)  # the LM head only where a label is (ORPO, SimPO keep full logits)
     keep_float32_trainables(run.trainer.model, run.precision)  # TRL stores k-bit models' adapters in bf16
     run.metrics, wall = training.train_guarded(run.trainer, args, run.out, run.name)
@@ -173,6 +173,7 @@ def begin(args: ParsedArgs, name: str, check_source=None) -> Run:
     from common.model.source import inherit_from_adapter, resolve_model
     from common.recipe.outputs import prepare_output_dir
 
+    check_fsdp_has_gpus()
     run = Run(args=args, name=name)
     run.out = prepare_output_dir(args, default=f"outputs/{name}")
     run.source = resolve_model(args.model_id)
@@ -181,3 +182,21 @@ def begin(args: ParsedArgs, name: str, check_source=None) -> Run:
     inherit_from_adapter(args, run.source)
     return run
 
+
+
+def check_fsdp_has_gpus() -> None:
+    """`accelerate launch` with an FSDP config on a machine without GPUs: accelerate keeps its CPU
+    mode and the run would be plain data parallel, every process holding the whole model, under a
+    config that promises sharding. Stopped before anything is written."""
+    from common.model.precision import fsdp_enabled
+
+    if not fsdp_enabled():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        from common.flags.errors import UsageError
+
+        raise UsageError("the accelerate config asks for FSDP, which shards the model across GPUs, and this machine "
+                         "has none (the run would be plain data parallel, each process holding the whole model); on "
+                         "CPUs launch with configs/accelerate/cpu_2proc.yaml.")

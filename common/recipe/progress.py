@@ -91,6 +91,8 @@ def quiet_libraries() -> None:
     # bitsandbytes fetches an optional CPU kernel through the `kernels` package, which says on every run
     # that it skips a trust check because of the offline mode these scripts set themselves.
     logging.getLogger("kernels._internals.hf_hub").addFilter(_dropping("Skipping publisher trust check"))
+    # DeepSpeed calls torch.distributed collectives that torch 2.13 renamed, with a warning at each call.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     # DeepSpeed, where installed, announces on import that a machine without a GPU is one without a GPU.
     logging.getLogger("DeepSpeed").addFilter(_dropping("Setting accelerator to CPU"))
 
@@ -120,8 +122,12 @@ def checkpointing_kwargs(enabled: bool) -> dict:
     from transformers import TrainingArguments
 
     name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    # PEFT under ZeRO-3 needs the reentrant variant (TRL switches to it with a warning); elsewhere
+    # the non-reentrant one, which torch recommends.
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     return {f"{name}_checkpointing": enabled,
-            f"{name}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+            f"{name}_checkpointing_kwargs": {"use_reentrant": zero3} if enabled else None}
 
 
 # The console's log line: these keys, in this order, where logged (everything logged still goes to
