@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (a few minutes on a recent GPU): the gpu-marked
 # tests (4-bit on CUDA, bf16, the T4 fp16 path), then lora.py and qlora.py against plain TRL, the
-# padding-free and Liger variants where flash-attn / liger-kernel are installed, PPO, and a short
+# padding-free and Liger variants where flash-attn / liger-kernel are installed, our LM head and
+# LoRA dropout against the library paths they replace (bench/bench_gpu_paths.py), PPO, and a short
 # QLoRA training under FSDP (configs/accelerate/fsdp.yaml).
 #
 #     bash bench/gpu_check.sh [RESULTS_DIR]        # default: outputs/gpu_check
@@ -33,6 +34,9 @@ if python -c "import liger_kernel" 2>/dev/null; then
 else
     echo "liger-kernel not installed: Liger variant skipped"
 fi
+# Our LM head and LoRA dropout against TRL's head and PEFT's dropout on a ~1B-parameter random model
+# (completion-only and full-sequence loss): the CUDA defaults await this measurement.
+python -m bench.bench_gpu_paths --output "$results/gpu_paths.json" 2>&1 | tee "$results/gpu_paths.log" || status=1
 python -m bench.bench_ppo --output "$results/ppo.json" >"$results/ppo.log" 2>&1 || status=1
 tail -n 8 "$results/ppo.log"
 
@@ -46,7 +50,7 @@ if accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 
         --dataset_name triviaqa-sample --use_bfloat16 True --max_steps 6 --per_device_train_batch_size 4 \
         --logging_steps 1 --save_strategy no --report_to none --output_dir "$results/qlora_fsdp" \
         >"$results/qlora_fsdp.log" 2>&1 \
-    && python -c "import sys; from common.outputs import is_finished_run; sys.exit(not is_finished_run(sys.argv[1]))" \
+    && python -c "import sys; from common.recipe.outputs import is_finished_run; sys.exit(not is_finished_run(sys.argv[1]))" \
         "$results/qlora_fsdp"; then
     echo "QLoRA under FSDP ($gpus GPU(s)): trained and saved"
 else

@@ -209,3 +209,26 @@ def test_inference_mode_pickling_and_p_near_one(tiny_llama):
     assert pickle.loads(pickle.dumps(dropout))._last is None
     near_one = LoraInputDropout(1 - 1e-6).train()  # rounds to 1: all dropped, as nn.Dropout(1.0)
     assert torch.equal(near_one(torch.ones(5)), torch.zeros(5))
+
+
+def test_peft_impl_keeps_pefts_dropout_and_its_masks(tiny_llama, sample, tmp_path):
+    """`--lora_dropout_impl peft`, the way back to the library's path: PEFT's own nn.Dropout in every
+    adapted layer, drawing the masks that F.dropout draws (the reference: a fresh nn.Dropout with the
+    same generator state)."""
+    from sft.run import train
+
+    run = train("lora", ["--model_id", tiny_llama, "--dataset_name", sample, "--max_train_samples", "8",
+                         "--per_device_train_batch_size", "4", "--max_steps", "1", "--save_strategy", "no",
+                         "--report_to", "none", "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
+                         "--lora_dropout_impl", "peft"])
+    model = run.trainer.model
+    assert not any(isinstance(m, LoraInputDropout) for m in model.modules())
+    attention = model.get_base_model().model.layers[0].self_attn
+    dropout = attention.q_proj.lora_dropout["default"]
+    assert type(dropout) is torch.nn.Dropout and dropout.p == 0.05
+    x = torch.ones(4, 64)
+    dropout.train()
+    torch.manual_seed(3)
+    ours = dropout(x)
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.nn.Dropout(0.05)(x))

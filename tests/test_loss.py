@@ -231,3 +231,22 @@ def test_preference_loss_grads_and_metrics_equal_trl_head(kind, tiny_llama, tmp_
         assert got_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
     assert max(spy.rows) < positions  # the prompts' positions were not projected
+
+
+def test_trl_impl_keeps_trls_head_with_the_same_losses(tiny_llama, sample, tmp_path):
+    """`--lm_head_impl trl`, the way back to the library's path: the vocabulary is projected at every
+    position (TRL's head), and the losses equal those of our head (the reference for each other)."""
+    from sft.run import train
+
+    def losses(impl):
+        run = train("lora", ["--model_id", tiny_llama, "--dataset_name", sample, "--max_train_samples", "8",
+                             "--per_device_train_batch_size", "4", "--max_steps", "2", "--logging_steps", "1",
+                             "--save_strategy", "no", "--report_to", "none", "--lora_r", "4", "--lora_dropout", "0",
+                             "--output_dir", str(tmp_path / impl), "--lm_head_impl", impl])
+        forward = run.trainer.model.get_base_model().forward
+        installed = forward.__code__.co_filename == sft_loss.__file__
+        return [e["loss"] for e in run.trainer.state.log_history if "loss" in e], installed
+
+    (ours, ours_installed), (trl, trl_installed) = losses("ours"), losses("trl")
+    assert ours_installed and not trl_installed
+    assert ours == pytest.approx(trl, rel=1e-5)
