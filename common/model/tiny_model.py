@@ -5,6 +5,7 @@ meaningless until trained (and even then only on what it was trained on).
 
     python -m common.model.tiny_model --output_dir models/tiny-llama
     python -m common.model.tiny_model --output_dir models/tiny-gpt2 --arch gpt2
+    python -m common.model.tiny_model --output_dir models/tiny-qwen2 --arch qwen2
 """
 
 from __future__ import annotations
@@ -33,13 +34,24 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024, chat: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenizer split (its tokenizer.json): digits one at a time, unlike GPT-2's runs of digits.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_tokenizer(vocab_size: int = 1024, chat: bool = False, split: str | None = None, extra_specials=()):
+    """Byte-level BPE trained on the bundled sample. `split`: a pre-tokenizer regex in place of
+    GPT-2's (QWEN2_SPLIT), split first and then mapped to bytes, as Llama 3 and Qwen2 ship theirs;
+    `extra_specials`: more special tokens after the six every tiny tokenizer has."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -62,6 +74,23 @@ def build_model_config(arch: str, vocab_size: int, **overrides):
                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
         cfg.update(overrides)
         return LlamaConfig(**cfg)
+    if arch == "mistral":
+        from transformers import MistralConfig
+
+        cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
+                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
+        cfg.update(overrides)
+        return MistralConfig(**cfg)
+    # Qwen2 as its small releases ship: biases on q/k/v, input and output embeddings tied.
+    if arch == "qwen2":
+        from transformers import Qwen2Config
+
+        cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                   eos_token_id=2, tie_word_embeddings=True, initializer_range=0.1)
+        cfg.update(overrides)
+        return Qwen2Config(**cfg)
     if arch == "gpt2":
         cfg = dict(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
                    eos_token_id=2, initializer_range=0.1)
@@ -94,7 +123,10 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(chat=chat)
+    # Qwen2's tokenizer class pads with <|endoftext|> and adds it where the vocabulary lacks it;
+    # <|im_start|>/<|im_end|> let the model take Qwen's ChatML template.
+    tokenizer = build_tokenizer(chat=chat, split=QWEN2_SPLIT, extra_specials=QWEN2_SPECIALS) if arch == "qwen2" \
+        else build_tokenizer(chat=chat)
     config = build_model_config(arch, len(tokenizer), **overrides)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -136,7 +168,7 @@ def build_tiny_bert(output_dir: str, seed: int = 0, **dims) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--arch", choices=["llama", "gpt2", "opt", "gpt_neox"], default="llama")
+    parser.add_argument("--arch", choices=["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"], default="llama")
     parser.add_argument("--chat_template", action="store_true", help="Ship a chat template, like instruct models.")
     parser.add_argument("--hidden_size", type=int, default=64, help="Width; 128 memorises the bundled sample.")
     args = parser.parse_args(argv)
