@@ -266,6 +266,15 @@ class MergeArguments:
         "auto", "dtype of the merged weights; `auto` keeps the base model's 16/32-bit dtype."
     )
     trust_remote_code: bool = flag(False, "Run Python code shipped with the base model (only for repos you trust).")
+    export: Optional[Literal["gguf"]] = flag(
+        None, "Also write the model as one GGUF file (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile, "
+              "next to the safetensors model. Llama, Mistral and Qwen2 models.")
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = flag(
+        "f16", "Weights of the GGUF file: f16 is about half of f32 and answers alike; q8_0 about a quarter, "
+               "with small logit changes (docs/evaluation-and-merging.md has the measured agreement).")
+    model: Optional[str] = flag(
+        None, "Export a model that needs no merging (one merge.py wrote, or any local Llama/Mistral/Qwen2 model) "
+              "instead of `--adapter`; with `--export gguf`.")
 
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

@@ -21,20 +21,39 @@ def make_parser() -> FlagParser:
                                   "and the tokenizer.")
 
 
-def run_merge(args) -> Path:
-    from common.model.source import resolve_model, saved_run_config
-
-    if not args.adapter:
+def check_merge_flags(args) -> None:
+    """The flag combinations, before any file is read."""
+    if args.model and args.adapter:
+        raise UsageError("`--model` and `--adapter` cannot both be set: `--adapter` merges an adapter, `--model` "
+                         "exports a model that needs no merging.")
+    if "gguf_type" in args.explicit and not args.export:
+        raise UsageError("`--gguf_type` applies to the GGUF file; add `--export gguf`.")
+    if args.model and not args.export:
+        raise UsageError(f"`--model` {args.model}: a plain model has nothing to merge; add `--export gguf` to "
+                         f"export it, or pass an adapter dir as `--adapter`.")
+    if not args.adapter and not args.model:
         raise UsageError("`--adapter` is required: an adapter dir written by lora.py, dora.py or qlora.py.")
     if not args.output_dir:
         raise UsageError("`--output_dir` is required: where the merged model goes.")
-    from common.flags.checks import check_creatable
 
+
+def run_merge(args) -> Path:
+    from common.flags.checks import check_creatable
+    from common.model.source import resolve_model, saved_run_config
+
+    check_merge_flags(args)
     check_creatable(args.output_dir, "--output_dir")
-    source = resolve_model(args.adapter, flag="adapter")
-    if not source.adapter_dir:
-        raise UsageError(f"`--adapter` {args.adapter}: no adapter_config.json there; that is already a plain model.")
-    if source.adapter_type != "LORA":
+    if args.export:
+        from common.model.gguf_export import require_gguf
+
+        require_gguf()
+    source = resolve_model(args.adapter or args.model, flag="adapter" if args.adapter else "model")
+    if args.model and source.adapter_dir:
+        raise UsageError(f"`--model` {args.model} is an adapter dir; pass it as `--adapter` to merge and export it.")
+    if args.adapter and not source.adapter_dir:
+        raise UsageError(f"`--adapter` {args.adapter}: no adapter_config.json there; that is already a plain model "
+                         f"(export it with `--model {args.adapter} --export gguf`).")
+    if args.adapter and source.adapter_type != "LORA":
         raise UsageError(f"`--adapter` {args.adapter}: a {source.adapter_type} adapter (prompt learning) adds "
                          f"virtual tokens and cannot be merged into the weights; load it with its base instead "
                          f"(evaluate.py --model_id {args.adapter}).")
@@ -47,18 +66,76 @@ def run_merge(args) -> Path:
     if not is_main_process():  # launched on several processes: merging is one process's job
         return out
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from common.model.loading import load_adapter
+    tokenizer_dir = source.adapter_dir if source.adapter_dir and os.path.isfile(
+        os.path.join(source.adapter_dir, "tokenizer_config.json")) else source.base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)
+    if args.export:
+        from common.model.gguf_export import check_exportable
 
-    from common.recipe.outputs import RUN_CONFIG, write_json
-
+        config = AutoConfig.from_pretrained(source.base, trust_remote_code=args.trust_remote_code)
+        check_exportable(config, tokenizer, args.adapter and f"the base model of {args.adapter}" or args.model)
     trained = saved_run_config(source)
-    flags = trained.get("flags", {})
     if not trained:
         log.warning("%s has no run_config.json (not written by these scripts?): the merged model carries no prompt "
                     "format; pass the training run's `--prompt_template`/`--system_prompt` wherever you use it.",
-                    args.adapter)
+                    args.adapter or args.model)
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(source.base, dtype=merge_dtype(args, source, trained, False),
+                                                     trust_remote_code=args.trust_remote_code)
+        record = exported_run_config(args, source, trained)
+    else:
+        model, record = merged_model(args, source, trained)
+
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        gguf_path = write_outputs(args, model, tokenizer, record, staging, out.name)
+    except BaseException:  # a stopped or failed write leaves nothing that looks like a model
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    if args.adapter:
+        print(f"wrote the merged model to {out.resolve()} (base {source.base} + adapter {args.adapter}; both "
+              f"unchanged)")
+    if args.export:
+        print(f"wrote {out.resolve() / gguf_path.name} ({args.gguf_type}) and its Ollama Modelfile: "
+              f"ollama create NAME -f {out / 'Modelfile'}")
+    return out
+
+
+def write_outputs(args, model, tokenizer, record: dict, staging: Path, name: str):
+    """Into the staging folder: the merged model (safetensors) and tokenizer, the GGUF and Modelfile
+    where asked, run_config.json. -> the GGUF's path or None."""
+    from common.recipe.outputs import RUN_CONFIG, write_json
+
+    staging.mkdir(parents=True)
+    gguf_path = None
+    if args.adapter:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    if args.export:
+        from common.model.gguf_export import export_files
+
+        gguf_path, notes = export_files(model, tokenizer, record, staging, args.gguf_type, name)
+        for note in notes:
+            print(f"merge.py: note: {note}.", file=sys.stderr)
+        record["export"] = {"format": "gguf", "gguf_type": args.gguf_type, "file": gguf_path.name,
+                            "modelfile": "Modelfile"}
+    write_json(staging / RUN_CONFIG, record)
+    return gguf_path
+
+
+def merged_model(args, source, trained: dict):
+    """-> (the base with the adapter merged in, the merged model's run_config)."""
+    from transformers import AutoModelForCausalLM
+
+    from common.model.loading import load_adapter
+
+    flags = trained.get("flags", {})
     quantized = bool(trained.get("model", {}).get("quantized") or flags.get("load_in_4bit")
                      or flags.get("load_in_8bit"))
     dtype = merge_dtype(args, source, trained, quantized)
@@ -71,20 +148,19 @@ def run_merge(args) -> Path:
     else:
         base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, trust_remote_code=args.trust_remote_code)
     merged = load_adapter(base, source.adapter_dir, "`--adapter`").merge_and_unload()
-    tokenizer_dir = source.adapter_dir if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")) \
-        else source.base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)
+    return merged, merged_run_config(args, source, trained, quantized, dtype)
 
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    write_json(staging / RUN_CONFIG, merged_run_config(args, source, trained, quantized, dtype))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    print(f"wrote the merged model to {out.resolve()} (base {source.base} + adapter {args.adapter}; both unchanged)")
-    return out
+
+def exported_run_config(args, source, trained: dict) -> dict:
+    """run_config.json next to the GGUF of a model exported as it was: its prompt format, as a merged
+    model's run_config.json records it."""
+    from common.model.source import PROMPT_FLAGS
+
+    flags = trained.get("flags", {})
+    return {"script": "merge.py", "technique": "exported",
+            "flags": {name: flags[name] for name in PROMPT_FLAGS if name in flags},
+            "command": list(sys.argv), "model": {"base": source.base}, "data": trained.get("data", {}),
+            "source_run": trained}
 
 
 def merge_dtype(args, source, trained: dict, quantized: bool):
