@@ -2,7 +2,10 @@
 
     python merge.py --adapter outputs/lora --output_dir outputs/lora-merged
 
-The result loads with `AutoModelForCausalLM.from_pretrained("outputs/lora-merged")`.
+The result loads with `AutoModelForCausalLM.from_pretrained("outputs/lora-merged")`. For llama.cpp,
+Ollama and LM Studio, also one GGUF file and an Ollama Modelfile with the run's prompt format:
+
+    python merge.py --adapter outputs/lora --output_dir outputs/merged --export gguf --gguf_type q8_0
 """
 
 import sys

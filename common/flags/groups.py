@@ -259,7 +259,7 @@ class EvalArguments:
 @dataclass
 class MergeArguments:
     adapter: Optional[str] = flag(None, "Adapter dir (LoRA, DoRA or QLoRA) written by one of the training scripts "
-                                        "(required).")
+                                        "(required, unless `--model` is given).")
     output_dir: Optional[str] = flag(None, "Where the merged model (safetensors) and tokenizer are written (required).")
     overwrite_output_dir: bool = flag(False, "Replace an existing model in --output_dir.")
     merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = flag(

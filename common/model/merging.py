@@ -1,4 +1,5 @@
-"""Merge a LoRA/DoRA/QLoRA adapter into its base model and save a plain model."""
+"""Merge a LoRA/DoRA/QLoRA adapter into its base model and save a plain model; `--export gguf`
+also writes it as a GGUF file with an Ollama Modelfile (common/model/gguf_export.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ log = logging.getLogger("finetune")
 def make_parser() -> FlagParser:
     return FlagParser([MergeArguments], prog="merge.py",
                       description="Merge a LoRA, DoRA or QLoRA adapter into its base model; saves safetensors "
-                                  "and the tokenizer.")
+                                  "and the tokenizer, and with `--export gguf` one GGUF file and an Ollama "
+                                  "Modelfile.")
 
 
 def check_merge_flags(args) -> None:

@@ -1,0 +1,335 @@
+"""merge.py --export gguf, checked by readers this project did not write: transformers' GGUF loader
+(model and tokenizer) against the merged safetensors model, and llama.cpp (llama-cpp-python, where
+installed) against evaluate.py's answers. The rounding each --gguf_type may cause is given by a
+hand-rounded copy of the merged model (tests/oracles.py: rounded_like_gguf)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import run_script
+from tests.oracles import ollama_prompt, rounded_like_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ["--dataset_name", "triviaqa-sample", "--max_steps", "8", "--max_train_samples", "64",
+         "--per_device_train_batch_size", "8", "--learning_rate", "2e-2", "--lora_dropout", "0",
+         "--save_strategy", "no", "--report_to", "none"]
+SYSTEM = "Answer the trivia question with a short answer only."  # the runs' default --system_prompt
+
+
+def _held_out() -> list[str]:
+    """The 60 held-out (validation) questions of the bundled sample, as evaluate.py scores them."""
+    rows = (ROOT / "data" / "triviaqa_sample" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(r)["question"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_chat(tmp_path_factory):
+    """Qwen2 as its small instruct releases ship: tied embeddings, q/k/v biases, Qwen's regex
+    pre-tokenizer and Qwen 2.5's chat template."""
+    from transformers import AutoTokenizer
+
+    from common.model.tiny_model import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-qwen2"), "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = (ROOT / "tests" / "chat_templates" / "qwen2_5.jinja").read_text()
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_llama, tiny_qwen2_chat, tmp_path_factory):
+    """{(arch, gguf_type): folder}: a LoRA run per model merged and exported by merge.py, f32 (Llama)
+    and q8_0 (Qwen2) from the adapter, the other types from the merged model (`--model`)."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for arch, base, first in (("llama", tiny_llama, "f32"), ("qwen2", tiny_qwen2_chat, "q8_0")):
+        assert run_script("lora.py", ["--model_id", base, "--output_dir", root / f"{arch}-lora", *TRAIN]) == 0
+        merged = root / f"{arch}-{first}"
+        assert run_script("merge.py", ["--adapter", root / f"{arch}-lora", "--output_dir", merged,
+                                       "--export", "gguf", "--gguf_type", first]) == 0
+        out[arch, first] = merged
+        for gguf_type in ("f32", "f16", "bf16", "q8_0"):
+            if gguf_type != first:
+                folder = root / f"{arch}-{gguf_type}"
+                assert run_script("merge.py", ["--model", merged, "--output_dir", folder, "--export", "gguf",
+                                               "--gguf_type", gguf_type]) == 0
+                out[arch, gguf_type] = folder
+    return out
+
+
+def _merged_folder(exports, arch: str) -> Path:
+    return exports[arch, "f32" if arch == "llama" else "q8_0"]
+
+
+def _format(arch: str):
+    from common.data.prompts import PromptFormat
+
+    # The runs' prompt formats: the plain question template (Llama, no chat template) and Qwen's chat
+    # template with the default system prompt.
+    return PromptFormat() if arch == "llama" else PromptFormat(use_chat=True, system_prompt=SYSTEM)
+
+
+def _load(folder: Path, gguf_type: str):
+    """The GGUF read by transformers on its own, as a user who has only the file reads it (next to the
+    merged model's tokenizer files, transformers 5.25 mixes those in and loses the special tokens)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = f"model-{gguf_type}.gguf"
+    alone = folder.parent / f"{folder.name}-alone"
+    if not (alone / name).exists():
+        alone.mkdir(exist_ok=True)
+        shutil.copy(folder / name, alone / name)
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(alone, gguf_file=name)
+
+
+def _logits(model, tokenizer, prompts: list[list[int]]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
+def test_transformers_reads_back_the_merged_model_rounded_as_the_gguf_type(exports, arch, gguf_type):
+    """Reference: the merged safetensors model merge.py saved, its matrices rounded by hand as the
+    type stores them. Token ids of every prompt identical; logits equal that reference; greedy
+    answers to the 60 held-out questions (evaluate.py's decoder) identical for f32 and f16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.data.prompts import generation_prompt
+    from common.evaluation.answers import generate_answers, prompt_ids
+
+    merged_dir = _merged_folder(exports, arch)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    merged_tok = AutoTokenizer.from_pretrained(merged_dir)
+    gguf_model, gguf_tok = _load(exports[arch, gguf_type], gguf_type)
+    fmt, questions = _format(arch), _held_out()
+
+    texts = [generation_prompt(q, fmt, merged_tok) for q in questions]
+    ids = prompt_ids(merged_tok, texts, fmt.use_chat)
+    assert prompt_ids(gguf_tok, [generation_prompt(q, fmt, gguf_tok) for q in questions], fmt.use_chat) == ids
+
+    rounded = rounded_like_gguf(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(),
+                                gguf_type)
+    got, want, exact = _logits(gguf_model, gguf_tok, ids), _logits(rounded, merged_tok, ids), \
+        _logits(merged, merged_tok, ids)
+    off_reference = max((g - w).abs().max().item() for g, w in zip(got, want))
+    off_merged = max((g - w).abs().max().item() for g, w in zip(got, exact))
+    assert off_reference <= 1e-4, off_reference
+
+    answers = generate_answers(gguf_model, gguf_tok, questions, fmt)
+    reference = generate_answers(merged, merged_tok, questions, fmt)
+    agree = sum(a == b for a, b in zip(answers, reference))
+    print(f"{arch} {gguf_type}: largest logit difference to the merged model {off_merged:.3g} "
+          f"(to the hand-rounded reference {off_reference:.2g}); greedy answers agree on {agree}/{len(questions)}")
+    if gguf_type in ("f32", "f16"):
+        assert answers == reference
+    if gguf_type == "f32":
+        assert off_merged <= 1e-5
+    # q8_0 keeps ~8 bits per weight; on these random tiny models its logits move by a few hundredths.
+    assert off_merged < 0.5 and agree >= len(questions) * 0.8, (off_merged, agree)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_chat_template_renders_the_runs_prompt(exports, arch):
+    """Reference: the prompt evaluate.py gives the merged model. A GGUF reader's chat mode renders
+    the file's chat template: the run's own chat template (Qwen2) or, for the plain question
+    template (Llama), one written to render it."""
+    from transformers import AutoTokenizer
+
+    from common.data.prompts import generation_prompt
+
+    merged_tok = AutoTokenizer.from_pretrained(_merged_folder(exports, arch))
+    _, gguf_tok = _load(exports[arch, "f16"], "f16")
+    fmt = _format(arch)
+    for question in _held_out()[:10]:
+        messages = [{"role": "system", "content": SYSTEM}] if fmt.use_chat else []
+        rendered = gguf_tok.apply_chat_template(messages + [{"role": "user", "content": question}], tokenize=False,
+                                                add_generation_prompt=True)
+        assert rendered == generation_prompt(question, fmt, merged_tok)
+
+
+def _modelfile(folder: Path) -> dict:
+    """The Modelfile's commands as Ollama's parser reads them: `NAME value` or a value in triple
+    double quotes, `#` comments; PARAMETER keeps its name."""
+    import re
+
+    text = (folder / "Modelfile").read_text(encoding="utf-8")
+    commands: dict = {}
+    for name, param, quoted, bare in re.findall(r'^(\w+) (?:(\w+) )?(?:"""(.*?)"""|(\S+))$', text, flags=re.DOTALL | re.MULTILINE):
+        commands.setdefault(f"{name} {param}".strip(), []).append(quoted or bare)
+    return commands
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_modelfile_template_renders_evaluate_prompt(exports, arch):
+    """Reference: the prompt evaluate.py gives the merged model, for each held-out question; the
+    Modelfile's TEMPLATE is rendered as Ollama renders one question (tests/oracles.py)."""
+    from transformers import AutoTokenizer
+
+    from common.data.prompts import PromptFormat, generation_prompt
+
+    merged_tok = AutoTokenizer.from_pretrained(_merged_folder(exports, arch))
+    commands = _modelfile(exports[arch, "q8_0"])
+    assert commands["FROM"] == ["./model-q8_0.gguf"]
+    fmt = _format(arch)
+    system = commands.get("SYSTEM", [""])[0]
+    assert system == (SYSTEM if fmt.use_chat else "")
+    for question in _held_out():
+        assert ollama_prompt(commands["TEMPLATE"][0], system, question) == generation_prompt(question, fmt, merged_tok)
+    stops = commands["PARAMETER stop"]
+    assert "\n" in stops and merged_tok.eos_token in stops
+    if fmt.use_chat:
+        assert "<|im_end|>" in stops
+        # Without the Modelfile's SYSTEM, the template falls back to what the chat template writes then.
+        assert ollama_prompt(commands["TEMPLATE"][0], "", "Q") == generation_prompt(
+            "Q", PromptFormat(use_chat=True), merged_tok)
+    assert commands["PARAMETER temperature"] == ["0"]
+
+
+def test_mistral_model_exports_and_reads_back_as_llama(tiny_llama, tmp_path):
+    """Mistral (model_type `mistral`) is the Llama architecture in GGUF. Reference: the model itself."""
+    from transformers import AutoModelForCausalLM
+
+    from common.model.tiny_model import build_tiny_model
+
+    base = build_tiny_model(str(tmp_path / "mistral"), "mistral")
+    assert run_script("merge.py", ["--model", base, "--output_dir", tmp_path / "out", "--export", "gguf",
+                                   "--gguf_type", "f32"]) == 0
+    model, tok = _load(tmp_path / "out", "f32")
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([tok("Question: Who wrote Hamlet?\nAnswer:")["input_ids"]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+# Bad input: one line, exit 2, nothing written -------------------------------------------------
+
+def _refused(capsys, argv, *words) -> str:
+    assert run_script("merge.py", argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_unsupported_architecture_exits_2_naming_what_is_supported(tiny_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(capsys, ["--model", tiny_gpt2, "--output_dir", out, "--export", "gguf"], "gpt2", "llama", "qwen2")
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_prompt_learning_adapter_exits_2(tiny_llama, tmp_path, capsys):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "prefix"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.save_pretrained(adapter)
+    capsys.readouterr()
+    _refused(capsys, ["--adapter", adapter, "--output_dir", tmp_path / "out", "--export", "gguf"],
+             "PREFIX_TUNING", "cannot be merged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_gguf_package_exits_2_before_loading(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    out = tmp_path / "out"
+    _refused(capsys, ["--model", tiny_llama, "--output_dir", out, "--export", "gguf"], "`gguf`", "pip install")
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_existing_output_dir_exits_2_and_stays_untouched(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _refused(capsys, ["--model", tiny_llama, "--output_dir", out, "--export", "gguf"], "--output_dir",
+             "--overwrite_output_dir")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--gguf_type", "q8_0"], "--gguf_type"),
+    (["--export", "gguf", "--gguf_type", "q4_k"], "gguf_type"),
+    (["--export", "onnx"], "export"),
+])
+def test_bad_export_flags_exit_2(tiny_llama, tmp_path, capsys, argv, flag):
+    _refused(capsys, ["--model", tiny_llama, "--output_dir", tmp_path / "out", *argv], flag)
+
+
+def test_a_failed_write_leaves_no_gguf_and_no_output_dir(tiny_llama, tmp_path, monkeypatch):
+    from common.model import gguf_export
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_export, "encode", fail)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        run_script("merge.py", ["--model", tiny_llama, "--output_dir", out, "--export", "gguf"])
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+# llama.cpp ----------------------------------------------------------------------------------------
+
+def _llama_cpp_greedy(llm, prompt: list[int], stop_ids: set, newline_ids: frozenset, steps: int = 16) -> list[int]:
+    """Greedy decoding in llama.cpp: argmax of its own logits, one token at a time."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    new = []
+    for _ in range(steps):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        new.append(token)
+        if token in stop_ids or token in newline_ids:
+            break
+        llm.eval([token])
+    return new
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+def test_llama_cpp_answers_equal_evaluate_answers(exports, gguf_type):
+    """Reference: evaluate.py's greedy answers from the merged safetensors model (Llama run). llama.cpp
+    tokenizes the prompts to the same ids and, for f32/f16, gives the same answers."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional; "
+                                    "docs/evaluation-and-merging.md has the build command)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.data.prompts import generation_prompt
+    from common.evaluation.answers import (
+        answer_from_ids,
+        generate_answers,
+        prompt_ids,
+        stop_token_ids,
+    )
+    from common.evaluation.generation import newline_ids
+
+    merged_dir = _merged_folder(exports, "llama")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    fmt, questions = _format("llama"), _held_out()
+    reference = generate_answers(merged, tok, questions, fmt)
+    llm = llama_cpp.Llama(model_path=str(exports["llama", gguf_type] / f"model-{gguf_type}.gguf"), n_ctx=256,
+                          n_threads=1, logits_all=True, verbose=False)
+    stops, newlines = set(stop_token_ids(tok)), newline_ids(tok)
+    agree = 0
+    for question, want in zip(questions, reference):
+        text = generation_prompt(question, fmt, tok)
+        ids = prompt_ids(tok, [text], fmt.use_chat)[0]
+        assert llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                            special=True) == ids
+        agree += answer_from_ids(tok, _llama_cpp_greedy(llm, ids, stops, newlines), stops) == want
+    print(f"llama.cpp {gguf_type}: greedy answers agree with evaluate.py's on {agree}/{len(questions)}")
+    if gguf_type in ("f32", "f16"):
+        assert agree == len(questions)
+    assert agree >= len(questions) * 0.8
