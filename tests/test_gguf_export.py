@@ -194,6 +194,22 @@ def test_modelfile_template_renders_evaluate_prompt(exports, arch):
     assert commands["PARAMETER temperature"] == ["0"]
 
 
+@pytest.mark.parametrize("script", ["dora.py", "qlora.py"])
+def test_dora_and_qlora_adapters_export_the_merged_model(tiny_llama, tmp_path, script):
+    """Reference: the merged safetensors model merge.py writes in the same run (for QLoRA, merged into
+    the dequantized 4-bit weights): the f32 GGUF gives its logits."""
+    from transformers import AutoModelForCausalLM
+
+    assert run_script(script, ["--model_id", tiny_llama, "--output_dir", tmp_path / "run", *TRAIN]) == 0
+    assert run_script("merge.py", ["--adapter", tmp_path / "run", "--output_dir", tmp_path / "out", "--export", "gguf",
+                                   "--gguf_type", "f32"]) == 0
+    model, tok = _load(tmp_path / "out", "f32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.tensor([tok("Question: Who wrote Hamlet?\nAnswer:")["input_ids"]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-5
+
+
 def test_mistral_model_exports_and_reads_back_as_llama(tiny_llama, tmp_path):
     """Mistral (model_type `mistral`) is the Llama architecture in GGUF. Reference: the model itself."""
     from transformers import AutoModelForCausalLM
