@@ -313,12 +313,16 @@ def _llama_cpp_greedy(llm, prompt: list[int], stop_ids: set, newline_ids: frozen
     return new
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
-def test_llama_cpp_answers_equal_evaluate_answers(exports, gguf_type):
-    """Reference: evaluate.py's greedy answers from the merged safetensors model (Llama run). llama.cpp
-    tokenizes the prompts to the same ids and, for f32/f16, gives the same answers."""
+def test_llama_cpp_answers_equal_evaluate_answers(exports, arch, gguf_type):
+    """Reference: evaluate.py's greedy answers from the merged safetensors model, and its prompt ids.
+    llama.cpp renders the prompt from the GGUF's chat template (llama-cpp-python's Jinja renderer) as
+    evaluate.py builds it, tokenizes it to the same ids and, for f32/f16, gives the same answers."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional; "
                                     "docs/evaluation-and-merging.md has the build command)")
+    import numpy as np
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.data.prompts import generation_prompt
@@ -330,22 +334,36 @@ def test_llama_cpp_answers_equal_evaluate_answers(exports, gguf_type):
     )
     from common.evaluation.generation import newline_ids
 
-    merged_dir = _merged_folder(exports, "llama")
+    merged_dir = _merged_folder(exports, arch)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    fmt, questions = _format("llama"), _held_out()
+    fmt, questions = _format(arch), _held_out()
     reference = generate_answers(merged, tok, questions, fmt)
-    llm = llama_cpp.Llama(model_path=str(exports["llama", gguf_type] / f"model-{gguf_type}.gguf"), n_ctx=256,
+    llm = llama_cpp.Llama(model_path=str(exports[arch, gguf_type] / f"model-{gguf_type}.gguf"), n_ctx=256,
                           n_threads=1, logits_all=True, verbose=False)
+    meta = llm.metadata
+    chat = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token=tok.eos_token, bos_token=tok.bos_token,
+                               add_generation_prompt=True)
     stops, newlines = set(stop_token_ids(tok)), newline_ids(tok)
-    agree = 0
+    agree, worst = 0, 0.0
     for question, want in zip(questions, reference):
         text = generation_prompt(question, fmt, tok)
+        messages = ([{"role": "system", "content": SYSTEM}] if fmt.use_chat else []) + [
+            {"role": "user", "content": question}]
+        assert chat(messages=messages).prompt == text
         ids = prompt_ids(tok, [text], fmt.use_chat)[0]
-        assert llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+        assert llm.tokenize(text.encode(), add_bos=meta["tokenizer.ggml.add_bos_token"] == "true",
                             special=True) == ids
-        agree += answer_from_ids(tok, _llama_cpp_greedy(llm, ids, stops, newlines), stops) == want
-    print(f"llama.cpp {gguf_type}: greedy answers agree with evaluate.py's on {agree}/{len(questions)}")
+        new = _llama_cpp_greedy(llm, ids, stops, newlines)
+        agree += answer_from_ids(tok, new, stops) == want
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            last = merged(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        worst = max(worst, float(np.abs(llm.scores[len(ids) - 1] - last).max()))
+    llm.close()
+    print(f"llama.cpp {arch} {gguf_type}: largest logit difference to the merged model {worst:.3g} (last prompt "
+          f"position); greedy answers agree with evaluate.py's on {agree}/{len(questions)}")
     if gguf_type in ("f32", "f16"):
         assert agree == len(questions)
     assert agree >= len(questions) * 0.8
