@@ -18,6 +18,7 @@ TRAIN = ["--dataset_name", "triviaqa-sample", "--max_steps", "8", "--max_train_s
          "--per_device_train_batch_size", "8", "--learning_rate", "2e-2", "--lora_dropout", "0",
          "--save_strategy", "no", "--report_to", "none"]
 SYSTEM = "Answer the trivia question with a short answer only."  # the runs' default --system_prompt
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0"]
 
 
 def _held_out() -> list[str]:
@@ -42,18 +43,39 @@ def tiny_qwen2_chat(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_llama, tiny_qwen2_chat, tmp_path_factory):
-    """{(arch, gguf_type): folder}: a LoRA run per model merged and exported by merge.py, f32 (Llama)
-    and q8_0 (Qwen2) from the adapter, the other types from the merged model (`--model`)."""
+def tiny_mistral_chat(tmp_path_factory):
+    """Mistral 7B's kind: a sentencepiece-style tokenizer that adds BOS, Mistral v0.3's chat template."""
+    from transformers import AutoTokenizer
+
+    from common.model.tiny_model import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-mistral"), "mistral")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = (ROOT / "tests" / "chat_templates" / "mistral_v0_3.jinja").read_text()
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# (arch, --gguf_type) exported: every type for Llama and Qwen2, f16 and q8_0 for Mistral.
+EXPORTS = [("llama", t) for t in GGUF_TYPES] + [("qwen2", t) for t in GGUF_TYPES] + [("mistral", "f16"),
+                                                                                     ("mistral", "q8_0")]
+FIRST = {"llama": "f32", "qwen2": "q8_0", "mistral": "f16"}  # the type merge.py writes with the merge
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_llama, tiny_qwen2_chat, tiny_mistral_chat, tmp_path_factory):
+    """{(arch, gguf_type): folder}: a LoRA run per model merged and exported by merge.py, FIRST's type
+    from the adapter, the other types from the merged model (`--model`)."""
     root = tmp_path_factory.mktemp("gguf")
     out = {}
-    for arch, base, first in (("llama", tiny_llama, "f32"), ("qwen2", tiny_qwen2_chat, "q8_0")):
+    for arch, base in (("llama", tiny_llama), ("qwen2", tiny_qwen2_chat), ("mistral", tiny_mistral_chat)):
+        first = FIRST[arch]
         assert run_script("lora.py", ["--model_id", base, "--output_dir", root / f"{arch}-lora", *TRAIN]) == 0
         merged = root / f"{arch}-{first}"
         assert run_script("merge.py", ["--adapter", root / f"{arch}-lora", "--output_dir", merged,
                                        "--export", "gguf", "--gguf_type", first]) == 0
         out[arch, first] = merged
-        for gguf_type in ("f32", "f16", "bf16", "q8_0"):
+        for gguf_type in (t for a, t in EXPORTS if a == arch):
             if gguf_type != first:
                 folder = root / f"{arch}-{gguf_type}"
                 assert run_script("merge.py", ["--model", merged, "--output_dir", folder, "--export", "gguf",
@@ -63,14 +85,14 @@ def exports(tiny_llama, tiny_qwen2_chat, tmp_path_factory):
 
 
 def _merged_folder(exports, arch: str) -> Path:
-    return exports[arch, "f32" if arch == "llama" else "q8_0"]
+    return exports[arch, FIRST[arch]]
 
 
 def _format(arch: str):
     from common.data.prompts import PromptFormat
 
-    # The runs' prompt formats: the plain question template (Llama, no chat template) and Qwen's chat
-    # template with the default system prompt.
+    # The runs' prompt formats: the plain question template (Llama, no chat template); Qwen's and
+    # Mistral's chat templates with the default system prompt.
     return PromptFormat() if arch == "llama" else PromptFormat(use_chat=True, system_prompt=SYSTEM)
 
 
@@ -95,8 +117,7 @@ def _logits(model, tokenizer, prompts: list[list[int]]) -> list[torch.Tensor]:
         return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("arch, gguf_type", EXPORTS)
 def test_transformers_reads_back_the_merged_model_rounded_as_the_gguf_type(exports, arch, gguf_type):
     """Reference: the merged safetensors model merge.py saved, its matrices rounded by hand as the
     type stores them. Token ids of every prompt identical; logits equal that reference; greedy
@@ -137,7 +158,7 @@ def test_transformers_reads_back_the_merged_model_rounded_as_the_gguf_type(expor
     assert off_merged < 0.5 and agree >= len(questions) * 0.8, (off_merged, agree)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_gguf_chat_template_renders_the_runs_prompt(exports, arch):
     """Reference: the prompt evaluate.py gives the merged model. A GGUF reader's chat mode renders
     the file's chat template: the run's own chat template (Qwen2) or, for the plain question
@@ -168,7 +189,7 @@ def _modelfile(folder: Path) -> dict:
     return commands
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_modelfile_template_renders_evaluate_prompt(exports, arch):
     """Reference: the prompt evaluate.py gives the merged model, for each held-out question; the
     Modelfile's TEMPLATE is rendered as Ollama renders one question (tests/oracles.py)."""
@@ -182,14 +203,19 @@ def test_modelfile_template_renders_evaluate_prompt(exports, arch):
     fmt = _format(arch)
     system = commands.get("SYSTEM", [""])[0]
     assert system == (SYSTEM if fmt.use_chat else "")
+    # Where the tokenizer adds BOS (Mistral), Ollama puts it before the rendered template itself.
+    bos = merged_tok.bos_token if merged_tok("a")["input_ids"][0] == merged_tok.bos_token_id else ""
     for question in _held_out():
-        assert ollama_prompt(commands["TEMPLATE"][0], system, question) == generation_prompt(question, fmt, merged_tok)
+        want = generation_prompt(question, fmt, merged_tok)
+        assert bos + ollama_prompt(commands["TEMPLATE"][0], system, question) == (want if want.startswith(bos)
+                                                                                 else bos + want)
     stops = commands["PARAMETER stop"]
     assert "\n" in stops and merged_tok.eos_token in stops
-    if fmt.use_chat:
+    if arch == "qwen2":
         assert "<|im_end|>" in stops
+    if fmt.use_chat:
         # Without the Modelfile's SYSTEM, the template falls back to what the chat template writes then.
-        assert ollama_prompt(commands["TEMPLATE"][0], "", "Q") == generation_prompt(
+        assert bos + ollama_prompt(commands["TEMPLATE"][0], "", "Q") == generation_prompt(
             "Q", PromptFormat(use_chat=True), merged_tok)
     assert commands["PARAMETER temperature"] == ["0"]
 
@@ -210,20 +236,50 @@ def test_dora_and_qlora_adapters_export_the_merged_model(tiny_llama, tmp_path, s
         assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-5
 
 
-def test_mistral_model_exports_and_reads_back_as_llama(tiny_llama, tmp_path):
-    """Mistral (model_type `mistral`) is the Llama architecture in GGUF. Reference: the model itself."""
-    from transformers import AutoModelForCausalLM
+def _legacy_sentencepiece(path: str) -> str:
+    """The tiny Mistral's tokenizer.json as older Llama 2 and Mistral repos spell it: no pre-tokenizer,
+    a normalizer that prepends `▁` and turns spaces into `▁`."""
+    state = json.loads((Path(path) / "tokenizer.json").read_text(encoding="utf-8"))
+    state["pre_tokenizer"] = None
+    state["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                              {"type": "Replace", "pattern": {"String": " "},
+                                                               "content": "\u2581"}]}
+    (Path(path) / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "qwen2", "sentencepiece", "sentencepiece-legacy"])
+def test_gguf_tokenizer_ids_equal_transformers_on_every_bundled_question(kind, tiny_llama, tiny_qwen2_chat,
+                                                                          tmp_path):
+    """Reference: the model's own tokenizer (tokenizer.json), on the 360 questions of the bundled
+    sample as prompts and with their answers. transformers' GGUF reader, and llama.cpp where
+    installed, give the same ids."""
+    from transformers import AutoTokenizer
 
     from common.model.tiny_model import build_tiny_model
 
-    base = build_tiny_model(str(tmp_path / "mistral"), "mistral")
-    assert run_script("merge.py", ["--model", base, "--output_dir", tmp_path / "out", "--export", "gguf",
-                                   "--gguf_type", "f32"]) == 0
-    model, tok = _load(tmp_path / "out", "f32")
-    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    ids = torch.tensor([tok("Question: Who wrote Hamlet?\nAnswer:")["input_ids"]])
-    with torch.no_grad():
-        assert (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() <= 1e-5
+    base = {"gpt-2": tiny_llama, "qwen2": tiny_qwen2_chat}.get(kind) or build_tiny_model(str(tmp_path / "m"), "mistral")
+    if kind == "sentencepiece-legacy":
+        _legacy_sentencepiece(base)
+    assert run_script("merge.py", ["--model", base, "--output_dir", tmp_path / "out", "--export", "gguf"]) == 0
+    tok = AutoTokenizer.from_pretrained(base)
+    _, gguf_tok = _load(tmp_path / "out", "f16")
+    texts = []
+    for split in ("train", "validation"):
+        for line in (ROOT / "data" / "triviaqa_sample" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            prompt = f"Question: {row['question']}\nAnswer:"
+            texts += [prompt, f"{prompt} {row['answer']['value']}"]
+    want = [tok(t)["input_ids"] for t in texts]
+    assert [gguf_tok(t)["input_ids"] for t in texts] == want
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f16.gguf"), vocab_only=True, verbose=False)
+    add_bos = llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    assert [llm.tokenize(t.encode(), add_bos=add_bos, special=True) for t in texts] == want
+    llm.close()
 
 
 # Bad input: one line, exit 2, nothing written -------------------------------------------------
@@ -313,8 +369,7 @@ def _llama_cpp_greedy(llm, prompt: list[int], stop_ids: set, newline_ids: frozen
     return new
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("arch, gguf_type", [e for e in EXPORTS if e[1] != "bf16"])
 def test_llama_cpp_answers_equal_evaluate_answers(exports, arch, gguf_type):
     """Reference: evaluate.py's greedy answers from the merged safetensors model, and its prompt ids.
     llama.cpp renders the prompt from the GGUF's chat template (llama-cpp-python's Jinja renderer) as
@@ -352,8 +407,9 @@ def test_llama_cpp_answers_equal_evaluate_answers(exports, arch, gguf_type):
             {"role": "user", "content": question}]
         assert chat(messages=messages).prompt == text
         ids = prompt_ids(tok, [text], fmt.use_chat)[0]
-        assert llm.tokenize(text.encode(), add_bos=meta["tokenizer.ggml.add_bos_token"] == "true",
-                            special=True) == ids
+        # As evaluate.py: a chat template's rendering is tokenized as it is (it writes BOS itself).
+        add_bos = meta["tokenizer.ggml.add_bos_token"] == "true" and not fmt.use_chat
+        assert llm.tokenize(text.encode(), add_bos=add_bos, special=True) == ids
         new = _llama_cpp_greedy(llm, ids, stops, newlines)
         agree += answer_from_ids(tok, new, stops) == want
         llm.reset()

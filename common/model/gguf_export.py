@@ -27,7 +27,8 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
-TOKENIZER_FAMILIES = "byte-level BPE as GPT-2, Llama 3 and Qwen2/2.5 ship it"
+TOKENIZER_FAMILIES = ("byte-level BPE as GPT-2, Llama 3 and Qwen2/2.5 ship it, and sentencepiece-style BPE with "
+                      "byte fallback as Llama 2 and Mistral 7B ship it")
 
 # Per-layer tensors: transformers' module path inside `model.layers.N.` -> GGUF's name inside `blk.N.`.
 LAYER_TENSORS = {
@@ -62,7 +63,7 @@ def check_exportable(config, tokenizer, where: str) -> None:
     if rope.get("rope_type", "default") != "default":
         raise UsageError(f"`--export gguf`: {where} uses {rope['rope_type']!r} rotary scaling, which this export "
                          f"does not write yet (only the plain rotary embedding); merge without `--export`.")
-    pre_tokenizer(tokenizer, where)
+    tokenizer_kind(tokenizer, where)
 
 
 def rope_parameters(config) -> dict:
@@ -72,25 +73,32 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def pre_tokenizer(tokenizer, where: str) -> str:
-    """-> GGUF's name for the tokenizer's pre-tokenizer. Anything else would be split differently by a
-    GGUF reader than by transformers, so it is refused rather than written approximately."""
+def tokenizer_kind(tokenizer, where: str) -> tuple[str, str, str]:
+    """-> (GGUF tokenizer model, pre-tokenizer name, where a `▁` is put before text: `never`, `first`
+    (the start of the whole text) or `always` (every piece of text between special tokens)): `gpt2`
+    for byte-level BPE, `llama` for sentencepiece-style BPE (words marked with `▁`, unknown characters
+    as <0xXX> byte tokens). Anything else would be split differently by a GGUF reader than by
+    transformers, so it is refused rather than written approximately."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = state.get("pre_tokenizer") or {}
-    name = None
-    if state["model"]["type"] == "BPE" and (state.get("decoder") or {}).get("type") == "ByteLevel":
+    model, pre = state["model"], state.get("pre_tokenizer") or {}
+    decoder = json.dumps(state.get("decoder") or {})
+    if model["type"] == "BPE" and '"ByteLevel"' in decoder:
         if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-            name = "gpt-2"
-        elif pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2:
+            return "gpt2", "gpt-2", "never"
+        if pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2:
             split, byte_level = pre["pretokenizers"]
-            if split.get("type") == "Split" and byte_level.get("type") == "ByteLevel" \
+            name = PRE_TOKENIZERS.get((split.get("pattern") or {}).get("Regex"))
+            if name and split.get("type") == "Split" and byte_level.get("type") == "ByteLevel" \
                     and not byte_level.get("use_regex", True):
-                name = PRE_TOKENIZERS.get(split.get("pattern", {}).get("Regex"))
-    if name is None:
-        raise UsageError(f"`--export gguf`: the tokenizer of {where} is not one this export writes faithfully "
-                         f"({TOKENIZER_FAMILIES}; sentencepiece tokenizers such as Llama 2's and Mistral 7B's are "
-                         f"not covered yet); merge without `--export`.")
-    return name
+                return "gpt2", name, "never"
+    if model["type"] == "BPE" and model.get("byte_fallback") and '"ByteFallback"' in decoder:
+        normalizer = json.dumps(state.get("normalizer") or {}, ensure_ascii=False)
+        if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581" and not pre.get("split", True):
+            return "llama", "default", pre.get("prepend_scheme", "always")
+        if not pre and '"Prepend"' in normalizer and "\u2581" in normalizer:
+            return "llama", "default", "always"  # older tokenizer.json: a normalizer prepends `▁` to each piece
+    raise UsageError(f"`--export gguf`: the tokenizer of {where} is not one this export writes faithfully; supported: "
+                     f"{TOKENIZER_FAMILIES}; leave out `--export` to merge into safetensors only.")
 
 
 # Weights --------------------------------------------------------------------------------------
@@ -188,33 +196,52 @@ def write_hparams(writer, config, gguf, gguf_type: str, name: str) -> None:
 
 # Tokenizer ------------------------------------------------------------------------------------
 
-def write_tokenizer(writer, tokenizer, gguf, vocab_size: int, chat_template: str | None, eot: str = "") -> None:
+def write_tokenizer(writer, tokenizer, gguf, vocab_size: int, chat_template: str | None, eot: str = "",
+                    chat: bool = False) -> None:
     """The vocabulary by id (ids the embedding has beyond the tokenizer's are unused padding), the
     merges, the token kinds (special added tokens are control tokens, other added ones user-defined),
-    the special ids, whether BOS/EOS are added to text, and the chat template."""
+    the special ids, whether BOS/EOS are added to text, and the chat template. A sentencepiece-style
+    vocabulary also gets scores: GGUF readers merge the pair whose result scores highest, so a token
+    scores minus the rank of the first merge that makes it, and byte tokens are marked as bytes."""
     from common.data.templates import adds_bos
 
+    kind, pre, space_prefix = tokenizer_kind(tokenizer, "the model")
     kinds = gguf.TokenType
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise UsageError(f"`--export gguf`: the tokenizer has {max(by_id) + 1} tokens but the model's embedding only "
                          f"{vocab_size} rows; resize the embedding before exporting.")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        scores.setdefault(merge.replace(" ", ""), -float(rank))
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
+        token = by_id.get(i, f"[PAD{i}]")
+        tokens.append(token)
         if i not in by_id:
-            tokens.append(f"[PAD{i}]")
             types.append(kinds.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        types.append((kinds.CONTROL if added[i].special else kinds.USER_DEFINED) if i in added else kinds.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")  # GGUF's name for byte-level BPE
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer, "the model"))
+        elif i in added and i != tokenizer.unk_token_id:
+            types.append(kinds.CONTROL if added[i].special else kinds.USER_DEFINED)
+        elif kind == "llama" and i == tokenizer.unk_token_id:
+            types.append(kinds.UNKNOWN)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(kinds.BYTE)
+        else:
+            types.append(kinds.CONTROL if i in added else kinds.NORMAL)
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    if kind == "llama":
+        writer.add_token_scores([scores.get(t, 0.0) for t in tokens])
+        # llama.cpp puts the `▁` before every piece of text between special tokens, or nowhere. Where
+        # transformers puts it only at the start of the text (`first`), a chat prompt, which starts
+        # with special tokens (BOS, [INST]) and spaces its text itself, gets none.
+        writer.add_add_space_prefix(space_prefix == "always" or (space_prefix == "first" and not chat))
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
                           (tokenizer.eos_token_id, writer.add_eos_token_id),
                           (tokenizer.unk_token_id, writer.add_unk_token_id),
@@ -234,7 +261,7 @@ def write_tokenizer(writer, tokenizer, gguf, vocab_size: int, chat_template: str
 # The file -------------------------------------------------------------------------------------
 
 def write_gguf(model, tokenizer, folder: Path, gguf_type: str, name: str, chat_template: str | None,
-               eot: str = "") -> Path:
+               eot: str = "", chat: bool = False) -> Path:
     """Writes folder/model-<type>.gguf through a temporary name, so that a stopped export leaves no
     file that looks complete. Tensors are converted one at a time as they are written."""
     gguf = require_gguf()
@@ -246,7 +273,7 @@ def write_gguf(model, tokenizer, folder: Path, gguf_type: str, name: str, chat_t
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         write_hparams(writer, config, gguf, gguf_type, name)
-        write_tokenizer(writer, tokenizer, gguf, config.vocab_size, chat_template, eot)
+        write_tokenizer(writer, tokenizer, gguf, config.vocab_size, chat_template, eot, chat)
         for gguf_name, tensor, _ in tensors:
             shape, dtype, nbytes, ggml = tensor_info(gguf, tuple(tensor.shape), storage(tensor.shape, gguf_type))
             writer.add_tensor_info(gguf_name, shape, dtype, nbytes, raw_dtype=ggml)
@@ -280,7 +307,7 @@ def export_files(model, tokenizer, trained: dict, folder: Path, gguf_type: str, 
         if getattr(tokenizer, "chat_template", None):
             notes.append("the run prompted with its plain question template, not the tokenizer's chat template; "
                          "the GGUF's chat template renders the question template")
-    path = write_gguf(model, tokenizer, folder, gguf_type, name, chat_template, eot)
+    path = write_gguf(model, tokenizer, folder, gguf_type, name, chat_template, eot, fmt.use_chat)
     text, more = modelfile.modelfile(path.name, tokenizer, fmt, adds_bos(tokenizer))
     (folder / "Modelfile").write_text(text, encoding="utf-8")
     return path, notes + more

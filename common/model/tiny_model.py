@@ -63,6 +63,40 @@ def build_tokenizer(vocab_size: int = 1024, chat: bool = False, split: str | Non
     return fast
 
 
+def build_sentencepiece_tokenizer(vocab_size: int = 1024, chat: bool = False):
+    """A tokenizer of Llama 2's and Mistral 7B's kind, trained on the bundled sample: BPE over words
+    marked with a leading `▁`, bytes as <0xXX> tokens for unknown characters, BOS added to text."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # Trained word by word, as sentencepiece trains; used on whole text, as Llama's tokenizer.json is.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", *byte_tokens])
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    state = json.loads(tok.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in byte_tokens]  # plain vocab
+    tok = Tokenizer.from_str(json.dumps(state))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def build_model_config(arch: str, vocab_size: int, **overrides):
     # initializer_range 0.1 (not 0.02): at width 64 the usual init gives near-uniform logits that
     # prompt-learning methods can barely move; a wider init lets every technique learn visibly.
@@ -125,8 +159,11 @@ def build_tiny_model(output_dir: str, arch: str = "llama", chat: bool = False, s
     torch.manual_seed(seed)
     # Qwen2's tokenizer class pads with <|endoftext|> and adds it where the vocabulary lacks it;
     # <|im_start|>/<|im_end|> let the model take Qwen's ChatML template.
-    tokenizer = build_tokenizer(chat=chat, split=QWEN2_SPLIT, extra_specials=QWEN2_SPECIALS) if arch == "qwen2" \
-        else build_tokenizer(chat=chat)
+    # Mistral 7B and Llama 2 ship sentencepiece-style tokenizers; the tiny Mistral has one.
+    if arch == "qwen2":
+        tokenizer = build_tokenizer(chat=chat, split=QWEN2_SPLIT, extra_specials=QWEN2_SPECIALS)
+    else:
+        tokenizer = build_sentencepiece_tokenizer(chat=chat) if arch == "mistral" else build_tokenizer(chat=chat)
     config = build_model_config(arch, len(tokenizer), **overrides)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
