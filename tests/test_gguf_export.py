@@ -282,6 +282,35 @@ def test_gguf_tokenizer_ids_equal_transformers_on_every_bundled_question(kind, t
     llm.close()
 
 
+def test_llama3_rotary_scaling_reaches_llama_cpp(tmp_path):
+    """Reference: the transformers model itself, on a prompt longer than the scaling's original context
+    (where Llama 3.1's `llama3` frequencies differ from plain ones). transformers' GGUF reader ignores
+    the scaling (its limit, see docs), so llama.cpp is the reader here."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional)")
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.model.tiny_model import build_tiny_model
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    base = build_tiny_model(str(tmp_path / "m"), "llama", rope_parameters=rope)
+    assert run_script("merge.py", ["--model", base, "--output_dir", tmp_path / "out", "--export", "gguf",
+                                   "--gguf_type", "f32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(base)(f"Question: {' '.join(_held_out()[:3])}\nAnswer:")["input_ids"]
+    assert len(ids) > 2 * rope["original_max_position_embeddings"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f32.gguf"), n_ctx=256, n_threads=1,
+                          logits_all=True, verbose=False)
+    llm.eval(ids)
+    worst = float(np.abs(llm.scores[:len(ids)] - want).max())
+    llm.close()
+    print(f"llama.cpp, llama3 rotary scaling: largest logit difference to the model {worst:.3g}")
+    assert worst < 0.01
+
+
 # Bad input: one line, exit 2, nothing written -------------------------------------------------
 
 def _refused(capsys, argv, *words) -> str:

@@ -60,9 +60,11 @@ def check_exportable(config, tokenizer, where: str) -> None:
                          f"llama, mistral and qwen2 (Llama 2/3, Mistral, Qwen2/2.5); leave out `--export` to merge "
                          f"into safetensors only.")
     rope = rope_parameters(config)
-    if rope.get("rope_type", "default") != "default":
-        raise UsageError(f"`--export gguf`: {where} uses {rope['rope_type']!r} rotary scaling, which this export "
-                         f"does not write yet (only the plain rotary embedding); merge without `--export`.")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" and not (rope_type == "llama3" and ARCHITECTURES[model_type] == "llama"):
+        raise UsageError(f"`--export gguf`: {where} uses {rope_type!r} rotary scaling, which this export does not "
+                         f"write yet (the plain rotary embedding and Llama 3.1's `llama3` scaling); leave out "
+                         f"`--export` to merge into safetensors only.")
     tokenizer_kind(tokenizer, where)
 
 
@@ -128,6 +130,8 @@ def planned_tensors(model, arch: str) -> list[tuple[str, object, int | None]]:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     out = []
+    if rope_parameters(config).get("rope_type") == "llama3":
+        out.append(("rope_freqs.weight", rope_factors(config), None))
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue
@@ -137,6 +141,19 @@ def planned_tensors(model, arch: str) -> list[tuple[str, object, int | None]]:
             reorder = heads if ".attn_q." in name else kv_heads
         out.append((name, tensor, reorder))
     return out
+
+
+def rope_factors(config):
+    """Llama 3.1's rotary scaling as GGUF's `llama` architecture takes it: per rotary frequency, the
+    factor the plain frequency is divided by (transformers' `llama3` frequencies, from its own rule)."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = float(rope_parameters(config)["rope_theta"])
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    return (plain / scaled.double()).float()
 
 
 def storage(shape, gguf_type: str) -> str:

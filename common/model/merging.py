@@ -81,8 +81,9 @@ def run_merge(args) -> Path:
     trained = saved_run_config(source)
     if not trained:
         log.warning("%s has no run_config.json (not written by these scripts?): the merged model carries no prompt "
-                    "format; pass the training run's `--prompt_template`/`--system_prompt` wherever you use it.",
-                    args.adapter or args.model)
+                    "format; pass the training run's `--prompt_template`/`--system_prompt` wherever you use it%s.",
+                    args.adapter or args.model,
+                    " (the GGUF and Modelfile get the default prompt format)" if args.export else "")
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(source.base, dtype=merge_dtype(args, source, trained, False),
                                                      trust_remote_code=args.trust_remote_code)
