@@ -220,6 +220,31 @@ def test_modelfile_template_renders_evaluate_prompt(exports, arch):
     assert commands["PARAMETER temperature"] == ["0"]
 
 
+@pytest.mark.parametrize("template", sorted(p.name for p in (ROOT / "tests" / "chat_templates").glob("*.jinja")))
+@pytest.mark.parametrize("system_flags", [{}, {"system_prompt": "none"}, {"system_message": "fold"}])
+def test_modelfile_template_of_each_chat_family_renders_evaluate_prompt(tiny_llama, template, system_flags):
+    """Reference: evaluate.py's prompt under each chat template the project tests, with the run's
+    system prompt kept, absent or folded into the question; the TEMPLATE rendered as Ollama does."""
+    from transformers import AutoTokenizer
+
+    from common.data.prompts import generation_prompt
+    from common.flags.errors import UsageError
+    from common.model.modelfile import modelfile, run_format
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = (ROOT / "tests" / "chat_templates" / template).read_text()
+    fmt = run_format({"flags": system_flags}, tok)
+    try:
+        want = generation_prompt("Who wrote Hamlet?", fmt, tok)
+    except UsageError:  # Gemma 2 refuses a system message: no run could train so
+        return
+    text, notes = modelfile("m.gguf", tok, fmt, adds_bos=False)
+    template_text = text.split('TEMPLATE """')[1].split('"""')[0]
+    system = fmt.system_prompt or ""
+    assert ollama_prompt(template_text, system, "Who wrote Hamlet?") == want, notes
+    assert (f'SYSTEM """{system}"""' in text) == bool(system)
+
+
 @pytest.mark.parametrize("script", ["dora.py", "qlora.py"])
 def test_dora_and_qlora_adapters_export_the_merged_model(tiny_llama, tmp_path, script):
     """Reference: the merged safetensors model merge.py writes in the same run (for QLoRA, merged into

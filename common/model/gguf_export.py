@@ -317,6 +317,10 @@ def export_files(model, tokenizer, trained: dict, folder: Path, gguf_type: str, 
 
     fmt = modelfile.run_format(trained, tokenizer)
     notes = []
+    window = getattr(model.config, "sliding_window", None)
+    if window and window < model.config.max_position_embeddings and model.config.model_type == "mistral":
+        notes.append(f"the model attends to the last {window} tokens only (sliding window); GGUF's llama "
+                     f"architecture attends to all, which differs for prompts longer than {window} tokens")
     if fmt.use_chat:
         chat_template, eot = tokenizer.chat_template, end_of_turn(tokenizer)
     else:

@@ -44,9 +44,11 @@ def qa_chat_template(fmt: PromptFormat) -> str:
     def literal(text: str) -> str:
         return "{% raw %}" + text.replace("{% endraw %}", "") + "{% endraw %}" if text else ""
 
-    before, _, after = fmt.template.partition("{question}")
+    # The answer follows as SFT trained it: after a space, or verbatim for prompt-completion data.
+    before, _, after = ("{question}" if fmt.raw else fmt.template).partition("{question}")
+    space = "" if fmt.raw else " "
     return ("{% for m in messages %}{% if m['role'] == 'user' %}" + literal(before) + "{{ m['content'] }}"
-            + literal(after) + "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
+            + literal(after) + "{% elif m['role'] == 'assistant' %}" + space + "{{ m['content'] }}{{ eos_token }}"
             + literal("\n") + "{% endif %}{% endfor %}")
 
 
