@@ -270,8 +270,8 @@ class MergeArguments:
         None, "Also write the model as one GGUF file (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile, "
               "next to the safetensors model. Llama, Mistral and Qwen2 models.")
     gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = flag(
-        "f16", "Weights of the GGUF file: f16 is about half of f32 and answers alike; q8_0 about a quarter, "
-               "with small logit changes (docs/evaluation-and-merging.md has the measured agreement).")
+        "f16", "Weights of the GGUF file: f32 (4 bytes a weight), f16 or bf16 (2 bytes), q8_0 (8.5 bits, small "
+               "logit changes); docs/evaluation-and-merging.md has the agreement measured for each.")
     model: Optional[str] = flag(
         None, "Export a model that needs no merging (one merge.py wrote, or any local Llama/Mistral/Qwen2 model) "
               "instead of `--adapter`; with `--export gguf`.")
