@@ -307,6 +307,48 @@ def test_gguf_tokenizer_ids_equal_transformers_on_every_bundled_question(kind, t
     llm.close()
 
 
+@pytest.mark.parametrize("variant", [{"attention_bias": True}, {"head_dim": 32}, {"tie_word_embeddings": True}])
+def test_llama_variants_read_back_exactly(tmp_path, variant):
+    """Reference: the model itself. Llama configs that change what is written: q/k/v biases (reordered
+    like their weights), a head size other than hidden_size / heads, tied embeddings (no `output`).
+    transformers reads the f32 file back, and llama.cpp where installed."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.model.tiny_model import build_tiny_model
+
+    base = build_tiny_model(str(tmp_path / "m"), "llama", **variant)
+    if "attention_bias" in variant:  # random biases: zeros would hide a wrong order
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    param.normal_(0, 0.5)
+        model.save_pretrained(base)
+    assert run_script("merge.py", ["--model", base, "--output_dir", tmp_path / "out", "--export", "gguf",
+                                   "--gguf_type", "f32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(base)("Question: Who wrote Hamlet?\nAnswer:")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0]
+    if "attention_bias" not in variant:  # transformers' GGUF reader builds Llama without attention biases
+        gguf_model, _ = _load(tmp_path / "out", "f32")
+        with torch.no_grad():
+            assert (gguf_model(input_ids=torch.tensor([ids])).logits[0] - want).abs().max() <= 1e-5
+    try:
+        import llama_cpp
+    except ImportError:
+        if "attention_bias" in variant:
+            pytest.skip("llama-cpp-python is not installed (optional), and transformers' GGUF reader drops "
+                        "Llama's attention biases")
+        return
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f32.gguf"), n_ctx=64, n_threads=1,
+                          logits_all=True, verbose=False)
+    llm.eval(ids)
+    assert float(np.abs(llm.scores[:len(ids)] - want.numpy()).max()) < 0.01
+    llm.close()
+
+
 def test_llama3_rotary_scaling_reaches_llama_cpp(tmp_path):
     """Reference: the transformers model itself, on a prompt longer than the scaling's original context
     (where Llama 3.1's `llama3` frequencies differ from plain ones). transformers' GGUF reader ignores
