@@ -261,6 +261,15 @@ def test_dora_and_qlora_adapters_export_the_merged_model(tiny_llama, tmp_path, s
         assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-5
 
 
+def test_qwen2_pre_tokenizer_regex_is_qwen2s():
+    """Reference: transformers' Qwen2 tokenizer. The export names a tokenizer `qwen2` by this regex."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from common.model.gguf_export import PRE_TOKENIZERS, QWEN2_SPLIT
+
+    assert QWEN2_SPLIT == PRETOKENIZE_REGEX and PRE_TOKENIZERS[QWEN2_SPLIT] == "qwen2"
+
+
 def _legacy_sentencepiece(path: str) -> str:
     """The tiny Mistral's tokenizer.json as older Llama 2 and Mistral repos spell it: no pre-tokenizer,
     a normalizer that prepends `▁` and turns spaces into `▁`."""

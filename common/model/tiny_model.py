@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 
 from common.data.sources import BUNDLED
+from common.model.gguf_export import (
+    QWEN2_SPLIT,  # Qwen2's pre-tokenizer regex, as its tokenizer.json has it
+)
 
 # A minimal chat template in the shape instruct models ship (role headers, end-of-turn token).
 CHAT_TEMPLATE = (
@@ -34,9 +37,6 @@ def _corpus() -> list[str]:
     return lines
 
 
-# Qwen2's pre-tokenizer split (its tokenizer.json): digits one at a time, unlike GPT-2's runs of digits.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+")
 QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
