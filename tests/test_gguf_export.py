@@ -515,10 +515,8 @@ def test_llama_cpp_answers_equal_evaluate_answers(exports, arch, gguf_type):
         # As evaluate.py: a chat template's rendering is tokenized as it is (it writes BOS itself).
         add_bos = meta["tokenizer.ggml.add_bos_token"] == "true" and not fmt.use_chat
         assert llm.tokenize(text.encode(), add_bos=add_bos, special=True) == ids
-        new = _llama_cpp_greedy(llm, ids, stops, newlines)
+        new = _llama_cpp_greedy(llm, ids, stops, newlines)  # keeps the prompt's logits in llm.scores
         agree += answer_from_ids(tok, new, stops) == want
-        llm.reset()
-        llm.eval(ids)
         with torch.no_grad():
             last = merged(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
         worst = max(worst, float(np.abs(llm.scores[len(ids) - 1] - last).max()))
