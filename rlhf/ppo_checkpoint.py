@@ -120,7 +120,11 @@ def check_checkpoint(folder: Path) -> None:
                          f"ppo.py wrote, or start from an adapter with `--model_id`.")
 
 
-def _load_weights(folder: Path, unwrapped, optimizer, engine=None) -> None:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _load_weights(folder: Path, unwrapped, optimizer, engine=None, loop: Optional[dict] = None) -> None:
     """Adapter, value head and optimizer state; a checkpoint of another shape stops the run with exit 2."""
     import torch
 
@@ -144,29 +148,37 @@ def _load_weights(folder: Path, unwrapped, optimizer, engine=None) -> None:
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run "
-                         f"({str(exc).splitlines()[0][:200]}); resume with the flags the run started with.") from None
+                         f"({_first_line(exc)}); resume with the flags the run started with.") from None
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run (unexpected "
                          f"weights such as {result.unexpected_keys[0]}); resume with the flags the run started with.")
     if engine is not None:
-        _load_deepspeed_state(folder, engine)
+        _load_deepspeed_state(folder, engine, (loop or {}).get("zero_stage"))
 
 
-def _load_deepspeed_state(folder: Path, engine) -> None:
-    """The optimizer state each process wrote of its own part (DeepSpeed reads its own files)."""
+def _load_deepspeed_state(folder: Path, engine, zero_stage: Optional[int]) -> None:
+    """The optimizer state each process wrote of its own part (DeepSpeed reads its own files, with
+    pickle: unlike ppo.py's own files, these are not read as tensors only)."""
     from common.recipe.dist import world_size
 
     parts = len(list((folder / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt")))
     if parts != world_size():
         raise UsageError(f"`--resume_from_checkpoint` {folder}: written by {parts} DeepSpeed process(es), this run "
                          f"has {world_size()}; resume with `--num_processes {parts}`.")
+    if zero_stage != engine.zero_optimization_stage():
+        raise UsageError(f"`--resume_from_checkpoint` {folder}: written under ZeRO stage {zero_stage}, this run is "
+                         f"under stage {engine.zero_optimization_stage()}; resume with the accelerate config the run "
+                         f"started with.")
     try:
-        engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
-    except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        path, _ = engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, ValueError, KeyError, AssertionError, OSError) as exc:
+        path, reason = None, _first_line(exc)
+    else:
+        reason = "DeepSpeed found nothing to load"
+    if path is None:
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its DeepSpeed state does not fit this run "
-                         f"({str(exc).splitlines()[0][:200]}); resume with the flags and launch configuration "
-                         f"the run started with.") from None
+                         f"({reason}); resume with the flags and launch configuration the run started with.")
 
 
 def _load_random_state(folder: Path, loop: dict, generator, accelerator, num_prompts: int) -> list:
@@ -196,12 +208,13 @@ def _load_random_state(folder: Path, loop: dict, generator, accelerator, num_pro
 def resume(folder: Path, unwrapped, optimizer, scheduler, kl_ctl, generator, accelerator,
            num_prompts: int, engine=None) -> tuple[list, list, dict]:
     """Loads a checkpoint-N of ours; returns (history, prompt order, loop state). Only tensors are
-    read: safetensors, and torch files with `weights_only=True`, which unpickles nothing else."""
+    read: safetensors, and torch files with `weights_only=True`, which unpickles nothing else;
+    except under DeepSpeed, whose own optimizer files DeepSpeed reads itself (with pickle)."""
     import torch
 
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     loop = state["ppo"]
-    _load_weights(folder, unwrapped, optimizer, engine)
+    _load_weights(folder, unwrapped, optimizer, engine, loop)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     kl_ctl.value = loop["kl_coef"]
     order = _load_random_state(folder, loop, generator, accelerator, num_prompts)

@@ -155,12 +155,15 @@ class PPOLoop:
         folder = Path(run.out) / f"checkpoint-{step}"
         state = {"cursor": self.cursor, "seconds": self.seconds, "runtime_s": time.perf_counter() - self.start,
                  "num_processes": run.accelerator.num_processes, "kl_coef": self.kl_ctl.value}
+        engine = deepspeed_engine(run)
+        if engine is not None:  # a resume must run under the same stage
+            state["zero_stage"] = engine.zero_optimization_stage()
         config = run_config.run_config(run.args, "ppo", {"model": {"base": run.source.base,
                                                                    "quantized": run.policy.quantized},
                                                          "checkpoint": {"step": step}})
         save_checkpoint(run.unwrapped, run.tokenizer, folder, run.accelerator, self.history, run.optimizer,
                         run.scheduler, state, self.generator, self.order, run.args.save_total_limit, config=config,
-                        engine=deepspeed_engine(run))
+                        engine=engine)
         self.save_clock.saved()
         return folder
 

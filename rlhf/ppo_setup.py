@@ -6,6 +6,7 @@ process's rollouts follow `--seed` as they always have."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -119,12 +120,15 @@ def setup_ppo(args, out: str, resume: Optional[str], source, data) -> PPORun:
     batch = _prompts(args, data, fmt, tokenizer)
 
     # Optimisation
-    optimizer, scheduler, steps, rollouts_per_step = _optimisation(args, policy.wrapper, accelerator,
-                                                                   len(batch.texts))
+    optimizer, steps, rollouts_per_step = _optimisation(args, policy.wrapper, accelerator, len(batch.texts))
+    wrapper, prepared = accelerator.prepare(policy.wrapper, optimizer)
     # Not through accelerator.prepare: its scheduler steps once per process at every optimizer step
     # (made for data loaders whose batches grow with the processes), so with N processes the
-    # schedule would end N times too early. It is stepped in ppo_updates after each optimizer step.
-    wrapper, optimizer = accelerator.prepare(policy.wrapper, optimizer)
+    # schedule would end N times too early. It is stepped in ppo_updates after each optimizer step,
+    # on the optimizer that takes the steps: under DeepSpeed with the optimizer offloaded to the
+    # CPU, accelerate has replaced ours by DeepSpeed's CPU Adam.
+    scheduler = _scheduler(args, getattr(wrapper, "basic_optimizer", None) or optimizer, steps)
+    optimizer = prepared
     if args.overwrite_output_dir:
         # Before the trackers and the first checkpoint, which rotation would weigh against the old ones.
         from common.recipe.outputs import clear_previous_run
@@ -161,12 +165,31 @@ def _accelerator(args, out: str) -> tuple:
         # Several CPU processes form one gloo group, as the Trainer forms it, and DeepSpeed runs on
         # it; `cpu=True` below would make accelerate ignore DeepSpeed and run plain data parallel.
         PartialState(cpu=True)
-    accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
-                              cpu=cpu and plugin is None,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              deepspeed_plugin=plugin, log_with=trackers or None, project_dir=out)
+    with _launcher_env(ACCELERATE_GRADIENT_ACCUMULATION_STEPS=str(args.gradient_accumulation_steps)):
+        # (the launcher's value, `auto` in the DeepSpeed configs, would be read as an integer)
+        accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision.mode, "no"),
+                                  cpu=cpu and plugin is None,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  deepspeed_plugin=plugin, log_with=trackers or None, project_dir=out)
     set_seed(args.seed + accelerator.process_index)
     return precision, trackers, report_to, accelerator
+
+
+@contextlib.contextmanager
+def _launcher_env(**values):
+    """These environment variables set while the block runs, as they were after it."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def deepspeed_plugin(args, precision_mode: str):
@@ -181,10 +204,8 @@ def deepspeed_plugin(args, precision_mode: str):
         return None
     from accelerate.utils import DeepSpeedPlugin
 
-    # accelerate reads these two from the launcher's environment as integers and floats
-    os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(args.gradient_accumulation_steps)
-    os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(float(args.max_grad_norm))
-    plugin = DeepSpeedPlugin()
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             gradient_clipping=float(args.max_grad_norm))
     config = plugin.deepspeed_config
     config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
                   gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -251,18 +272,21 @@ def _prompts(args, data, fmt, tokenizer) -> Prompts:
 
 
 def _optimisation(args, wrapper, accelerator, num_prompts: int) -> tuple:
-    """-> (optimizer, scheduler, steps, rollouts per step and process)."""
-    from transformers import get_scheduler
-
+    """-> (optimizer, steps, rollouts per step and process)."""
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = _optimizer(args, params)
     rollouts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
     steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * num_prompts
                                                                  / (rollouts_per_step * accelerator.num_processes)))
+    return optimizer, steps, rollouts_per_step
+
+
+def _scheduler(args, optimizer, steps: int):
+    from transformers import get_scheduler
+
     updates = steps * args.ppo_epochs * args.num_mini_batches
     warmup = args.warmup_steps or int(args.warmup_ratio * updates)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
-    return optimizer, scheduler, steps, rollouts_per_step
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
 
 
 def _optimizer(args, params):

@@ -7,7 +7,8 @@ jobs.json is a list of [script, argv]. Starting the processes (imports, the proc
 communication op) costs more than a tiny run, so the multi-process tests start them once for every
 script. Between two jobs the process group stays (a script leaves it when it is done, here only the
 last one does) and accelerate's per-process state is cleared, as a fresh process would have it.
-Each process writes `<jobs.json>.rank<N>` with every job's exit code."""
+Each process writes `<jobs.json>.rank<N>` with every job's exit code; a job that stops with a
+user error (exit code 2) does not stop the ones after it."""
 
 import importlib
 import json
@@ -37,7 +38,7 @@ def main() -> int:
         unset_hf_deepspeed_config()  # the run's ZeRO-3 setting, which a fresh process would not have
     Path(f"{sys.argv[1]}.rank{os.environ.get('RANK', '0')}").write_text(json.dumps(codes))
     leave()
-    return 0 if all(code == 0 for code in codes) else 1
+    return 0  # the caller compares the exit codes with those it expects
 
 
 if __name__ == "__main__":

@@ -51,22 +51,38 @@ def drop(argv: list, flag: str) -> list:
     return argv[:i] + argv[i + 2:]
 
 
-def more_jobs(job_list: list, root: Path, reward_model: Path) -> list:
+def more_jobs(job_list: list, root: Path, reward_model: Path, other_stage: Path = None) -> list:
     """PPO again for 4 steps with a checkpoint at step 2, then resumed from that checkpoint; PPO and
-    GRPO scored by a reward model (loaded whole on each process under ZeRO-3)."""
+    GRPO scored by a reward model (loaded whole on each process under ZeRO-3); with `other_stage`
+    (a checkpoint written under the other ZeRO stage), last, a resume from it, which must stop."""
     argv = {script: a for script, a in job_list}
     full = drop(drop(drop(argv["ppo.py"], "--max_steps"), "--save_strategy"), "--output_dir") + PPO_RESUME
     scored = {s: drop(drop(argv[s], "--reward_function"), "--output_dir") + ["--reward_model", str(reward_model)]
               for s in SAMPLED}
-    return [*job_list, ["ppo.py", [*full, "--output_dir", str(root / "ppo-full")]],
+    more = [["ppo.py", [*full, "--output_dir", str(root / "ppo-full")]],
             ["ppo.py", [*full, "--output_dir", str(root / "ppo-resumed"), "--resume_from_checkpoint",
                         str(root / "ppo-full" / "checkpoint-2")]],
             *[[s, [*a, "--output_dir", str(root / f"{_name(s)}-rm")]] for s, a in scored.items()]]
+    if other_stage:
+        more.append(["ppo.py", [*full, "--output_dir", str(root / "ppo-other-stage"), "--resume_from_checkpoint",
+                                str(other_stage)]])
+    return [*job_list, *more]
 
 
-def run_jobs(model: str, launcher: list[str], root: Path, reward_model: Path, env: dict = None) -> Path:
-    job_list = more_jobs(jobs(model, root, per_device=2, dropout=False), root, reward_model)
-    launch(launcher, [ROOT / "tests" / "launch_jobs.py", write_jobs(root / "jobs.json", job_list)], env=env)
+def run_jobs(model: str, launcher: list[str], root: Path, reward_model: Path, env: dict = None,
+             other_stage: Path = None) -> Path:
+    """Runs the jobs in one launch; every one must succeed but the last with `other_stage` (exit 2).
+    The launch's stderr is kept in root/stderr.txt."""
+    job_list = more_jobs(jobs(model, root, per_device=2, dropout=False), root, reward_model, other_stage)
+    done = launch(launcher, [ROOT / "tests" / "launch_jobs.py", write_jobs(root / "jobs.json", job_list)], env=env,
+                  check=False)
+    (root / "stderr.txt").write_text(done.stderr)
+    expected = [0] * (len(job_list) - 1) + [2 if other_stage else 0]
+    codes = [json.loads((root / f"jobs.json.rank{rank}").read_text()) if (root / f"jobs.json.rank{rank}").is_file()
+             else None for rank in (0, 1)]
+    if codes != [expected, expected]:
+        own = [line for line in done.stderr.splitlines() if not line.startswith("[rank1]")]
+        pytest.fail(f"exit codes {codes}, expected {expected}:\n" + "\n".join(own)[-6000:])
     return root
 
 
@@ -104,7 +120,8 @@ def zero(model, one_process, tmp_path_factory):
             probe = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "load_probe"), str(ROOT)]),
                      "LOAD_PROBE_DIR": str(root / "probe")}
         roots[stage] = run_jobs(model, accelerate_launch(CONFIGS / f"deepspeed_zero{stage}.yaml"), root,
-                                one_process / "reward_model", env=probe)
+                                one_process / "reward_model", env=probe,
+                                other_stage=roots[2] / "ppo-full" / "checkpoint-2" if stage == 3 else None)
     return roots
 
 
@@ -166,6 +183,13 @@ def test_ppo_under_deepspeed_resumes_as_if_never_stopped(stage, zero):
         assert [e[key] for e in history[1]] == pytest.approx([e[key] for e in history[0]], rel=1e-5, abs=1e-7), key
     for name, w in saved_weights(full).items():
         torch.testing.assert_close(saved_weights(resumed)[name], w, atol=1e-6, rtol=0)
+
+
+def test_ppo_refuses_a_checkpoint_of_the_other_zero_stage(zero):
+    errors = [line for line in (zero[3] / "stderr.txt").read_text().splitlines()
+              if line.startswith("ppo.py: error: `--resume_from_checkpoint`")]
+    assert errors and "written under ZeRO stage 2, this run is under stage 3" in errors[0], errors
+    assert not (zero[3] / "ppo-other-stage" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -23,7 +23,8 @@ def jobs(model: str, root: Path, per_device: int, dropout: bool = True, scripts=
         "dpo.py": ["--rejected_source", "other"], "kto.py": ["--rejected_source", "other"],
         "simpo.py": ["--rejected_source", "other"],
         "grpo.py": ["--reward_function", "triviaqa_f1", "--num_generations", "4", "--max_completion_length", "4"],
-        "ppo.py": ["--reward_function", "triviaqa_f1", "--response_length", "4"],
+        # Two micro-batches per optimizer step: ppo.py's own accumulation, under DeepSpeed too
+        "ppo.py": ["--reward_function", "triviaqa_f1", "--response_length", "4", "--gradient_accumulation_steps", "2"],
     }
     out = []
     for script in scripts:

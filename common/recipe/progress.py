@@ -122,7 +122,8 @@ def checkpointing_kwargs(enabled: bool) -> dict:
     from transformers import TrainingArguments
 
     name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
-    # PEFT under ZeRO-3 needs the reentrant variant (TRL switches to it with a warning); elsewhere
+    # Under ZeRO-3 (a shipped config), TRL's trainers switch a PEFT model to the reentrant variant
+    # with a warning the user can do nothing about: asked for here, it comes without one. Elsewhere
     # the non-reentrant one, which torch recommends.
     zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
         os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
