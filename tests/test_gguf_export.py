@@ -434,6 +434,47 @@ def test_existing_output_dir_exits_2_and_stays_untouched(tiny_llama, tmp_path, c
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("reads", ["model", "adapter"])
+def test_output_dir_holding_what_merge_reads_exits_2_and_keeps_it(reads, tiny_llama, tmp_path, capsys):
+    """`--overwrite_output_dir True` replaces the output dir once the new files are written: pointed at
+    the model or adapter being read, or a folder holding it, it would delete it."""
+    import shutil
+
+    source = tmp_path / "runs" / "source"
+    if reads == "model":
+        shutil.copytree(tiny_llama, source)
+    else:
+        assert run_script("lora.py", ["--model_id", tiny_llama, "--output_dir", source, *TRAIN]) == 0
+    before = sorted(p.name for p in source.iterdir())
+    capsys.readouterr()
+    for out in (source, source.parent):
+        _refused(capsys, [f"--{reads}", source, "--output_dir", out, "--export", "gguf", "--overwrite_output_dir",
+                          "True"], "--output_dir", "choose another")
+        assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_plain_template_chat_template_puts_the_bos_the_tokenizer_adds(tiny_llama):
+    """Reference: evaluate.py's prompt ids, with the BOS the tokenizer adds (a byte-level tokenizer
+    that adds BOS, as Llama 3's does). A GGUF reader's chat mode may tokenize the rendered template
+    without adding BOS, so the template for a plain-template run writes it, as Llama 3's does."""
+    from transformers import AutoTokenizer
+
+    from common.data.prompts import PromptFormat, generation_prompt
+    from common.data.templates import adds_bos
+    from common.model.modelfile import qa_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_bos_token = True
+    assert adds_bos(tokenizer)
+    fmt = PromptFormat()
+    template = qa_chat_template(fmt, adds_bos(tokenizer))
+    for question in _held_out()[:10]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": question}], chat_template=template,
+                                                 tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert ids == tokenizer(generation_prompt(question, fmt, tokenizer))["input_ids"]
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--gguf_type", "q8_0"], "--gguf_type"),
     (["--export", "gguf", "--gguf_type", "q4_k"], "gguf_type"),

@@ -81,7 +81,11 @@ def tokenizer_kind(tokenizer, where: str) -> tuple[str, str, str]:
     for byte-level BPE, `llama` for sentencepiece-style BPE (words marked with `▁`, unknown characters
     as <0xXX> byte tokens). Anything else would be split differently by a GGUF reader than by
     transformers, so it is refused rather than written approximately."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # none for tokenizers outside `tokenizers` (Tekken)
+    if backend is None:
+        raise UsageError(f"`--export gguf`: the tokenizer of {where} is not one this export writes faithfully; "
+                         f"supported: {TOKENIZER_FAMILIES}; leave out `--export` to merge into safetensors only.")
+    state = json.loads(backend.to_str())
     model, pre = state["model"], state.get("pre_tokenizer") or {}
     decoder = json.dumps(state.get("decoder") or {})
     if model["type"] == "BPE" and '"ByteLevel"' in decoder:
@@ -119,7 +123,12 @@ def interleave_rotary(w, n_head: int):
     """transformers' Llama rotates each head's dimension i with i + d/2 (two halves); llama.cpp's
     `llama` architecture rotates 2i with 2i + 1. Reordering each head's rows (weights, or a bias)
     as [0, d/2, 1, d/2 + 1, ...] makes the two compute the same attention."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    import numpy as np
+
+    head = w.shape[0] // n_head
+    within = np.arange(head).reshape(2, head // 2).T.reshape(-1)  # 0, d/2, 1, d/2 + 1, ...
+    rows = (np.arange(n_head)[:, None] * head + within).reshape(-1)
+    return w[rows]
 
 
 def planned_tensors(model, arch: str) -> list[tuple[str, object, int | None]]:
@@ -224,7 +233,11 @@ def write_tokenizer(writer, tokenizer, gguf, vocab_size: int, chat_template: str
 
     kind, pre, space_prefix = tokenizer_kind(tokenizer, "the model")
     kinds = gguf.TokenType
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # none for tokenizers outside `tokenizers` (Tekken)
+    if backend is None:
+        raise UsageError(f"`--export gguf`: the tokenizer of {where} is not one this export writes faithfully; "
+                         f"supported: {TOKENIZER_FAMILIES}; leave out `--export` to merge into safetensors only.")
+    state = json.loads(backend.to_str())
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise UsageError(f"`--export gguf`: the tokenizer has {max(by_id) + 1} tokens but the model's embedding only "
@@ -323,8 +336,11 @@ def export_files(model, tokenizer, trained: dict, folder: Path, gguf_type: str, 
                      f"architecture attends to all, which differs for prompts longer than {window} tokens")
     if fmt.use_chat:
         chat_template, eot = tokenizer.chat_template, end_of_turn(tokenizer)
+        if not isinstance(chat_template, str):  # transformers allows several, by name
+            raise UsageError("`--export gguf`: the tokenizer has several named chat templates; GGUF holds one. "
+                             "Keep the one the run used as `chat_template` in tokenizer_config.json.")
     else:
-        chat_template, eot = modelfile.qa_chat_template(fmt), ""
+        chat_template, eot = modelfile.qa_chat_template(fmt, adds_bos(tokenizer)), ""
         if getattr(tokenizer, "chat_template", None):
             notes.append("the run prompted with its plain question template, not the tokenizer's chat template; "
                          "the GGUF's chat template renders the question template")

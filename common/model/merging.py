@@ -39,6 +39,11 @@ def check_merge_flags(args) -> None:
         raise UsageError("`--output_dir` is required: where the merged model goes.")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def run_merge(args) -> Path:
     from common.flags.checks import check_creatable
     from common.model.source import resolve_model, saved_run_config
@@ -60,6 +65,10 @@ def run_merge(args) -> Path:
                          f"virtual tokens and cannot be merged into the weights; load it with its base instead "
                          f"(evaluate.py --model_id {args.adapter}).")
     out = Path(args.output_dir)
+    for path in (source.adapter_dir, source.base):
+        # --overwrite_output_dir replaces the output dir at the end: never the model it reads
+        if path and os.path.isdir(path) and _inside(Path(path), out):
+            raise UsageError(f"`--output_dir` {out} holds {path}, which this merge reads; choose another directory.")
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise UsageError(f"`--output_dir` {out} is not empty; pass `--overwrite_output_dir True` or choose another.")
 

@@ -38,16 +38,18 @@ def stop_strings(tokenizer, fmt: PromptFormat) -> list[str]:
     return [s for s in dict.fromkeys([*stops, "\n"]) if s]
 
 
-def qa_chat_template(fmt: PromptFormat) -> str:
+def qa_chat_template(fmt: PromptFormat, bos: bool = False) -> str:
     """A Jinja chat template that renders a question as the run's plain prompt template did (no
-    system message: the plain template has none), for GGUF readers' chat modes."""
+    system message: the plain template has none), for GGUF readers' chat modes. `bos`: the tokenizer
+    puts BOS first, so the template writes it, as published chat templates (Llama 3, Mistral) do:
+    a reader's chat mode may tokenize the rendered text without adding one."""
     def literal(text: str) -> str:
         return "{% raw %}" + text.replace("{% endraw %}", "") + "{% endraw %}" if text else ""
 
     # The answer follows as SFT trained it: after a space, or verbatim for prompt-completion data.
     before, _, after = ("{question}" if fmt.raw else fmt.template).partition("{question}")
     space = "" if fmt.raw else " "
-    return ("{% for m in messages %}{% if m['role'] == 'user' %}" + literal(before) + "{{ m['content'] }}"
+    return (("{{ bos_token }}" if bos else "") + "{% for m in messages %}{% if m['role'] == 'user' %}" + literal(before) + "{{ m['content'] }}"
             + literal(after) + "{% elif m['role'] == 'assistant' %}" + space + "{{ m['content'] }}{{ eos_token }}"
             + literal("\n") + "{% endif %}{% endfor %}")
 
