@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from common.flags.errors import UsageError
+from common.flags.errors import UsageError, first_line
 from common.recipe import outputs
 
 log = logging.getLogger("finetune")
@@ -120,10 +120,6 @@ def check_checkpoint(folder: Path) -> None:
                          f"ppo.py wrote, or start from an adapter with `--model_id`.")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _load_weights(folder: Path, unwrapped, optimizer, engine=None, loop: Optional[dict] = None) -> None:
     """Adapter, value head and optimizer state; a checkpoint of another shape stops the run with exit 2."""
     import torch
@@ -148,7 +144,7 @@ def _load_weights(folder: Path, unwrapped, optimizer, engine=None, loop: Optiona
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run "
-                         f"({_first_line(exc)}); resume with the flags the run started with.") from None
+                         f"({first_line(exc)}); resume with the flags the run started with.") from None
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"`--resume_from_checkpoint` {folder}: its adapter does not fit this run (unexpected "
                          f"weights such as {result.unexpected_keys[0]}); resume with the flags the run started with.")
@@ -173,7 +169,7 @@ def _load_deepspeed_state(folder: Path, engine, zero_stage: Optional[int]) -> No
         path, _ = engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
     except (RuntimeError, ValueError, KeyError, AssertionError, OSError) as exc:
-        path, reason = None, _first_line(exc)
+        path, reason = None, first_line(exc)
     else:
         reason = "DeepSpeed found nothing to load"
     if path is None:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from common.flags.errors import UsageError
+from common.flags.errors import UsageError, first_line
 from common.hub import network
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -170,9 +170,9 @@ def _is_json_lines(path: str) -> bool:
         return False
 
 
-def _is_whole_document(path: str, first_line: str) -> bool:
+def _is_whole_document(path: str, line: str) -> bool:
     # A one-line JSON file holding a dict with a `Data` list is the TriviaQA release format.
-    obj = json.loads(first_line)
+    obj = json.loads(line)
     return "Data" in obj and isinstance(obj["Data"], list)
 
 
@@ -257,7 +257,7 @@ def _from_records(records: list[dict], path: str):
     try:
         return Dataset.from_list([{k: r.get(k) for k in keys} for r in records])
     except Exception as exc:  # arrow cannot unify the row types
-        raise UsageError(f"{path}: rows have inconsistent types ({str(exc).splitlines()[0][:200]}).") from None
+        raise UsageError(f"{path}: rows have inconsistent types ({first_line(exc)}).") from None
 
 
 def _load_jsonl(path: str) -> dict:
@@ -331,7 +331,7 @@ def _load_hub(name: str, config: Optional[str]) -> dict:
     try:
         return dict(load_dataset(repo, config or default_config))
     except Exception as exc:
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        first = first_line(exc, 300)
         raise UsageError(
             f"`--dataset_name {name}`: could not load hub dataset {repo!r} ({first}). Without network, pass a "
             f"local file or directory, `triviaqa-sample`, or set HF_DATASETS_OFFLINE=1 to use a cached copy."

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from common.flags.errors import UsageError
+from common.flags.errors import UsageError, first_line
 from common.hub import network
 
 log = logging.getLogger("finetune")
@@ -74,7 +74,6 @@ def push_result(args, out: str) -> str:
         upload_folder(repo_id=repo_id, folder_path=out, token=token(args), ignore_patterns=IGNORE,
                       commit_message=f"Upload {Path(out).name}")
     except Exception as exc:  # network, permissions, quota: the local result stays as it is
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UploadFailed(f"the run is saved in {out}, but the upload to {repo!r} failed ({reason}); upload it "
-                           f"later with: {later}") from None
+        raise UploadFailed(f"the run is saved in {out}, but the upload to {repo!r} failed ({first_line(exc)}); "
+                           f"upload it later with: {later}") from None
     return repo_id

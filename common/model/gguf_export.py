@@ -233,11 +233,7 @@ def write_tokenizer(writer, tokenizer, gguf, vocab_size: int, chat_template: str
 
     kind, pre, space_prefix = tokenizer_kind(tokenizer, "the model")
     kinds = gguf.TokenType
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # none for tokenizers outside `tokenizers` (Tekken)
-    if backend is None:
-        raise UsageError(f"`--export gguf`: the tokenizer of {where} is not one this export writes faithfully; "
-                         f"supported: {TOKENIZER_FAMILIES}; leave out `--export` to merge into safetensors only.")
-    state = json.loads(backend.to_str())
+    state = json.loads(tokenizer.backend_tokenizer.to_str())  # tokenizer_kind has refused a tokenizer without one
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise UsageError(f"`--export gguf`: the tokenizer has {max(by_id) + 1} tokens but the model's embedding only "

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from common.flags.errors import UsageError
+from common.flags.errors import UsageError, first_line
 from common.model.precision import Precision, get_quantization_config, sharded_model, zero3_enabled
 from common.model.source import ModelSource, resolve_model
 
@@ -157,7 +157,7 @@ def load_model(source: ModelSource, args, precision: Precision, training: bool =
     try:
         model = AutoModelForCausalLM.from_pretrained(source.base, **{k: v for k, v in kwargs.items() if v is not None})
     except ImportError as exc:
-        raise UsageError(f"loading {source.base}: {str(exc).splitlines()[0][:300]}") from None
+        raise UsageError(f"loading {source.base}: {first_line(exc, 300)}") from None
     except Exception as exc:
         raise hub_error(args.model_id, exc) from None
 
