@@ -198,9 +198,9 @@ def deepspeed_plugin(args, precision_mode: str):
     accumulation, clipping, precision). PPO prepares no data loader, from which accelerate would
     read the batch size. None without DeepSpeed. Built before the model loads, so that ZeRO-3
     partitions the weights as they load."""
-    import os
+    from common.model.precision import deepspeed_launch
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true"):
+    if not deepspeed_launch():
         return None
     from accelerate.utils import DeepSpeedPlugin
 

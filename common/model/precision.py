@@ -167,6 +167,11 @@ def fsdp_enabled() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
+def deepspeed_launch() -> bool:
+    """`accelerate launch` with a DeepSpeed config (ours: configs/accelerate/deepspeed_zero*.yaml) sets this."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
 def zero3_enabled() -> bool:
     """DeepSpeed ZeRO-3, as transformers knows it once the trainer configuration (or ppo.py's
     accelerator) exists; the recipe builds those before the model."""

@@ -42,8 +42,6 @@ def gathered(params, modify: bool = False):
     """A context in which weights that DeepSpeed ZeRO-3 has partitioned across processes are whole on
     every process (a collective: every process enters it), to read or save them; with `modify`,
     what the main process writes into them is partitioned again on leaving. Without ZeRO-3, nothing."""
-    import contextlib
-
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()

@@ -183,7 +183,6 @@ def begin(args: ParsedArgs, name: str, check_source=None) -> Run:
     return run
 
 
-
 def check_fsdp_has_gpus() -> None:
     """`accelerate launch` with an FSDP config on a machine without GPUs: accelerate keeps its CPU
     mode and the run would be plain data parallel, every process holding the whole model, under a

@@ -125,8 +125,9 @@ def checkpointing_kwargs(enabled: bool) -> dict:
     # Under ZeRO-3 (a shipped config), TRL's trainers switch a PEFT model to the reentrant variant
     # with a warning the user can do nothing about: asked for here, it comes without one. Elsewhere
     # the non-reentrant one, which torch recommends.
-    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
-        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    from common.model.precision import deepspeed_launch
+
+    zero3 = deepspeed_launch() and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     return {f"{name}_checkpointing": enabled,
             f"{name}_checkpointing_kwargs": {"use_reentrant": zero3} if enabled else None}
 
