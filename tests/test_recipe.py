@@ -128,3 +128,29 @@ def test_unpaired_feedback_is_refused_before_torch_is_imported(script, tiny_llam
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and "unpaired feedback" in done.stderr, done.stderr
     assert done.stdout.strip() == "torch not imported"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_weight_check_reads_a_zero3_part_without_its_padding(rank, monkeypatch):
+    """Under ZeRO-3 each of 2 processes holds half of each weight, padded to equal parts: a 1-element
+    bias is [value] on process 0 and [padding] on process 1, and the padding is uninitialised memory,
+    NaN at times (a ZeRO-3 PPO run stopped with "weights became NaN" that way, at random). The check
+    reads the values the process holds (the reference: the weight's own value, finite) and a real
+    NaN still stops the run."""
+    import torch
+    import torch.distributed as dist
+
+    from common.recipe.callbacks import NonFiniteLoss, check_finite_weights
+
+    class Part(torch.nn.Module):
+        def __init__(self, part, numel):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.empty(0))
+            self.bias.ds_tensor, self.bias.ds_numel = part, numel
+
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    held = torch.tensor([0.5]) if rank == 0 else torch.tensor([float("nan")])  # process 1: padding only
+    check_finite_weights(Part(held, numel=1), step=1)
+    if rank == 0:
+        with pytest.raises(NonFiniteLoss):
+            check_finite_weights(Part(torch.tensor([float("nan")]), numel=1), step=1)

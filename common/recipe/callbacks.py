@@ -108,6 +108,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _held(param):
+    """The values of `param` this process holds: all of them, or under ZeRO-3 its part (`ds_tensor`)
+    without the padding that makes the parts equal (uninitialised memory, NaN at times)."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    import torch.distributed as dist
+
+    size = part.numel()
+    return part.narrow(0, 0, max(0, min(size, param.ds_numel - dist.get_rank() * size)))
+
+
 def check_finite_weights(model, step: int, device=None) -> None:
     """Raises NonFiniteLoss when a trainable weight holds NaN or inf on any process. Called before
     every save (a checkpoint, the final outputs), so that nothing saved from such weights looks usable:
@@ -116,9 +128,8 @@ def check_finite_weights(model, step: int, device=None) -> None:
 
     from common.recipe.signals import on_any_process
 
-    # Under ZeRO-3 a process holds only its part of each weight (`ds_tensor`); that part is checked.
     bad = next((name for name, p in model.named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)
+                if p.requires_grad and not bool(torch.isfinite(_held(p)).all())), None)
     if on_any_process(bad is not None, device):
         raise NonFiniteLoss(f"the trained weights became NaN or infinite at step {step}" + (f" ({bad})" if bad else "")
                             + "; nothing was saved from them. Lower `--learning_rate`, keep `--max_grad_norm` on, "
